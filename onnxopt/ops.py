@@ -1,0 +1,566 @@
+"""Custom operators of the ``ai.onnxopt`` domain: schemas, weight packing, numpy references.
+
+Four ops, all ``Y = X @ W (+ bias)`` with ``X`` float32 ``(..., K)`` (leading dims flattened
+to M rows) and ``Y`` float32 ``(..., N)``; every op takes an optional float32 ``bias`` of shape
+``(N,)`` as its last input. The C++ kernels live in ``kernels/`` (see ``kernels/README.md``),
+the library is located by :func:`onnxopt.kernels.library_path`.
+
+Weight layouts (all arrays are C-contiguous, little-endian; padding bits/bytes are zero):
+
+``BinaryMatMul``  inputs ``X, bits, alpha[, bias]``; attributes ``K, N``.
+    ``bits``: uint32 ``(ceil(N/16), ceil(K/32), 16)``; bit ``j`` of ``bits[c, w, l]`` is 1 when
+    ``W[32*w + j, 16*c + l] >= 0`` (sign +1), else 0 (sign -1). ``alpha``: float32 ``(N,)``.
+    ``Y = X @ (alpha * sign(W))``. Float activations.
+
+``XnorMatMul``  inputs ``X, bits, alpha[, bias]``; attributes ``K, N``.
+    ``bits``: uint64 ``(ceil(N/8), ceil(K/64), 8)``; bit ``j`` of ``bits[c, w, l]`` is 1 when
+    ``W[64*w + j, 8*c + l] >= 0``. Activations are binarized per row on the fly:
+    ``xa = (x >= 0)``, ``beta = mean(|x|)`` over K; ``Y = beta * alpha * (K - 2*popcount(xa ^ wb))``.
+
+``SparseMatMul``  inputs ``X, values, indices, block_ptr, scales[, bias]``;
+    attributes ``K, N, k_block`` (k_block <= 256, packers use 256).
+    Column-major blocked CSR of ``W``: for output column ``n`` and K-block ``b``
+    (``nb = ceil(K/k_block)``), segment ``s = n*nb + b`` holds entries
+    ``block_ptr[s] : block_ptr[s+1]``; entry ``j`` is ``W[b*k_block + indices[j], n] =
+    values[j] * scales[n]``. ``block_ptr`` int32 ``(N*nb + 1,)``, ``indices`` uint8 ``(nnz,)``,
+    ``values`` float32 / float16 / int8 ``(nnz,)``, ``scales`` float32 ``(N,)`` (ones unless int8).
+
+``QuantMatMul``  inputs ``X, weights, scales[, zero_points][, bias]``;
+    attributes ``K, N, bits (4|8), block_size (32|64|128)``.
+    Unsigned codes ``q`` with dequantized ``W[k, n] = (q[k, n] - zp[b, n]) * scale[b, n]``,
+    ``b = k // block_size``; symmetric weights have no ``zero_points`` input and an implicit
+    zero point of 8 (int4) / 128 (int8). Column blocks of 16 (``NB = ceil(N/16)``),
+    ``nb = ceil(K/block_size)``: ``weights`` uint8 ``(NB, nb, block_size*2*bits)``, each
+    (column block, K block) laid out as groups of ``32/bits`` K rows x 16 columns x 4 bytes: int8: byte ``i`` of lane ``l`` in group ``g`` = ``q[b*bs + 4g + i, 16c + l]``;
+    int4: the byte holds ``q[b*bs + 8g + i]`` in its low nibble and ``q[b*bs + 8g + 4 + i]`` in its
+    high nibble. ``scales`` float32/float16 ``(NB, nb, 16)``, ``zero_points`` uint8 ``(NB, nb, 16)``.
+    The kernel quantizes activations to int8 per row and K block (``sx = max|x|/127``,
+    ``xq = rint(x * (127/max|x|))``) and accumulates integer dot products (VNNI where present);
+    :func:`reference` reproduces that.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    import onnx_ir
+
+__all__ = [
+    "DOMAIN",
+    "OPSET_VERSION",
+    "OP_TYPES",
+    "PackedWeight",
+    "pack_binary_matmul",
+    "pack_xnor_matmul",
+    "pack_sparse_matmul",
+    "pack_quant_matmul",
+    "reference",
+    "dense_weight",
+    "make_node",
+    "register_schemas",
+]
+
+DOMAIN = "ai.onnxopt"
+OPSET_VERSION = 1
+OP_TYPES = ("BinaryMatMul", "XnorMatMul", "SparseMatMul", "QuantMatMul")
+
+# Names of the node inputs after X, in order, bias last (all ops).
+_INPUT_NAMES: dict[str, tuple[str, ...]] = {
+    "BinaryMatMul": ("bits", "alpha", "bias"),
+    "XnorMatMul": ("bits", "alpha", "bias"),
+    "SparseMatMul": ("values", "indices", "block_ptr", "scales", "bias"),
+    "QuantMatMul": ("weights", "scales", "zero_points", "bias"),
+}
+
+SPARSE_K_BLOCK = 256
+
+
+@dataclass(frozen=True)
+class PackedWeight:
+    """A packed weight ready to become the initializers and attributes of one node.
+
+    ``inputs``: the node inputs after ``X`` (ordered, excluding bias; optional inputs that are
+    absent are simply missing). ``attributes``: node attributes. ``has_bias_input``: whether the
+    op takes an optional bias as its last input (True for all four ops).
+    """
+
+    op_type: str
+    inputs: dict[str, np.ndarray]
+    attributes: dict[str, int | float | str]
+    has_bias_input: bool = True
+    # Not part of the node; kept for convenience (e.g. original shape). Excluded from eq/hash.
+    meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
+
+    @property
+    def K(self) -> int:  # noqa: N802
+        return int(self.attributes["K"])
+
+    @property
+    def N(self) -> int:  # noqa: N802
+        return int(self.attributes["N"])
+
+    def nbytes(self) -> int:
+        return int(sum(a.nbytes for a in self.inputs.values()))
+
+
+def _as_weight(w: np.ndarray) -> np.ndarray:
+    w = np.asarray(w)
+    if w.ndim != 2:
+        raise ValueError(f"weight must be 2-D (K, N), got shape {w.shape}")
+    if w.shape[0] < 1 or w.shape[1] < 1:
+        raise ValueError(f"weight must be non-empty, got shape {w.shape}")
+    if not np.issubdtype(w.dtype, np.floating):
+        w = w.astype(np.float32)
+    return np.ascontiguousarray(w, dtype=np.float32)
+
+
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _alpha(w: np.ndarray, alpha: np.ndarray | None) -> np.ndarray:
+    N = w.shape[1]
+    if alpha is None:
+        return np.ascontiguousarray(np.abs(w).mean(axis=0), dtype=np.float32)
+    a = np.asarray(alpha, dtype=np.float32).reshape(-1)
+    if a.size == 1:
+        a = np.full(N, a[0], dtype=np.float32)
+    if a.shape != (N,):
+        raise ValueError(f"alpha must have shape ({N},), got {np.shape(alpha)}")
+    return np.ascontiguousarray(a)
+
+
+def _pack_sign_bits(w: np.ndarray, col_block: int, word_bits: int) -> np.ndarray:
+    """bits[c, w, l] bit j = (W[word_bits*w + j, col_block*c + l] >= 0); zero padding."""
+    K, N = w.shape
+    NB, KW = _ceil(N, col_block), _ceil(K, word_bits)
+    b = np.zeros((KW * word_bits, NB * col_block), dtype=bool)
+    b[:K, :N] = w >= 0
+    b = b.reshape(KW, word_bits, NB, col_block).transpose(2, 0, 3, 1)  # (NB, KW, cb, bits)
+    packed = np.packbits(np.ascontiguousarray(b), axis=-1, bitorder="little")  # (NB,KW,cb,bits/8)
+    dt = np.dtype("<u4") if word_bits == 32 else np.dtype("<u8")
+    return np.ascontiguousarray(packed).view(dt).reshape(NB, KW, col_block).astype(dt.newbyteorder("="))
+
+
+def _unpack_sign_bits(bits: np.ndarray, K: int, N: int, word_bits: int) -> np.ndarray:
+    NB, KW, cb = bits.shape
+    u8 = np.ascontiguousarray(bits.astype(bits.dtype.newbyteorder("<"))).view(np.uint8)
+    u8 = u8.reshape(NB, KW, cb, word_bits // 8)
+    b = np.unpackbits(u8, axis=-1, bitorder="little")  # (NB, KW, cb, word_bits)
+    b = b.transpose(1, 3, 0, 2).reshape(KW * word_bits, NB * cb)
+    return np.where(b[:K, :N] != 0, np.float32(1), np.float32(-1))
+
+
+def pack_binary_matmul(w: np.ndarray, alpha: np.ndarray | None = None) -> PackedWeight:
+    """Pack ``W (K, N)`` for ``BinaryMatMul``: sign bits + per-column alpha (default mean|W|)."""
+    w = _as_weight(w)
+    K, N = w.shape
+    return PackedWeight(
+        "BinaryMatMul",
+        {"bits": _pack_sign_bits(w, 16, 32), "alpha": _alpha(w, alpha)},
+        {"K": K, "N": N},
+        True,
+    )
+
+
+def pack_xnor_matmul(w: np.ndarray, alpha: np.ndarray | None = None) -> PackedWeight:
+    """Pack ``W (K, N)`` for ``XnorMatMul``: sign bits in 64-bit words + per-column alpha."""
+    w = _as_weight(w)
+    K, N = w.shape
+    return PackedWeight(
+        "XnorMatMul",
+        {"bits": _pack_sign_bits(w, 8, 64), "alpha": _alpha(w, alpha)},
+        {"K": K, "N": N},
+        True,
+    )
+
+
+def pack_sparse_matmul(w: np.ndarray, value_dtype: str = "float32") -> PackedWeight:
+    """Pack ``W (K, N)`` for ``SparseMatMul`` (zeros are the pruned entries).
+
+    ``value_dtype``: ``"float32"``, ``"float16"`` or ``"int8"`` (symmetric per-column scale
+    ``max|W[:, n]| / 127``; entries that round to 0 stay stored).
+    """
+    w = _as_weight(w)
+    K, N = w.shape
+    kb = SPARSE_K_BLOCK
+    nb = _ceil(K, kb)
+    if value_dtype not in ("float32", "float16", "int8"):
+        raise ValueError(f"value_dtype must be float32, float16 or int8, got {value_dtype!r}")
+    wt = w.T  # (N, K)
+    nz_n, nz_k = np.nonzero(wt)  # sorted by n then k (row-major order)
+    vals = wt[nz_n, nz_k]
+    seg = nz_n.astype(np.int64) * nb + nz_k // kb
+    counts = np.bincount(seg, minlength=N * nb)
+    block_ptr = np.zeros(N * nb + 1, dtype=np.int64)
+    np.cumsum(counts, out=block_ptr[1:])
+    if block_ptr[-1] > np.iinfo(np.int32).max:
+        raise ValueError("too many nonzeros for int32 block_ptr")
+    indices = (nz_k % kb).astype(np.uint8)
+    scales = np.ones(N, dtype=np.float32)
+    if value_dtype == "float32":
+        values = vals.astype(np.float32)
+    elif value_dtype == "float16":
+        values = vals.astype(np.float16)
+    else:
+        amax = np.abs(w).max(axis=0)
+        scales = np.where(amax > 0, amax / np.float32(127), np.float32(1)).astype(np.float32)
+        values = np.clip(np.rint(vals / scales[nz_n]), -127, 127).astype(np.int8)
+    return PackedWeight(
+        "SparseMatMul",
+        {
+            "values": np.ascontiguousarray(values),
+            "indices": np.ascontiguousarray(indices),
+            "block_ptr": block_ptr.astype(np.int32),
+            "scales": scales,
+        },
+        {"K": K, "N": N, "k_block": kb},
+        True,
+    )
+
+
+def pack_quant_matmul(
+    w: np.ndarray,
+    bits: int = 4,
+    block_size: int = 32,
+    symmetric: bool = True,
+    scale_dtype: str = "float32",
+) -> PackedWeight:
+    """Block-quantize ``W (K, N)`` along K for ``QuantMatMul``.
+
+    Symmetric int4 uses the value of largest magnitude mapped to -8 (as onnxruntime's
+    MatMulNBits quantizer does); symmetric int8 uses ``max|w|/127``. Asymmetric uses
+    ``(max - min) / (2**bits - 1)`` with a uint8 zero point (range always includes 0).
+    """
+    w = _as_weight(w)
+    K, N = w.shape
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    if block_size not in (32, 64, 128):
+        raise ValueError(f"block_size must be 32, 64 or 128, got {block_size}")
+    if scale_dtype not in ("float32", "float16"):
+        raise ValueError(f"scale_dtype must be float32 or float16, got {scale_dtype!r}")
+    bs = block_size
+    nb = _ceil(K, bs)
+    NB = _ceil(N, 16)
+    Kp, Np = nb * bs, NB * 16
+    qmax = (1 << bits) - 1
+    wp = np.zeros((Kp, Np), dtype=np.float32)
+    wp[:K, :N] = w
+    wb = wp.reshape(nb, bs, Np)  # (nb, bs, Np)
+    sdt = np.float32 if scale_dtype == "float32" else np.float16
+    if symmetric:
+        zp_val = 1 << (bits - 1)
+        if bits == 4:
+            idx = np.abs(wb).argmax(axis=1)  # (nb, Np)
+            mx = np.take_along_axis(wb, idx[:, None, :], axis=1)[:, 0, :]
+            scale = (mx / np.float32(-8)).astype(np.float32)
+        else:
+            scale = (np.abs(wb).max(axis=1) / np.float32(127)).astype(np.float32)
+        scale = scale.astype(sdt).astype(np.float32)  # quantize with the stored scale
+        inv = np.where(scale != 0, np.float32(1) / np.where(scale != 0, scale, 1), 0).astype(np.float32)
+        q = np.rint(wb * inv[:, None, :]) + zp_val
+        q = np.clip(q, 0, qmax)
+        zp = None
+    else:
+        mn = np.minimum(wb.min(axis=1), 0)
+        mx = np.maximum(wb.max(axis=1), 0)
+        scale = ((mx - mn) / np.float32(qmax)).astype(np.float32)
+        scale = scale.astype(sdt).astype(np.float32)
+        safe = np.where(scale != 0, scale, 1).astype(np.float32)
+        zpf = np.clip(np.rint(-mn / safe), 0, qmax)
+        zpf = np.where(scale != 0, zpf, 0)
+        q = np.clip(np.rint(wb / safe[:, None, :]) + zpf[:, None, :], 0, qmax)
+        q = np.where(scale[:, None, :] != 0, q, zpf[:, None, :])
+        zp = zpf.astype(np.uint8)
+    q = q.astype(np.uint8)  # (nb, bs, Np)
+    # -> (NB, nb, bs, 16)
+    qc = q.reshape(nb, bs, NB, 16).transpose(2, 0, 1, 3)
+    if bits == 8:
+        # groups of 4 K rows: (NB, nb, bs/4, 4, 16) -> (NB, nb, bs/4, 16, 4)
+        packed = qc.reshape(NB, nb, bs // 4, 4, 16).transpose(0, 1, 2, 4, 3)
+    else:
+        g = qc.reshape(NB, nb, bs // 8, 2, 4, 16)  # [.., g, half, i, l]
+        lo, hi = g[:, :, :, 0], g[:, :, :, 1]  # (NB, nb, bs/8, 4, 16)
+        packed = (lo | (hi << 4)).astype(np.uint8).transpose(0, 1, 2, 4, 3)
+    weights = np.ascontiguousarray(packed).reshape(NB, nb, bs * 2 * bits)
+    sc = scale.reshape(nb, NB, 16).transpose(1, 0, 2)
+    inputs = {"weights": weights, "scales": np.ascontiguousarray(sc.astype(sdt))}
+    if zp is not None:
+        inputs["zero_points"] = np.ascontiguousarray(zp.reshape(nb, NB, 16).transpose(1, 0, 2))
+    return PackedWeight(
+        "QuantMatMul",
+        inputs,
+        {"K": K, "N": N, "bits": bits, "block_size": bs},
+        True,
+    )
+
+
+def _quant_codes(packed: PackedWeight) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return (q (Kp, Np) float32 codes, scale (nb, Np), zp (nb, Np))."""
+    a = packed.attributes
+    bits, bs = int(a["bits"]), int(a["block_size"])
+    wts = packed.inputs["weights"]
+    NB, nb = wts.shape[0], wts.shape[1]
+    if bits == 8:
+        qc = wts.reshape(NB, nb, bs // 4, 16, 4).transpose(0, 1, 2, 4, 3).reshape(NB, nb, bs, 16)
+    else:
+        g = wts.reshape(NB, nb, bs // 8, 16, 4).transpose(0, 1, 2, 4, 3)  # (NB,nb,g,i,l)
+        lo, hi = g & 0xF, g >> 4
+        qc = np.stack([lo, hi], axis=3).reshape(NB, nb, bs, 16)
+    q = qc.transpose(1, 2, 0, 3).reshape(nb * bs, NB * 16).astype(np.float32)
+    scale = packed.inputs["scales"].astype(np.float32).transpose(1, 0, 2).reshape(nb, NB * 16)
+    if "zero_points" in packed.inputs:
+        zp = packed.inputs["zero_points"].astype(np.float32).transpose(1, 0, 2).reshape(nb, NB * 16)
+    else:
+        zp = np.full((nb, NB * 16), float(1 << (bits - 1)), dtype=np.float32)
+    return q, scale, zp
+
+
+def dense_weight(packed: PackedWeight) -> np.ndarray:
+    """The (K, N) float32 weight the op effectively multiplies by."""
+    K, N = packed.K, packed.N
+    op = packed.op_type
+    if op in ("BinaryMatMul", "XnorMatMul"):
+        wb = 32 if op == "BinaryMatMul" else 64
+        s = _unpack_sign_bits(packed.inputs["bits"], K, N, wb)
+        return (s * packed.inputs["alpha"][None, :]).astype(np.float32)
+    if op == "SparseMatMul":
+        kb = int(packed.attributes["k_block"])
+        nb = _ceil(K, kb)
+        bp = packed.inputs["block_ptr"].astype(np.int64)
+        counts = np.diff(bp)
+        seg = np.repeat(np.arange(N * nb), counts)
+        n = seg // nb
+        k = (seg % nb) * kb + packed.inputs["indices"].astype(np.int64)
+        out = np.zeros((K, N), dtype=np.float32)
+        v = packed.inputs["values"].astype(np.float32) * packed.inputs["scales"][n]
+        out[k, n] = v
+        return out
+    if op == "QuantMatMul":
+        bs = int(packed.attributes["block_size"])
+        q, scale, zp = _quant_codes(packed)
+        nb = scale.shape[0]
+        d = (q.reshape(nb, bs, -1) - zp[:, None, :]) * scale[:, None, :]
+        return np.ascontiguousarray(d.reshape(nb * bs, -1)[:K, :N], dtype=np.float32)
+    raise ValueError(f"unknown op_type {op!r}")
+
+
+def _quantize_rows(x2: np.ndarray, bs: int, K: int) -> tuple[np.ndarray, np.ndarray]:
+    """Kernel's activation quantization: per row & K block, int8 codes and scales."""
+    M = x2.shape[0]
+    nb = _ceil(K, bs)
+    xp = np.zeros((M, nb * bs), dtype=np.float32)
+    xp[:, :K] = x2
+    xb = xp.reshape(M, nb, bs)
+    amax = np.abs(xb).max(axis=2)  # (M, nb)
+    safe = np.where(amax > 0, amax, np.float32(1)).astype(np.float32)
+    inv = np.where(amax > 0, np.float32(127) / safe, np.float32(0)).astype(np.float32)
+    xq = np.rint(xb * inv[:, :, None]).astype(np.float32)
+    sx = (amax / np.float32(127)).astype(np.float32)
+    return xq, sx
+
+
+def reference(packed: PackedWeight, x: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+    """Numpy reference of what the kernel computes: ``X (..., K) -> (..., N)`` float32."""
+    x = np.asarray(x, dtype=np.float32)
+    K, N = packed.K, packed.N
+    if x.shape[-1] != K:
+        raise ValueError(f"X last dim {x.shape[-1]} != K={K}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K).astype(np.float64)
+    op = packed.op_type
+    if op == "XnorMatMul":
+        beta = np.abs(x2).mean(axis=1) if K > 0 else np.zeros(x2.shape[0])
+        xs = np.where(x2 >= 0, 1.0, -1.0)
+        s = _unpack_sign_bits(packed.inputs["bits"], K, N, 64).astype(np.float64)
+        y = beta[:, None] * (xs @ s) * packed.inputs["alpha"].astype(np.float64)[None, :]
+    elif op == "QuantMatMul":
+        bs = int(packed.attributes["block_size"])
+        q, scale, zp = _quant_codes(packed)
+        nb = scale.shape[0]
+        xq, sx = _quantize_rows(x2.astype(np.float32), bs, K)  # (M, nb, bs), (M, nb)
+        qb = q.reshape(nb, bs, -1).astype(np.float64)  # (nb, bs, Np)
+        dot = np.einsum("mbk,bkn->mbn", xq.astype(np.float64), qb)
+        sumx = xq.sum(axis=2).astype(np.float64)  # (M, nb)
+        corr = dot - sumx[:, :, None] * zp[None].astype(np.float64)
+        y = np.einsum("mbn,mb,bn->mn", corr, sx.astype(np.float64), scale.astype(np.float64))[:, :N]
+    else:
+        y = x2 @ dense_weight(packed).astype(np.float64)
+    if bias is not None:
+        y = y + np.asarray(bias, dtype=np.float64).reshape(N)[None, :]
+    return y.astype(np.float32).reshape(*lead, N)
+
+
+# --------------------------------------------------------------------------- onnx_ir node
+
+_counter = itertools.count()
+
+
+def make_node(
+    packed: PackedWeight,
+    x: "onnx_ir.Value",
+    bias: "onnx_ir.Value | None" = None,
+    name: str = "",
+) -> tuple["onnx_ir.Node", list["onnx_ir.Value"]]:
+    """Build the ``ai.onnxopt`` node for ``packed`` applied to ``x`` (and optional ``bias``).
+
+    Returns the node and the new initializer Values (the caller registers them with
+    ``graph.register_initializer``). The output is float32 with shape ``x.shape[:-1] + (N,)``
+    when x's shape is known.
+    """
+    import onnx_ir as ir
+
+    base = name or f"{packed.op_type}_{next(_counter)}"
+    names = _INPUT_NAMES[packed.op_type]
+    unknown = set(packed.inputs) - set(names)
+    if unknown:
+        raise ValueError(f"unexpected inputs {sorted(unknown)} for {packed.op_type}")
+    inits: list[ir.Value] = []
+    node_inputs: list[ir.Value | None] = [x]
+    for key in names:
+        if key == "bias":
+            node_inputs.append(bias)
+            continue
+        arr = packed.inputs.get(key)
+        if arr is None:
+            node_inputs.append(None)
+            continue
+        t = ir.tensor(np.ascontiguousarray(arr), name=f"{base}.{key}")
+        v = ir.Value(name=f"{base}.{key}", shape=ir.Shape(arr.shape), type=ir.TensorType(t.dtype), const_value=t)
+        inits.append(v)
+        node_inputs.append(v)
+    while node_inputs and node_inputs[-1] is None:
+        node_inputs.pop()
+    attrs = []
+    for k, v in packed.attributes.items():
+        if isinstance(v, (bool, int, np.integer)):
+            attrs.append(ir.AttrInt64(k, int(v)))
+        elif isinstance(v, (float, np.floating)):
+            attrs.append(ir.AttrFloat32(k, float(v)))
+        else:
+            attrs.append(ir.AttrString(k, str(v)))
+    node = ir.Node(DOMAIN, packed.op_type, node_inputs, attrs, name=base, version=OPSET_VERSION)
+    out = node.outputs[0]
+    out.name = f"{base}.Y"
+    out.type = ir.TensorType(ir.DataType.FLOAT)
+    if x.shape is not None:
+        out.shape = ir.Shape([*list(x.shape)[:-1], packed.N])
+    return node, inits
+
+
+# --------------------------------------------------------------------------- ONNX schemas
+
+
+def _infer(op_type: str):
+    import onnx
+
+    def fn(ctx) -> None:
+        n_attr = ctx.get_attribute("N")
+        k_attr = ctx.get_attribute("K")
+        if n_attr is None or k_attr is None:
+            raise RuntimeError(f"{op_type}: attributes K and N are required")
+        N, K = int(n_attr.i), int(k_attr.i)
+        if N < 1 or K < 1:
+            raise RuntimeError(f"{op_type}: K and N must be >= 1 (K={K}, N={N})")
+        out = onnx.TypeProto()
+        out.tensor_type.elem_type = onnx.TensorProto.FLOAT
+        t = ctx.get_input_type(0)
+        if t is not None and t.tensor_type.HasField("shape"):
+            dims = t.tensor_type.shape.dim
+            if len(dims) < 1:
+                raise RuntimeError(f"{op_type}: X must have rank >= 1")
+            last = dims[len(dims) - 1]
+            if last.HasField("dim_value") and last.dim_value != K:
+                raise RuntimeError(f"{op_type}: X last dim {last.dim_value} != K={K}")
+            shape = out.tensor_type.shape
+            for d in list(dims)[:-1]:
+                shape.dim.add().CopyFrom(d)
+            shape.dim.add().dim_value = N
+        ctx.set_output_type(0, out)
+
+    return fn
+
+
+def _schema(op_type: str, doc: str, inputs, attrs, type_constraints):
+    import onnx.defs as d
+    from onnx.helper import make_attribute
+
+    FP = d.OpSchema.FormalParameter
+    Opt = d.OpSchema.FormalParameterOption
+    params = []
+    for nm, ty, desc, optional in inputs:
+        params.append(FP(nm, ty, desc, param_option=Opt.Optional if optional else Opt.Single))
+    attributes = [d.OpSchema.Attribute(a, d.OpSchema.AttrType.INT, desc) if req else
+                  d.OpSchema.Attribute(a, make_attribute(a, default_value), desc)
+                  for a, desc, req, default_value in attrs]
+    s = d.OpSchema(
+        op_type,
+        DOMAIN,
+        OPSET_VERSION,
+        doc,
+        inputs=params,
+        outputs=[FP("Y", "T", "float32 (..., N)")],
+        type_constraints=[("T", ["tensor(float)"], "float32"), *type_constraints],
+        attributes=attributes,
+    )
+    s.set_type_and_shape_inference_function(_infer(op_type))
+    return s
+
+
+def _schemas():
+    KN = [("K", "reduction size", True, None), ("N", "output columns", True, None)]
+    bias = ("bias", "T", "optional float32 (N,)", True)
+    yield _schema(
+        "BinaryMatMul",
+        "Y = X @ (alpha * sign(W)); sign bits uint32 (ceil(N/16), ceil(K/32), 16).",
+        [("X", "T", "float32 (..., K)", False), ("bits", "TB", "uint32 packed sign bits", False),
+         ("alpha", "T", "float32 (N,)", False), bias],
+        KN,
+        [("TB", ["tensor(uint32)"], "")],
+    )
+    yield _schema(
+        "XnorMatMul",
+        "Y = beta*alpha*(K - 2 popcount(sign(X) xor sign(W))); bits uint64 (ceil(N/8), ceil(K/64), 8).",
+        [("X", "T", "float32 (..., K)", False), ("bits", "TB", "uint64 packed sign bits", False),
+         ("alpha", "T", "float32 (N,)", False), bias],
+        KN,
+        [("TB", ["tensor(uint64)"], "")],
+    )
+    yield _schema(
+        "SparseMatMul",
+        "Y = X @ W, W column-major blocked CSR (see onnxopt.ops).",
+        [("X", "T", "float32 (..., K)", False), ("values", "TV", "nonzero values (nnz,)", False),
+         ("indices", "TI", "uint8 in-block row indices (nnz,)", False),
+         ("block_ptr", "TP", "int32 (N*ceil(K/k_block)+1,)", False),
+         ("scales", "T", "float32 per-column scale (N,)", False), bias],
+        [*KN, ("k_block", "K block size (<= 256)", False, 256)],
+        [("TV", ["tensor(float)", "tensor(float16)", "tensor(int8)"], ""),
+         ("TI", ["tensor(uint8)"], ""), ("TP", ["tensor(int32)"], "")],
+    )
+    yield _schema(
+        "QuantMatMul",
+        "Y = X @ dequant(W), block-quantized int4/int8 weights (see onnxopt.ops).",
+        [("X", "T", "float32 (..., K)", False), ("weights", "TW", "uint8 packed codes", False),
+         ("scales", "TS", "float32/float16 (ceil(N/16), nb, 16)", False),
+         ("zero_points", "TW", "optional uint8 (ceil(N/16), nb, 16)", True), bias],
+        [*KN, ("bits", "4 or 8", False, 4), ("block_size", "32, 64 or 128", False, 32)],
+        [("TW", ["tensor(uint8)"], ""), ("TS", ["tensor(float)", "tensor(float16)"], "")],
+    )
+
+
+def register_schemas() -> None:
+    """Register the ai.onnxopt schemas with onnx (idempotent)."""
+    import onnx.defs as d
+
+    for s in _schemas():
+        if not d.has(s.name, s.domain):
+            d.register_schema(s)
+
+
+register_schemas()
