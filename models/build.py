@@ -166,7 +166,114 @@ def build_cnn(epochs: int = 20) -> dict:
             "ops": sorted(set(ops))}
 
 
-BUILDERS = {"cnn": build_cnn}
+# --------------------------------------------------------------------------- MLP (sklearn digits)
+MLP_INPUT = "input"
+MLP_SIZES = (64, 128, 64, 10)
+
+
+def digits_split():
+    """sklearn digits (1797×64, pixels 0..16 scaled to 0..1); seeded 80/20 split."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.data / 16.0).astype(np.float32)
+    y = d.target.astype(np.int64)
+    perm = np.random.default_rng(SEED).permutation(len(x))
+    n_eval = 360
+    return x, y, np.sort(perm[:n_eval]), np.sort(perm[n_eval:])
+
+
+def build_mlp(epochs: int = 60) -> dict:
+    torch = _torch_setup()
+    nn = torch.nn
+    x, y, ev, tr = digits_split()
+    layers = []
+    for i, (a, c) in enumerate(zip(MLP_SIZES[:-1], MLP_SIZES[1:])):
+        layers.append(nn.Linear(a, c))
+        if i < len(MLP_SIZES) - 2:
+            layers.append(nn.ReLU())
+    net = _train(nn.Sequential(*layers), torch.from_numpy(x[tr]), torch.from_numpy(y[tr]),
+                 epochs=epochs, lr=3e-3, batch=32, weight_decay=1e-4)
+    linears = [m for m in net if isinstance(m, nn.Linear)]
+
+    b = GraphBuilder(opset=17)
+    inp = input_value(MLP_INPUT, ir.DataType.FLOAT, ["batch", MLP_SIZES[0]])
+    h = inp
+    for i, lin in enumerate(linears):
+        w = lin.weight.detach().numpy().T
+        h = b.op("MatMul", h, b.const(np.ascontiguousarray(w), f"fc{i + 1}.weight"))
+        h = b.op("Add", h, b.const(lin.bias.detach().numpy(), f"fc{i + 1}.bias"))
+        if i < len(linears) - 1:
+            h = b.op("Relu", h)
+    out = name_output(h, "logits", ir.DataType.FLOAT, ["batch", MLP_SIZES[-1]])
+    path = save_model(b.build([inp], [out], "mlp_digits"), PKG_DIR / "mlp.onnx", smoke_feed={MLP_INPUT: x[:2]})
+    np.savez_compressed(DATA_DIR / "digits_eval.npz", x=x[ev], y=y[ev], index=ev)
+    np.savez_compressed(DATA_DIR / "digits_calib.npz", **{MLP_INPUT: x[tr[:128]]})
+    return {"model": "mlp", "eval_accuracy": _accuracy(str(path), x[ev], y[ev], MLP_INPUT)}
+
+
+# --------------------------------------------------------------------------- transformer block
+TB_HIDDEN, TB_HEADS, TB_FFN, TB_EPS = 64, 4, 256, 1e-5
+TB_INPUT = "hidden_states"
+
+
+def transformer_block_weights() -> dict[str, np.ndarray]:
+    """Seeded random weights, Xavier-scaled so activations stay O(1)."""
+    rng = np.random.default_rng(SEED)
+    H, F = TB_HIDDEN, TB_FFN
+
+    def mat(i, o):
+        return (rng.standard_normal((i, o)) / np.sqrt(i)).astype(np.float32)
+
+    def vec(n, scale=0.1, base=0.0):
+        return (base + scale * rng.standard_normal(n)).astype(np.float32)
+
+    w = {"ln1.weight": vec(H, base=1.0), "ln1.bias": vec(H)}
+    for n in "qkvo":
+        w[f"{n}.weight"], w[f"{n}.bias"] = mat(H, H), vec(H)
+    w.update({"ln2.weight": vec(H, base=1.0), "ln2.bias": vec(H),
+              "ffn1.weight": mat(H, F), "ffn1.bias": vec(F), "ffn2.weight": mat(F, H), "ffn2.bias": vec(H)})
+    return w
+
+
+def transformer_block_reference(x: np.ndarray, w: dict[str, np.ndarray]) -> np.ndarray:
+    """numpy forward of the block (float64) used to check the graph."""
+    from models._layers import np_attention, np_gelu, np_layer_norm
+
+    w = {k: v.astype(np.float64) for k, v in w.items()}
+    h = x + np_attention(np_layer_norm(x, w["ln1.weight"], w["ln1.bias"], TB_EPS), w, TB_HEADS)
+    f = np_layer_norm(h, w["ln2.weight"], w["ln2.bias"], TB_EPS)
+    f = np_gelu(f @ w["ffn1.weight"] + w["ffn1.bias"]) @ w["ffn2.weight"] + w["ffn2.bias"]
+    return h + f
+
+
+def build_transformer() -> dict:
+    from models._layers import gelu_erf, layer_norm, linear, self_attention
+
+    w = transformer_block_weights()
+    b = GraphBuilder(opset=17)
+    x = input_value(TB_INPUT, ir.DataType.FLOAT, ["batch", "seq", TB_HIDDEN])
+    ln1 = layer_norm(b, x, w["ln1.weight"], w["ln1.bias"], TB_EPS, "ln1")
+    attn_w = {k: v for k, v in w.items() if k[0] in "qkvo"}
+    h = b.op("Add", x, self_attention(b, ln1, attn_w, TB_HEADS, "attn"))
+    f = layer_norm(b, h, w["ln2.weight"], w["ln2.bias"], TB_EPS, "ln2")
+    f = gelu_erf(b, linear(b, f, w["ffn1.weight"], w["ffn1.bias"], "ffn1"))
+    f = linear(b, f, w["ffn2.weight"], w["ffn2.bias"], "ffn2")
+    out = name_output(b.op("Add", h, f), "output", ir.DataType.FLOAT, ["batch", "seq", TB_HIDDEN])
+    xs = np.random.default_rng(SEED + 1).standard_normal((2, 7, TB_HIDDEN)).astype(np.float32)
+    path = save_model(b.build([x], [out], "transformer_block"), PKG_DIR / "transformer_block.onnx",
+                      smoke_feed={TB_INPUT: xs})
+    from models._onnx import session
+
+    got = session(str(path)).run(None, {TB_INPUT: xs})[0]
+    err = float(np.abs(got - transformer_block_reference(xs.astype(np.float64), w)).max())
+    assert err < 1e-4, err
+    np.savez_compressed(DATA_DIR / "transformer_calib.npz", **{TB_INPUT: np.random.default_rng(SEED + 2)
+                        .standard_normal((32, 16, TB_HIDDEN)).astype(np.float32)})
+    return {"model": "transformer_block", "max_abs_err_vs_numpy": err}
+
+
+BUILDERS = {"cnn": build_cnn, "mlp": build_mlp, "transformer": build_transformer}
 
 
 def main(argv=None):
