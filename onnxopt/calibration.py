@@ -1,0 +1,196 @@
+"""Input data for calibration and validation, and streaming capture of intermediate activations.
+
+Data format: an ``.npz`` file with one array per model input, samples stacked along axis 0, or a
+directory of such files (read one at a time). :func:`capture` runs the model in onnxruntime batch by
+batch and hands the requested intermediate tensors to a callback, so statistics can be accumulated
+with memory independent of the number of samples.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import tempfile
+import zipfile
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxopt.errors import DataError
+
+NUMPY_DTYPE = {
+    ir.DataType.FLOAT: np.float32,
+    ir.DataType.DOUBLE: np.float64,
+    ir.DataType.FLOAT16: np.float16,
+    ir.DataType.INT64: np.int64,
+    ir.DataType.INT32: np.int32,
+    ir.DataType.INT8: np.int8,
+    ir.DataType.UINT8: np.uint8,
+    ir.DataType.BOOL: np.bool_,
+}
+
+
+class Dataset:
+    """Samples for the model's inputs, read lazily from one ``.npz`` file or a directory of them."""
+
+    def __init__(self, files: Sequence[pathlib.Path]):
+        self.files = list(files)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Dataset:
+        path = pathlib.Path(path)
+        if not path.exists():
+            raise DataError(f"data file not found: {path}")
+        files = sorted(path.glob("*.npz")) if path.is_dir() else [path]
+        if not files:
+            raise DataError(f"no .npz files in data directory: {path}")
+        for file in files:
+            try:
+                with np.load(file) as npz:
+                    if not npz.files:
+                        raise DataError(f"data file has no arrays: {file}")
+                    if any(npz[k].ndim == 0 or npz[k].shape[0] == 0 for k in npz.files):
+                        raise DataError(f"data file has an empty or scalar array: {file}")
+            except (OSError, ValueError, zipfile.BadZipFile, EOFError):
+                raise DataError(f"not a readable .npz file: {file}") from None
+        return cls(files)
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> Dataset:
+        """An in-memory dataset (kept in a temporary .npz so it streams like a file)."""
+        handle = tempfile.NamedTemporaryFile(suffix=".npz", delete=False)
+        np.savez(handle, **arrays)
+        handle.close()
+        return cls([pathlib.Path(handle.name)])
+
+    def check(self, model: ir.Model) -> None:
+        """Raise DataError unless every model input has an array of compatible dtype and rank."""
+        with np.load(self.files[0]) as npz:
+            for value in model.graph.inputs:
+                if value.name not in npz.files:
+                    raise DataError(f"data has no array for model input '{value.name}' (has: {', '.join(npz.files)})")
+                array = npz[value.name]
+                if value.shape is not None and array.ndim != len(value.shape):
+                    raise DataError(
+                        f"data for input '{value.name}' has rank {array.ndim}, model expects {len(value.shape)}"
+                    )
+                expected = NUMPY_DTYPE.get(value.dtype)
+                if expected is not None and not np.can_cast(array.dtype, expected, "same_kind"):
+                    raise DataError(f"data for input '{value.name}' is {array.dtype}, model expects {np.dtype(expected)}")
+
+    def batches(self, model: ir.Model, batch_size: int = 8, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+        """Yield feeds of up to ``batch_size`` samples (1 where the model's batch dim is fixed)."""
+        self.check(model)
+        if any(v.shape is not None and len(v.shape) and v.shape[0] == 1 for v in model.graph.inputs):
+            batch_size = 1
+        served = 0
+        for file in self.files:
+            with np.load(file) as npz:
+                arrays = {v.name: _cast(npz[v.name], v.dtype) for v in model.graph.inputs}
+            count = min(a.shape[0] for a in arrays.values())
+            for start in range(0, count, batch_size):
+                if limit is not None and served >= limit:
+                    return
+                stop = min(start + batch_size, count, start + (limit - served if limit else batch_size))
+                yield {k: a[start:stop] for k, a in arrays.items()}
+                served += stop - start
+
+    def num_samples(self) -> int:
+        total = 0
+        for file in self.files:
+            with np.load(file) as npz:
+                total += min(npz[k].shape[0] for k in npz.files)
+        return total
+
+
+def _cast(array: np.ndarray, dtype: ir.DataType | None) -> np.ndarray:
+    target = NUMPY_DTYPE.get(dtype)
+    return array if target is None or array.dtype == target else array.astype(target)
+
+
+def synthesize_inputs(model: ir.Model, batch: int = 1, seq: int = 16, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random feeds respecting dtypes, fixed dims and id ranges (indices stay below the table size)."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for value in model.graph.inputs:
+        dims = []
+        for i, dim in enumerate(value.shape or []):
+            dims.append(dim if isinstance(dim, int) else (batch if i == 0 else seq))
+        dtype = NUMPY_DTYPE.get(value.dtype, np.float32)
+        name = value.name.lower()
+        if dtype == np.bool_:
+            feeds[value.name] = rng.random(dims) > 0.5
+        elif np.issubdtype(dtype, np.integer):
+            if "mask" in name:
+                feeds[value.name] = np.ones(dims, dtype)
+            elif "type" in name or "segment" in name:
+                feeds[value.name] = np.zeros(dims, dtype)
+            else:
+                high = _index_bound(value) or 2
+                feeds[value.name] = rng.integers(0, high, size=dims).astype(dtype)
+        else:
+            feeds[value.name] = rng.standard_normal(dims).astype(dtype)
+    return feeds
+
+
+def _index_bound(value: ir.Value) -> int | None:
+    """Size of the table a Gather indexes with ``value`` (so synthesized ids stay in range)."""
+    bounds = []
+    for node, index in value.uses():
+        if node.op_type == "Gather" and index == 1 and node.inputs[0].shape is not None:
+            axis = node.attributes.get("axis")
+            dim = node.inputs[0].shape[axis.value if axis is not None else 0]
+            if isinstance(dim, int):
+                bounds.append(dim)
+    return min(bounds) if bounds else None
+
+
+@contextlib.contextmanager
+def _model_with_outputs(model: ir.Model, names: Sequence[str]):
+    """Temporarily expose main-graph values ``names`` as extra graph outputs."""
+    values = {v.name: v for node in model.graph for v in node.outputs}
+    values.update({v.name: v for v in model.graph.inputs})
+    values.update(model.graph.initializers)
+    existing = {v.name for v in model.graph.outputs}
+    added = []
+    for name in names:
+        if name not in values:
+            raise DataError(f"cannot capture '{name}': not a value of the main graph")
+        if name not in existing:
+            model.graph.outputs.append(values[name])
+            added.append(values[name])
+            existing.add(name)
+    try:
+        yield
+    finally:
+        for value in added:
+            model.graph.outputs.remove(value)
+
+
+def capture(
+    model: ir.Model,
+    names: Sequence[str],
+    feeds: Iterator[dict[str, np.ndarray]],
+    on_batch: Callable[[dict[str, np.ndarray]], None],
+    threads: int | None = None,
+) -> int:
+    """Run ``model`` on each feed and call ``on_batch({name: array})`` for the captured values.
+
+    Returns the number of batches run. Memory holds one batch at a time.
+    """
+    from onnxopt import runtime
+
+    names = list(dict.fromkeys(names))
+    with _model_with_outputs(model, names):
+        session = runtime.session(model, threads=threads, optimize=False)
+    count = 0
+    for feed in feeds:
+        outputs = session.run(names, feed)
+        on_batch(dict(zip(names, outputs)))
+        count += 1
+    if count == 0:
+        raise DataError("no data: the calibration set is empty")
+    return count
+

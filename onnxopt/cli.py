@@ -1,0 +1,252 @@
+"""The ``onnxopt`` command line: optimize, inspect, validate, passes.
+
+Exit codes: 0 ok, 1 validation threshold exceeded, 2 bad input or usage. Errors print one line;
+``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import pathlib
+import sys
+
+import click
+from onnxopt import calibration, io, pipeline, registry, runtime, stats, validate
+from onnxopt.errors import OnnxoptError
+
+EXIT_THRESHOLD, EXIT_USAGE = 1, 2
+
+
+def _fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(EXIT_USAGE)
+
+
+def handle_errors(func):
+    """One-line message and exit code 2 for bad input; the traceback only with --debug."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        debug = click.get_current_context().find_root().params.get("debug", False)
+        try:
+            return func(*args, **kwargs)
+        except OnnxoptError as exc:
+            if debug:
+                raise
+            _fail(str(exc))
+        except (OSError, ValueError, RuntimeError) as exc:
+            if debug:
+                raise
+            _fail(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show full tracebacks.")
+def main(debug: bool) -> None:
+    """onnxopt: compress and optimize ONNX models for onnxruntime."""
+
+
+def _existing_file(path: str, what: str) -> pathlib.Path:
+    p = pathlib.Path(path)
+    if not p.exists():
+        raise OnnxoptError(f"{what} not found: {p}")
+    return p
+
+
+def _load_data(path: str | None) -> calibration.Dataset | None:
+    return calibration.Dataset.load(path) if path else None
+
+
+@main.command()
+@click.argument("model_path", metavar="IN")
+@click.option("-o", "--output", required=True, help="Output .onnx path (written atomically).")
+@click.option("-p", "--pass", "pass_specs", multiple=True, help="PASS[:key=value,...]; repeatable, run in order.")
+@click.option("--recipe", help="YAML or TOML recipe file (run before any -p passes).")
+@click.option("--data", help=".npz file (one array per input, batch on axis 0) or a directory of them.")
+@click.option("--report", help="Write the per-pass report: FILE.json and/or FILE.md (by extension).")
+@click.option("--on-error", type=click.Choice(["stop", "skip"]), default="stop", show_default=True,
+              help="When a pass breaks the model: stop, or roll the pass back and go on.")
+@click.option("--check/--no-check", default=True, show_default=True, help="onnx checker + shape inference after each pass.")
+@click.option("--numeric-check/--no-numeric-check", default=True, show_default=True,
+              help="Compare outputs with onnxruntime after each pass.")
+@click.option("--external-data/--no-external-data", default=None, help="Force (or forbid) external data; default: over 2 GB.")
+@click.option("--threads", type=int, default=None, help="intra-op threads for the latency measurement.")
+@handle_errors
+def optimize(model_path, output, pass_specs, recipe, data, report, on_error, check, numeric_check, external_data, threads):
+    """Run a pipeline of passes on IN and write OUT; prints a before/after table."""
+    src = _existing_file(model_path, "model file")
+    out = pathlib.Path(output)
+    if out.exists() and out.resolve() == src.resolve():
+        raise OnnxoptError("output path is the input file; onnxopt never overwrites its input")
+    specs = (pipeline.load_recipe(recipe) if recipe else []) + [pipeline.PassSpec.parse(s) for s in pass_specs]
+    if not specs:
+        raise OnnxoptError("no passes given: use -p PASS or --recipe FILE (see `onnxopt passes`)")
+    dataset = _load_data(data)
+    for spec in specs:  # unknown passes and bad options fail here, before any work
+        spec.create(dataset)
+    out_dir = out.parent if str(out.parent) else pathlib.Path(".")
+    if not out_dir.is_dir():
+        raise OnnxoptError(f"output directory does not exist: {out_dir}")
+    if not os.access(out_dir, os.W_OK):
+        raise OnnxoptError(f"output directory is not writable: {out_dir}")
+    model = io.load(src)
+    if dataset is not None:
+        dataset.check(model)
+    before = stats.model_stats(model)
+    feeds = validate.feeds_for(model, dataset, max_batches=1, batch=1)
+    reference = validate.run_all(runtime.session(src), feeds)
+
+    def progress(record: pipeline.PassRecord) -> None:
+        click.echo(f"  {record.name:<18} {record.status:<11} {record.seconds:6.2f}s  nodes {record.nodes[0]} → {record.nodes[1]}", err=True)
+
+    model, rep = pipeline.run_pipeline(
+        model, specs, dataset, check=check, numeric_check=numeric_check, on_error=on_error, on_record=progress
+    )
+    io.save(model, out, external_data=external_data)
+    after = stats.model_stats(model)
+    if report:
+        _write_report(rep, pathlib.Path(report))
+    sessions = [runtime.session(src, threads=threads), runtime.session(out, threads=threads)]
+    errors = validate.compare_outputs(reference, validate.run_all(sessions[1], feeds))
+    lat = validate.interleaved_latency_ms(sessions, feeds[0], rounds=3, repeat=10)
+    size_in, size_out = _file_size(src), _file_size(out)
+    worst = max(errors, key=lambda e: e.max_abs, default=None)
+    click.echo(f"\n{'':<22}{'before':>14}{'after':>14}{'ratio':>9}")
+    click.echo(f"{'file size':<22}{stats.human_bytes(size_in):>14}{stats.human_bytes(size_out):>14}{size_out / size_in:>9.3f}")
+    click.echo(f"{'nodes':<22}{before.nodes:>14}{after.nodes:>14}{after.nodes / max(before.nodes, 1):>9.3f}")
+    click.echo(f"{'parameters':<22}{before.parameters:>14}{after.parameters:>14}{after.parameters / max(before.parameters, 1):>9.3f}")
+    click.echo(f"{'latency (ms, median)':<22}{lat[0]:>14.3f}{lat[1]:>14.3f}{lat[1] / lat[0]:>9.3f}")
+    if worst is not None:
+        click.echo(f"{'output max abs error':<22}{'':>14}{worst.max_abs:>14.3g}")
+        click.echo(f"{'output cosine':<22}{'':>14}{min(e.cosine for e in errors):>14.6f}")
+    click.echo(f"wrote {out}")
+
+
+def _file_size(path: pathlib.Path) -> int:
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+def _write_report(rep: pipeline.Report, path: pathlib.Path) -> None:
+    if path.suffix == ".md":
+        path.write_text(rep.to_markdown())
+    elif path.suffix == ".json":
+        path.write_text(rep.to_json())
+    else:
+        path.with_suffix(".json").write_text(rep.to_json())
+        path.with_suffix(".md").write_text(rep.to_markdown())
+
+
+@main.command()
+@click.argument("model_path", metavar="IN")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--kernels", is_flag=True, help="Also show onnxopt's kernel library and its ISA level.")
+@handle_errors
+def inspect(model_path, as_json, kernels):
+    """Opsets, IR version, inputs/outputs, op histogram, parameters and bytes by op and dtype."""
+    src = _existing_file(model_path, "model file")
+    model = io.load(src, lift_constants=False)
+    st = stats.model_stats(model)
+    info = {
+        "file": str(src),
+        "file_bytes": _file_size(src),
+        "ir_version": model.ir_version,
+        "opsets": dict(model.opset_imports),
+        "custom_domains": sorted(d for d in model.opset_imports if d not in ("", "ai.onnx", "ai.onnx.ml")),
+        "inputs": [_value_info(v) for v in model.graph.inputs],
+        "outputs": [_value_info(v) for v in model.graph.outputs],
+        "nodes": st.nodes,
+        "parameters": st.parameters,
+        "tensor_bytes": st.tensor_bytes,
+        "external_tensors": st.external_tensors,
+        "op_histogram": st.op_histogram,
+        "bytes_by_dtype": st.bytes_by_dtype,
+        "bytes_by_op": st.bytes_by_op,
+    }
+    if kernels:
+        info["kernels"] = _kernel_info()
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(f"{info['file']}: {stats.human_bytes(info['file_bytes'])}, IR {info['ir_version']}, opsets {info['opsets']}")
+    if info["custom_domains"]:
+        click.echo(f"custom domains: {', '.join(info['custom_domains'])}")
+    for kind in ("inputs", "outputs"):
+        click.echo(f"{kind}:")
+        for v in info[kind]:
+            click.echo(f"  {v['name']}: {v['dtype']} {v['shape']}")
+    click.echo(f"nodes {st.nodes}, parameters {st.parameters}, tensor bytes {stats.human_bytes(st.tensor_bytes)}"
+               f" ({st.external_tensors} external)")
+    click.echo("ops: " + ", ".join(f"{k} {v}" for k, v in st.op_histogram.items()))
+    click.echo("bytes by dtype: " + ", ".join(f"{k} {stats.human_bytes(v)}" for k, v in st.bytes_by_dtype.items()))
+    click.echo("bytes by consumer op: " + ", ".join(f"{k} {stats.human_bytes(v)}" for k, v in st.bytes_by_op.items()))
+    if kernels:
+        click.echo(f"kernels: {info['kernels']}")
+
+
+def _kernel_info() -> dict:
+    try:
+        from onnxopt import kernels as k
+
+        return {"library": str(k.library_path()), "isa": k.isa_level()}
+    except Exception as exc:  # report, do not fail inspect
+        return {"library": None, "error": str(exc).splitlines()[0]}
+
+
+def _value_info(value) -> dict:
+    shape = [d if isinstance(d, int) else str(d) for d in value.shape] if value.shape is not None else None
+    return {"name": value.name, "dtype": str(value.dtype).split(".")[-1] if value.dtype else None, "shape": shape}
+
+
+@main.command(name="validate")
+@click.argument("reference_path", metavar="REF")
+@click.argument("candidate_path", metavar="CANDIDATE")
+@click.option("--data", help=".npz inputs (default: synthesized from REF's inputs).")
+@click.option("--threads", type=int, default=None, help="intra-op threads for both sessions.")
+@click.option("--repeat", type=int, default=20, show_default=True, help="Timed runs per model.")
+@click.option("--max-abs", type=float, default=None, help="Exit 1 if any output's max abs error exceeds this.")
+@click.option("--max-rel", type=float, default=None, help="Exit 1 if any output's max relative error exceeds this.")
+@click.option("--min-cosine", type=float, default=None, help="Exit 1 if any output's cosine similarity is below this.")
+@handle_errors
+def validate_cmd(reference_path, candidate_path, data, threads, repeat, max_abs, max_rel, min_cosine):
+    """Run REF and CANDIDATE in onnxruntime: per-output errors, latency, file sizes."""
+    ref_path = _existing_file(reference_path, "reference model")
+    cand_path = _existing_file(candidate_path, "candidate model")
+    ref_model = io.load(ref_path, lift_constants=False)
+    dataset = _load_data(data)
+    feeds = validate.feeds_for(ref_model, dataset)
+    ref_sess, cand_sess = runtime.session(ref_path, threads=threads), runtime.session(cand_path, threads=threads)
+    errors = validate.compare_outputs(validate.run_all(ref_sess, feeds), validate.run_all(cand_sess, feeds))
+    rounds = max(1, repeat // 5)
+    lat = validate.interleaved_latency_ms([ref_sess, cand_sess], feeds[0], rounds=rounds, repeat=5)
+    click.echo(f"{'output':<28}{'max abs':>12}{'max rel':>12}{'mean abs':>12}{'cosine':>12}")
+    for e in errors:
+        click.echo(f"{e.name[:27]:<28}{e.max_abs:>12.4g}{e.max_rel:>12.4g}{e.mean_abs:>12.4g}{e.cosine:>12.6f}")
+    click.echo(f"latency ms (median, threads={threads or 'default'}): reference {lat[0]:.3f}, candidate {lat[1]:.3f}, "
+               f"ratio {lat[1] / lat[0]:.3f}")
+    click.echo(f"file size: reference {stats.human_bytes(_file_size(ref_path))}, candidate {stats.human_bytes(_file_size(cand_path))}")
+    failed = [e.name for e in errors if (max_abs is not None and e.max_abs > max_abs)
+              or (max_rel is not None and e.max_rel > max_rel) or (min_cosine is not None and e.cosine < min_cosine)]
+    if failed:
+        click.echo(f"threshold exceeded on: {', '.join(failed)}", err=True)
+        sys.exit(EXIT_THRESHOLD)
+
+
+@main.command(name="passes")
+def list_passes():
+    """Every registered pass with its options."""
+    for info in registry.all_passes():
+        kind = "lossless" if info.lossless else "lossy"
+        data = ", uses --data" if info.uses_data else ""
+        click.echo(f"{info.name}  ({kind}{data})\n    {info.summary}")
+        for opt in info.options.values():
+            click.echo(f"    {opt.name} ({opt.type_name}, default {opt.default!r}): {opt.doc}")
+        click.echo("")
+
+
+if __name__ == "__main__":
+    main()

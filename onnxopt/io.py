@@ -1,0 +1,232 @@
+"""Model IO: lazy loading with onnx_ir, normalization, atomic saving that onnxruntime accepts.
+
+* :func:`load` keeps external data memory-mapped (onnx_ir's lazy tensors), checks that every
+  external-data file exists, turns ``sparse_initializer`` entries into dense initializers
+  (remembered in ``value.meta`` so :func:`save` writes them sparse again), and lifts weights held
+  in ``Constant`` nodes to initializers, in every subgraph.
+* :func:`save` writes to a temporary file beside the target and renames it into place, so a
+  failure never leaves a half-written output; the IR version is capped to what onnxruntime reads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import tempfile
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx_ir.passes.common import LiftConstantsToInitializersPass
+
+from onnxopt.errors import ModelLoadError, ModelSaveError
+
+# onnxruntime 1.20+ reads IR 10 (opset <= 22); IR 11 is needed only for opset 23+.
+MAX_IR_VERSION = 10
+TWO_GB = 2**31
+SPARSE_META_KEY = "onnxopt.sparse"
+"""``value.meta`` flag: write this initializer as an ONNX ``sparse_initializer`` on save."""
+
+
+def load(path: str | os.PathLike, *, lift_constants: bool = True) -> ir.Model:
+    """Load an ONNX model without reading external data into memory.
+
+    Raises :class:`ModelLoadError` with a one-line reason for any unreadable input.
+    """
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"model file not found: {path}")
+    if path.is_dir():
+        raise ModelLoadError(f"expected an .onnx file, got a directory: {path}")
+    if path.stat().st_size == 0:
+        raise ModelLoadError(f"model file is empty: {path}")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises DecodeError and friends
+        raise ModelLoadError(f"not a valid ONNX protobuf file: {path} ({type(exc).__name__})") from None
+    if not proto.HasField("graph") or proto.ir_version == 0:
+        raise ModelLoadError(f"not a valid ONNX model (no graph or IR version): {path}")
+    if proto.ir_version > onnx.IR_VERSION:
+        raise ModelLoadError(
+            f"model IR version {proto.ir_version} is newer than this onnx ({onnx.IR_VERSION}) supports: {path}"
+        )
+    _check_external_files(proto.graph, path.parent)
+    sparse_names = _densify_sparse_initializers(proto.graph)
+    try:
+        model = ir.serde.deserialize_model(proto)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot read model {path}: {exc}") from None
+    ir.external_data.set_base_dir(model.graph, str(path.parent))
+    for name in sparse_names:
+        model.graph.initializers[name].meta[SPARSE_META_KEY] = True
+    if lift_constants:
+        normalize(model)
+    return model
+
+
+def normalize(model: ir.Model) -> ir.Model:
+    """Lift weights held in Constant nodes to initializers (main graph and subgraphs), in place."""
+    LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=16)(model)
+    return model
+
+
+def save(
+    model: ir.Model,
+    path: str | os.PathLike,
+    *,
+    external_data: bool | None = None,
+    external_threshold: int = TWO_GB,
+) -> pathlib.Path:
+    """Atomically save ``model``; external data (``<name>.data``) when asked or over ``external_threshold``.
+
+    The model object is not modified. Raises :class:`ModelSaveError`; the target is then untouched.
+    """
+    path = pathlib.Path(path)
+    directory = path.parent if str(path.parent) else pathlib.Path(".")
+    if not directory.is_dir():
+        raise ModelSaveError(f"output directory does not exist: {directory}")
+    if not os.access(directory, os.W_OK):
+        raise ModelSaveError(f"output directory is not writable: {directory}")
+    if external_data is None:
+        external_data = tensor_bytes(model) >= external_threshold
+    data_name = path.name + ".data"
+    ir_version = model.ir_version
+    model.ir_version = min(ir_version or MAX_IR_VERSION, MAX_IR_VERSION) if _max_opset(model) <= 22 else 11
+    tmp_dir = tempfile.mkdtemp(prefix=".onnxopt-", dir=directory)
+    try:
+        tmp_model = pathlib.Path(tmp_dir) / path.name
+        sparse = _sparse_flagged(model)
+        if sparse:
+            proto = ir.to_proto(model)
+            _sparsify_initializers(proto.graph, sparse)
+            onnx.save(
+                proto,
+                str(tmp_model),
+                save_as_external_data=external_data,
+                location=data_name,
+                size_threshold=1024,
+            )
+        else:
+            ir.save(model, tmp_model, external_data=data_name if external_data else None, size_threshold_bytes=1024)
+        if external_data and (pathlib.Path(tmp_dir) / data_name).exists():
+            os.replace(pathlib.Path(tmp_dir) / data_name, directory / data_name)
+        os.replace(tmp_model, path)
+    except OSError as exc:
+        raise ModelSaveError(f"cannot write {path}: {exc.strerror or exc}") from None
+    finally:
+        model.ir_version = ir_version
+        with contextlib.suppress(OSError):
+            for leftover in pathlib.Path(tmp_dir).iterdir():
+                leftover.unlink()
+            os.rmdir(tmp_dir)
+    return path
+
+
+def to_bytes(model: ir.Model) -> bytes:
+    """Serialize a model under 2 GB (external tensors are read) for onnxruntime or onnx.checker."""
+    ir_version = model.ir_version
+    model.ir_version = min(ir_version or MAX_IR_VERSION, MAX_IR_VERSION) if _max_opset(model) <= 22 else 11
+    try:
+        proto = ir.to_proto(model)
+    finally:
+        model.ir_version = ir_version
+    _sparsify_initializers(proto.graph, _sparse_flagged(model))
+    _inline_external(proto, model)
+    return proto.SerializeToString()
+
+
+def tensor_bytes(model: ir.Model) -> int:
+    """Bytes held by initializers of all graphs (the bulk of a model's file size)."""
+    total = 0
+    for graph in (model.graph, *model.graph.subgraphs()):
+        for value in graph.initializers.values():
+            if value.const_value is not None:
+                total += value.const_value.nbytes
+    return total
+
+
+def _max_opset(model: ir.Model) -> int:
+    return model.opset_imports.get("", 0)
+
+
+def _check_external_files(graph: onnx.GraphProto, base: pathlib.Path) -> None:
+    for tensor in _all_initializer_protos(graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), None)
+        if location is None or not (base / location).is_file():
+            raise ModelLoadError(f"external data file for tensor '{tensor.name}' not found: {base / str(location)}")
+
+
+def _all_initializer_protos(graph: onnx.GraphProto):
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _all_initializer_protos(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _all_initializer_protos(g)
+
+
+def _densify_sparse_initializers(graph: onnx.GraphProto) -> list[str]:
+    """onnx_ir drops ``sparse_initializer``: turn them into dense initializers before deserializing."""
+    names = []
+    for sparse in list(graph.sparse_initializer):
+        dense = _sparse_to_dense(sparse)
+        graph.initializer.append(dense)
+        names.append(dense.name)
+    del graph.sparse_initializer[:]
+    return names
+
+
+def _sparse_to_dense(sparse: onnx.SparseTensorProto) -> onnx.TensorProto:
+    values = onnx.numpy_helper.to_array(sparse.values)
+    indices = onnx.numpy_helper.to_array(sparse.indices).astype(np.int64)
+    dims = tuple(sparse.dims)
+    dense = np.zeros(int(np.prod(dims)), dtype=values.dtype)
+    if indices.ndim == 2:  # coordinate list (NNZ, rank)
+        indices = np.ravel_multi_index(tuple(indices.T), dims)
+    dense[indices] = values
+    return onnx.numpy_helper.from_array(dense.reshape(dims), sparse.values.name)
+
+
+def _sparse_flagged(model: ir.Model) -> set[str]:
+    return {name for name, v in model.graph.initializers.items() if v.meta.get(SPARSE_META_KEY)}
+
+
+def _sparsify_initializers(graph: onnx.GraphProto, names: set[str]) -> None:
+    if not names:
+        return
+    keep = []
+    for tensor in graph.initializer:
+        if tensor.name not in names:
+            keep.append(tensor)
+            continue
+        dense = onnx.numpy_helper.to_array(tensor)
+        flat = dense.reshape(-1)
+        (nz,) = np.nonzero(flat)
+        values = onnx.numpy_helper.from_array(flat[nz], tensor.name)
+        indices = onnx.numpy_helper.from_array(nz.astype(np.int64), tensor.name + "__indices")
+        graph.sparse_initializer.append(onnx.helper.make_sparse_tensor(values, indices, dense.shape))
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+
+
+def _inline_external(proto: onnx.ModelProto, model: ir.Model) -> None:
+    """Replace external-data references in ``proto`` by raw data read through the IR's lazy tensors."""
+    tensors = {}
+    for graph in (model.graph, *model.graph.subgraphs()):
+        for name, value in graph.initializers.items():
+            if isinstance(value.const_value, ir.ExternalTensor):
+                tensors[name] = value.const_value
+    if not tensors:
+        return
+    for tensor in _all_initializer_protos(proto.graph):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL and tensor.name in tensors:
+            tensor.raw_data = tensors[tensor.name].tobytes()
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]

@@ -1,0 +1,216 @@
+"""Pipelines of registered passes: parsing (CLI specs, recipe files), checked execution, reports.
+
+After each pass the model is checked structurally (onnx checker + shape inference) and, unless
+disabled, numerically against the model before the pass with onnxruntime on the user's data (or
+synthesized inputs). A lossless pass that changes outputs beyond tolerance fails; ``on_error`` then
+either stops (naming the pass and the first diverging value) or rolls the pass back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import time
+import tomllib
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import onnx
+import onnx_ir as ir
+
+from onnxopt import calibration, io, registry, stats, validate
+from onnxopt.errors import OnnxoptError, PassFailedError, PassOptionError
+from onnxopt.filters import NodeFilter
+
+
+@dataclasses.dataclass
+class PassSpec:
+    """A pass by registered name with its options and an optional node filter."""
+
+    name: str
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    node_filter: NodeFilter | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> PassSpec:
+        """Parse ``name[:key=value,key=value]`` (list values joined with ``+``)."""
+        name, _, rest = text.partition(":")
+        options = {}
+        for item in filter(None, (s.strip() for s in rest.split(","))):
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise PassOptionError(f"bad option '{item}' in '{text}': expected key=value")
+            options[key.strip()] = value.strip()
+        return cls(name.strip(), options)
+
+    def create(self, data: calibration.Dataset | None = None) -> ir.passes.PassBase:
+        return registry.get(self.name).create(self.options, data=data, node_filter=self.node_filter)
+
+
+def load_recipe(path: str | pathlib.Path) -> list[PassSpec]:
+    """Read a YAML or TOML recipe: a list ``passes`` of {name, options, op_types, name_regex, exclude}."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise PassOptionError(f"recipe file not found: {path}")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            content = tomllib.loads(text)
+        else:
+            import yaml
+
+            content = yaml.safe_load(text)
+    except Exception as exc:
+        raise PassOptionError(f"cannot parse recipe {path}: {str(exc).splitlines()[0]}") from None
+    entries = content.get("passes") if isinstance(content, dict) else None
+    if not isinstance(entries, list) or not entries:
+        raise PassOptionError(f"recipe {path} must contain a non-empty list 'passes'")
+    specs = []
+    for entry in entries:
+        if isinstance(entry, str):
+            specs.append(PassSpec.parse(entry))
+            continue
+        if not isinstance(entry, dict) or "name" not in entry:
+            raise PassOptionError(f"recipe {path}: each pass needs a 'name' (got {entry!r})")
+        unknown = set(entry) - {"name", "options", "op_types", "name_regex", "exclude"}
+        if unknown:
+            raise PassOptionError(f"recipe {path}: unknown keys {sorted(unknown)} in pass '{entry['name']}'")
+        filt = NodeFilter.from_mapping(entry) if {"op_types", "name_regex", "exclude"} & set(entry) else None
+        specs.append(PassSpec(entry["name"], dict(entry.get("options") or {}), filt))
+    return specs
+
+
+@dataclasses.dataclass
+class PassRecord:
+    name: str
+    status: Literal["ok", "rolled back", "failed"]
+    seconds: float
+    nodes: tuple[int, int]
+    parameters: tuple[int, int]
+    tensor_bytes: tuple[int, int]
+    op_delta: dict[str, int]
+    errors: list[validate.OutputError]
+    message: str = ""
+    details: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class Report:
+    records: list[PassRecord] = dataclasses.field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps({"passes": [dataclasses.asdict(r) for r in self.records]}, indent=2, default=str)
+
+    def to_markdown(self) -> str:
+        lines = [
+            "| pass | status | time (s) | nodes | parameters | tensor bytes | max abs err | max rel err | cosine |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in self.records:
+            worst = max(r.errors, key=lambda e: e.max_rel, default=None)
+            err = (
+                (f"{worst.max_abs:.3g}", f"{worst.max_rel:.3g}", f"{min(e.cosine for e in r.errors):.6f}")
+                if worst
+                else ("-", "-", "-")
+            )
+            lines.append(
+                f"| {r.name} | {r.status} | {r.seconds:.2f} | {r.nodes[0]} → {r.nodes[1]} | "
+                f"{r.parameters[0]} → {r.parameters[1]} | {stats.human_bytes(r.tensor_bytes[0])} → "
+                f"{stats.human_bytes(r.tensor_bytes[1])} | {err[0]} | {err[1]} | {err[2]} |"
+            )
+        for r in self.records:
+            if r.op_delta or r.message or r.details:
+                lines.append(f"\n**{r.name}**: {r.message}")
+                if r.op_delta:
+                    lines.append("op delta: " + ", ".join(f"{k} {v:+d}" for k, v in r.op_delta.items()))
+                for key, value in r.details.items():
+                    lines.append(f"- {key}: {value}")
+        return "\n".join(lines) + "\n"
+
+
+def structural_check(model: ir.Model) -> None:
+    """onnx checker and strict shape inference; raises ValueError with the first problem."""
+    if io.tensor_bytes(model) >= 1_800_000_000:
+        return  # the checker needs a single proto under 2 GB; onnxruntime still validates at load
+    proto = onnx.load_from_string(io.to_bytes(model))
+    try:
+        onnx.checker.check_model(proto)
+        onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
+    except Exception as exc:
+        raise ValueError(str(exc).strip().splitlines()[0][:300]) from None
+
+
+def run_pipeline(
+    model: ir.Model,
+    passes: Sequence[PassSpec | str | ir.passes.PassBase],
+    data: calibration.Dataset | None = None,
+    *,
+    check: bool = True,
+    numeric_check: bool = True,
+    on_error: Literal["stop", "skip"] = "stop",
+    rtol: float = 1e-4,
+    atol: float = 1e-5,
+    on_record: Callable[[PassRecord], None] | None = None,
+) -> tuple[ir.Model, Report]:
+    """Run ``passes`` in order on ``model`` (modified in place where passes are in place).
+
+    Returns the final model and a :class:`Report`. Raises :class:`PassFailedError` when a pass breaks
+    the model and ``on_error == "stop"``.
+    """
+    specs = [PassSpec.parse(p) if isinstance(p, str) else p for p in passes]
+    instances = [(s.name, s.create(data), registry.get(s.name).lossless) if isinstance(s, PassSpec) else
+                 (type(s).__name__, s, False) for s in specs]
+    feeds = validate.feeds_for(model, data) if numeric_check else []
+    previous_outputs = _outputs(model, feeds) if numeric_check else {}
+    report = Report()
+    for name, instance, lossless in instances:
+        before = stats.model_stats(model)
+        snapshot = model.clone() if (numeric_check or on_error == "skip") else None
+        start = time.perf_counter()
+        status, message, errors = "ok", "", []
+        try:
+            model = instance(model).model
+            if check:
+                structural_check(model)
+            if numeric_check:
+                outputs = _outputs(model, feeds)
+                errors = validate.compare_outputs(previous_outputs, outputs)
+                bad = [e for e in errors if not e.within(rtol, atol)]
+                if lossless and bad:
+                    where = validate.first_divergence(snapshot, model, feeds[0], rtol, atol)
+                    raise ValueError(
+                        f"output '{bad[0].name}' changed by {bad[0].max_abs:.3g} (rel {bad[0].max_rel:.3g})"
+                        + (f"; first diverging value: '{where}'" if where else "")
+                    )
+                previous_outputs = outputs
+        except OnnxoptError:
+            raise
+        except Exception as exc:  # a broken pass result: roll back or stop
+            message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            if on_error == "stop" or snapshot is None:
+                raise PassFailedError(name, message) from exc
+            model, status = snapshot, "rolled back"
+        after = stats.model_stats(model)
+        record = PassRecord(
+            name,
+            status,
+            time.perf_counter() - start,
+            (before.nodes, after.nodes),
+            (before.parameters, after.parameters),
+            (before.tensor_bytes, after.tensor_bytes),
+            stats.histogram_delta(before.op_histogram, after.op_histogram),
+            errors,
+            message,
+            dict(getattr(instance, "details", {}) or {}),
+        )
+        report.records.append(record)
+        if on_record:
+            on_record(record)
+    return model, report
+
+
+def _outputs(model: ir.Model, feeds) -> dict:
+    from onnxopt import runtime
+
+    return validate.run_all(runtime.session(model), feeds)

@@ -1,0 +1,207 @@
+"""The one helper every weight-rewriting pass uses to find, read and replace weights.
+
+:func:`scan_weights` walks all graphs (subgraphs of If/Loop/Scan included) and yields a
+:class:`WeightUse` per (consumer node, constant weight input) — weights held as initializers or as
+``Constant`` nodes alike — and records why others were skipped (already quantized, non-constant,
+unsupported layout). ``WeightUse.matrix()`` gives the weight as the (K, N) matrix of ``y = x @ W``
+whatever the op (MatMul, Gemm with transB, Conv by its GEMM view, Gather of embeddings);
+:func:`set_weight` puts a new array in place without disturbing other consumers of a shared tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import onnx_ir as ir
+
+# Input index holding the weight, per op type.
+WEIGHT_INPUT = {"MatMul": 1, "Gemm": 1, "Conv": 1, "Gather": 0}
+QUANTIZED_OPS = {
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "QLinearMatMul",
+    "QLinearConv",
+    "MatMulInteger",
+    "ConvInteger",
+    "MatMulNBits",
+    "GatherBlockQuantized",
+    "DynamicQuantizeMatMul",
+    "MatMulIntegerToFloat",
+    "QGemm",
+}
+FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
+
+
+@dataclasses.dataclass
+class WeightUse:
+    """A constant weight consumed by ``node`` at input ``index``."""
+
+    node: ir.Node
+    index: int
+
+    @property
+    def value(self) -> ir.Value:
+        return self.node.inputs[self.index]
+
+    @property
+    def graph(self) -> ir.Graph:
+        return self.node.graph
+
+    @property
+    def activation(self) -> ir.Value | None:
+        """The non-constant input multiplied with the weight (None for Gather)."""
+        return None if self.node.op_type == "Gather" else self.node.inputs[0]
+
+    @property
+    def shared(self) -> bool:
+        return len(self.value.uses()) > 1
+
+    def array(self) -> np.ndarray:
+        return constant_array(self.value)
+
+    def matrix(self) -> np.ndarray:
+        """The weight as a float32 (K, N) matrix of ``y = x @ W``."""
+        w = self.array().astype(np.float32)
+        op = self.node.op_type
+        if op == "Gemm" and _attr(self.node, "transB", 0):
+            return np.ascontiguousarray(w.T)
+        if op == "Conv":
+            return np.ascontiguousarray(w.reshape(w.shape[0], -1).T)
+        return w
+
+    def from_matrix(self, matrix: np.ndarray) -> np.ndarray:
+        """Inverse of :meth:`matrix`: back to the op's own layout and the weight's dtype."""
+        original = self.array()
+        op = self.node.op_type
+        if op == "Gemm" and _attr(self.node, "transB", 0):
+            matrix = matrix.T
+        elif op == "Conv":
+            matrix = matrix.T.reshape(original.shape)
+        return np.ascontiguousarray(matrix, dtype=original.dtype)
+
+    @property
+    def label(self) -> str:
+        return self.node.name or f"{self.node.op_type}({self.value.name})"
+
+
+@dataclasses.dataclass
+class WeightScan:
+    uses: list[WeightUse]
+    skipped: list[tuple[str, str]]  # (node label, reason)
+
+
+def scan_weights(
+    model: ir.Model | ir.Graph,
+    op_types: Iterable[str] = ("MatMul", "Gemm"),
+    node_filter: Callable[[ir.Node], bool] | None = None,
+    min_elements: int = 1,
+) -> WeightScan:
+    """Find the constant 2-D (or Conv 4-D) float weights of ``op_types`` nodes, in all graphs."""
+    graph = model.graph if isinstance(model, ir.Model) else model
+    op_types = set(op_types)
+    uses, skipped = [], []
+    for node in ir.traversal.RecursiveGraphIterator(graph):
+        if node.op_type not in op_types or node.domain not in ("", "ai.onnx"):
+            continue
+        if node_filter is not None and not node_filter(node):
+            continue
+        use = WeightUse(node, WEIGHT_INPUT[node.op_type])
+        reason = _unsupported_reason(use)
+        if reason is None and use.array().size < min_elements:
+            reason = f"smaller than {min_elements} elements"
+        if reason:
+            skipped.append((use.label if len(node.inputs) > use.index else node.name, reason))
+        else:
+            uses.append(use)
+    return WeightScan(uses, skipped)
+
+
+def _unsupported_reason(use: WeightUse) -> str | None:
+    node = use.node
+    if len(node.inputs) <= use.index or node.inputs[use.index] is None:
+        return "no weight input"
+    value = use.value
+    producer = value.producer()
+    if producer is not None and producer.op_type in QUANTIZED_OPS:
+        return "already quantized"
+    if constant_tensor(value) is None:
+        return "weight is not a constant"
+    if value.dtype not in FLOAT_TYPES:
+        return f"weight dtype {value.dtype} is not float"
+    act = use.activation
+    if act is not None and constant_tensor(act) is not None:
+        return "both inputs are constant"
+    rank = len(constant_tensor(value).shape)
+    expected = 4 if node.op_type == "Conv" else 2
+    if node.op_type == "Conv" and _attr(node, "group", 1) != 1:
+        return "grouped convolution"
+    if node.op_type == "Gemm" and _attr(node, "transA", 0):
+        return "Gemm with transA"
+    if node.op_type == "Gather" and _attr(node, "axis", 0) != 0:
+        return "Gather on an axis other than 0"
+    if rank != expected:
+        return f"weight of rank {rank}"
+    return None
+
+
+def constant_tensor(value: ir.Value | None) -> ir.TensorProtocol | None:
+    """The tensor of an initializer or Constant-node output; None if not constant."""
+    if value is None:
+        return None
+    if value.const_value is not None:
+        return value.const_value
+    return ir.convenience.get_const_tensor(value)
+
+
+def constant_array(value: ir.Value) -> np.ndarray:
+    tensor = constant_tensor(value)
+    if tensor is None:
+        raise ValueError(f"value '{value.name}' is not constant")
+    return tensor.numpy()
+
+
+def new_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """Register ``array`` as an initializer of ``graph`` under a name unique in that graph."""
+    unique, n = name, 1
+    taken = _names_in(graph)
+    while unique in taken:
+        unique, n = f"{name}_{n}", n + 1
+    tensor = ir.tensor(np.ascontiguousarray(array), name=unique)
+    value = ir.Value(name=unique, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
+    graph.register_initializer(value)
+    return value
+
+
+def set_weight(use: WeightUse, array: np.ndarray, suffix: str) -> ir.Value:
+    """Replace the weight of ``use`` with ``array``; other consumers of a shared weight keep theirs."""
+    old = use.value
+    new = new_initializer(use.graph, f"{old.name}_{suffix}", array)
+    use.node.replace_input_with(use.index, new)
+    drop_if_unused(old)
+    return new
+
+
+def drop_if_unused(value: ir.Value) -> None:
+    """Remove an initializer (or the Constant node producing it) that nothing consumes any more."""
+    if value.uses() or value.is_graph_output():
+        return
+    producer = value.producer()
+    if producer is not None and producer.op_type == "Constant":
+        producer.graph.remove(producer, safe=True)
+    elif value.is_initializer() and value.graph is not None:
+        value.graph.initializers.pop(value.name, None)
+
+
+def _names_in(graph: ir.Graph) -> set[str]:
+    names = set(graph.initializers)
+    for node in ir.traversal.RecursiveGraphIterator(graph):
+        names.update(v.name for v in node.outputs if v.name)
+    names.update(v.name for v in graph.inputs if v.name)
+    return names
+
+
+def _attr(node: ir.Node, name: str, default):
+    attr = node.attributes.get(name)
+    return default if attr is None else attr.value

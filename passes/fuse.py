@@ -1,0 +1,61 @@
+"""``fuse``: lossless operator fusion with onnxscript rewrite rules.
+
+Conv/ConvTranspose/Gemm + BatchNormalization folding, optional MatMul+Add -> Gemm, and, for the
+onnxruntime target, the transformer fusions of onnxscript's ORT rule sets (LayerNorm and
+SkipLayerNorm, GELU/BiasGelu, attention) into ``com.microsoft`` contrib ops.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import onnx_ir as ir
+from onnxscript import rewriter
+from onnxscript.rewriter.rules import common as rules
+from onnxscript.rewriter.rules.fusion import _layer_norm
+
+from onnxopt.registry import register
+
+
+@register("fuse", lossless=True)
+class FusePass(ir.passes.InPlacePass):
+    """Fold BatchNorm into Conv/Gemm, fuse LayerNorm, GELU and attention patterns.
+
+    Args:
+        target: ``ort`` adds onnxruntime contrib-op fusions (Gelu, SkipLayerNormalization, attention);
+            ``onnx`` keeps standard ONNX ops only.
+        matmul_add_to_gemm: Also turn 2-D MatMul + bias Add into Gemm.
+        layer_norm: Fuse ReduceMean/Sub/Pow/Sqrt/Div chains into LayerNormalization (opset >= 17).
+    """
+
+    def __init__(self, target: Literal["ort", "onnx"] = "ort", matmul_add_to_gemm: bool = False, layer_norm: bool = True):
+        super().__init__()
+        self.target = target
+        self.matmul_add_to_gemm = matmul_add_to_gemm
+        self.layer_norm = layer_norm
+        self.details: dict[str, int] = {}
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        counts = {}
+        ruleset = [
+            rules.fuse_batchnorm_into_conv_rule,
+            rules.fuse_batchnorm_into_conv_transpose_rule,
+            rules.fuse_batchnorm_into_gemm_rule,
+        ]
+        if self.matmul_add_to_gemm:
+            ruleset += [
+                rules.matmul_add_to_gemm_rule,
+                rules.transpose_a_matmul_add_to_gemm_rule,
+                rules.transpose_b_matmul_add_to_gemm_rule,
+                rules.transpose_ab_matmul_add_to_gemm_rule,
+            ]
+        counts["batchnorm/gemm"] = rewriter.RewriteRuleSet(ruleset).apply_to_model(model)
+        if self.layer_norm and model.opset_imports.get("", 0) >= 17:
+            counts["layer_norm"] = _layer_norm.fuse_layer_normalization(model)
+        if self.target == "ort":
+            from onnxscript.rewriter import ort_fusions
+
+            _, fused = ort_fusions.optimize_for_ort(model)
+            counts.update({k: v for k, v in fused.items() if v})
+        self.details = {k: v for k, v in counts.items() if v}
+        return ir.passes.PassResult(model, any(counts.values()))
