@@ -180,17 +180,27 @@ def capture(
 
     Returns the number of batches run. Memory holds one batch at a time.
     """
+    return capture_many([(model, names)], feeds, lambda outs: on_batch(outs[0]), threads)
+
+
+def capture_many(
+    specs: Sequence[tuple[ir.Model, Sequence[str]]],
+    feeds: Iterator[dict[str, np.ndarray]],
+    on_batch: Callable[[list[dict[str, np.ndarray]]], None],
+    threads: int | None = None,
+) -> int:
+    """Like :func:`capture` for several models run in lockstep on the same feeds (rows stay aligned)."""
     from onnxopt import runtime
 
-    names = list(dict.fromkeys(names))
-    with _model_with_outputs(model, names):
-        session = runtime.session(model, threads=threads, optimize=False)
+    sessions = []
+    for model, names in specs:
+        names = list(dict.fromkeys(names))
+        with _model_with_outputs(model, names):
+            sessions.append((runtime.session(model, threads=threads, optimize=False), names))
     count = 0
     for feed in feeds:
-        outputs = session.run(names, feed)
-        on_batch(dict(zip(names, outputs)))
+        on_batch([dict(zip(names, sess.run(names, feed))) for sess, names in sessions])
         count += 1
     if count == 0:
         raise DataError("no data: the calibration set is empty")
     return count
-
