@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 
-from models import evaluate
-from models._onnx import DATA_DIR, PKG_DIR
+# `models/` is a repo-root package, not part of the installed onnxopt wheel; plain `pytest`
+# (unlike `python -m pytest`) does not put the repo root on sys.path.
+_ROOT = str(Path(__file__).resolve().parents[1])
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+from models import evaluate  # noqa: E402
+from models._onnx import DATA_DIR, PKG_DIR  # noqa: E402
 
 MODELS = {
     "mlp.onnx": {"input": (3, 64)},
