@@ -133,6 +133,10 @@ def structural_check(model: ir.Model) -> None:
     """onnx checker and strict shape inference; raises ValueError with the first problem."""
     if io.tensor_bytes(model) >= 1_800_000_000:
         return  # the checker needs a single proto under 2 GB; onnxruntime still validates at load
+    if "ai.onnxopt" in model.opset_imports:
+        from onnxopt import ops  # registers the custom ops' schemas with onnx
+
+        ops.register_schemas()
     proto = onnx.load_from_string(io.to_bytes(model))
     try:
         onnx.checker.check_model(proto)
