@@ -1,0 +1,454 @@
+// AVX-512 level (F, BW, VL, DQ, VNNI, VPOPCNTDQ, F16C): hand-written kernels.
+// Compiled with -mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512vnni -mavx512vpopcntdq
+// -mf16c -mfma; only called after cpuid says the CPU has all of these.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "kernels.h"
+
+namespace onnxopt {
+namespace isa_avx512 {
+#include "kernels_generic.inc"
+
+static inline __mmask16 tail16(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u); }
+
+// ---------------------------------------------------------------- Binary
+// LUT entry i of group g = sum_j (bit j of i ? +x[4g+j] : -x[4g+j]).
+static void binary_lut(const float* x, int64_t K, int64_t KW, float* lut) {
+  __m512 S[4];
+  for (int j = 0; j < 4; ++j) {
+    alignas(64) float s[16];
+    for (int i = 0; i < 16; ++i) s[i] = ((i >> j) & 1) ? 1.0f : -1.0f;
+    S[j] = _mm512_load_ps(s);
+  }
+  const int64_t G = KW * 8;
+  const int64_t Gfull = K / 4;
+  for (int64_t g = 0; g < G; ++g) {
+    float x0, x1, x2, x3;
+    if (g < Gfull) {
+      x0 = x[4 * g]; x1 = x[4 * g + 1]; x2 = x[4 * g + 2]; x3 = x[4 * g + 3];
+    } else {
+      const int64_t k = 4 * g;
+      x0 = k < K ? x[k] : 0.f; x1 = k + 1 < K ? x[k + 1] : 0.f;
+      x2 = k + 2 < K ? x[k + 2] : 0.f; x3 = k + 3 < K ? x[k + 3] : 0.f;
+    }
+    __m512 v = _mm512_mul_ps(_mm512_set1_ps(x0), S[0]);
+    __m512 u = _mm512_mul_ps(_mm512_set1_ps(x2), S[2]);
+    v = _mm512_fmadd_ps(_mm512_set1_ps(x1), S[1], v);
+    u = _mm512_fmadd_ps(_mm512_set1_ps(x3), S[3], u);
+    _mm512_storeu_ps(lut + g * 16, _mm512_add_ps(v, u));
+  }
+}
+
+// RT rows x CB column blocks of 16. Per 32-bit word: 8 nibble lookups (vpermps) per row.
+template <int RT, int CB>
+static inline void binary_tile(const BinaryParams& p, int64_t m, int64_t cb) {
+  const int64_t G16 = p.KW * 8 * 16;
+  __m512 acc[RT][CB];
+  for (int r = 0; r < RT; ++r)
+    for (int c = 0; c < CB; ++c) acc[r][c] = _mm512_setzero_ps();
+  const uint32_t* wb[CB];
+  for (int c = 0; c < CB; ++c) wb[c] = p.bits + (cb + c) * p.KW * 16;
+  const float* lut[RT];
+  for (int r = 0; r < RT; ++r) lut[r] = p.lut + (m + r) * G16;
+  for (int64_t w = 0; w < p.KW; ++w) {
+    __m512i W[CB];
+    for (int c = 0; c < CB; ++c) W[c] = _mm512_loadu_si512(wb[c] + w * 16);
+#pragma GCC unroll 4
+    for (int q = 0; q < 8; q += 2) {
+      __m512i i0[CB], i1[CB];
+      for (int c = 0; c < CB; ++c) {
+        i0[c] = _mm512_srli_epi32(W[c], 4 * q);
+        i1[c] = _mm512_srli_epi32(W[c], 4 * q + 4);
+      }
+      for (int r = 0; r < RT; ++r) {
+        const __m512 L0 = _mm512_loadu_ps(lut[r] + (w * 8 + q) * 16);
+        const __m512 L1 = _mm512_loadu_ps(lut[r] + (w * 8 + q + 1) * 16);
+        for (int c = 0; c < CB; ++c)
+          acc[r][c] = _mm512_add_ps(acc[r][c], _mm512_add_ps(_mm512_permutexvar_ps(i0[c], L0),
+                                                             _mm512_permutexvar_ps(i1[c], L1)));
+      }
+    }
+  }
+  for (int c = 0; c < CB; ++c) {
+    const int64_t n0 = (cb + c) * 16;
+    const __mmask16 mk = tail16(p.N - n0);
+    const __m512 a = _mm512_maskz_loadu_ps(mk, p.alpha + n0);
+    const __m512 bi = p.bias ? _mm512_maskz_loadu_ps(mk, p.bias + n0) : _mm512_setzero_ps();
+    for (int r = 0; r < RT; ++r)
+      _mm512_mask_storeu_ps(p.y + (m + r) * p.N + n0, mk, _mm512_fmadd_ps(acc[r][c], a, bi));
+  }
+}
+
+template <int RT>
+static inline void binary_rows(const BinaryParams& p, int64_t m, int64_t c0, int64_t c1) {
+  constexpr int CB = RT == 1 ? 4 : 2;
+  int64_t cb = c0;
+  for (; cb + CB <= c1; cb += CB) binary_tile<RT, CB>(p, m, cb);
+  for (; cb < c1; ++cb) binary_tile<RT, 1>(p, m, cb);
+}
+
+static void binary_gemm(const BinaryParams& p, int64_t m0, int64_t m1, int64_t c0, int64_t c1) {
+  // column chunks so that the weight chunk stays in L2 while row tiles stream their LUTs
+  const int64_t chunk = std::max<int64_t>(1, (256 * 1024) / (p.KW * 64));
+  for (int64_t cc = c0; cc < c1; cc += chunk) {
+    const int64_t ce = std::min(c1, cc + chunk);
+    int64_t m = m0;
+    for (; m + 4 <= m1; m += 4) binary_rows<4>(p, m, cc, ce);
+    for (; m + 2 <= m1; m += 2) binary_rows<2>(p, m, cc, ce);
+    for (; m < m1; ++m) binary_rows<1>(p, m, cc, ce);
+  }
+}
+
+// ---------------------------------------------------------------- Xnor
+static void xnor_pack_x(const float* x, int64_t K, int64_t KW, uint64_t* xbits, float* beta) {
+  __m512 s = _mm512_setzero_ps();
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t w = 0; w < KW; ++w) {
+    uint64_t word = 0;
+    for (int j = 0; j < 4; ++j) {
+      const int64_t k = 64 * w + 16 * j;
+      const __mmask16 mk = k < K ? tail16(K - k) : (__mmask16)0;
+      const __m512 v = _mm512_maskz_loadu_ps(mk, x + (k < K ? k : 0));
+      const __mmask16 ge = _mm512_mask_cmp_ps_mask(mk, v, zero, _CMP_GE_OQ);
+      word |= (uint64_t)ge << (16 * j);
+      s = _mm512_add_ps(s, _mm512_abs_ps(v));
+    }
+    xbits[w] = word;
+  }
+  *beta = _mm512_reduce_add_ps(s) / (float)K;
+}
+
+template <int RT, int CB>
+static inline void xnor_tile(const XnorParams& p, int64_t m, int64_t cb) {
+  __m512i acc[RT][CB];
+  for (int r = 0; r < RT; ++r)
+    for (int c = 0; c < CB; ++c) acc[r][c] = _mm512_setzero_si512();
+  const uint64_t* wb[CB];
+  for (int c = 0; c < CB; ++c) wb[c] = p.bits + (cb + c) * p.KW * 8;
+  const uint64_t* xb[RT];
+  for (int r = 0; r < RT; ++r) xb[r] = p.xbits + (m + r) * p.KW;
+  for (int64_t w = 0; w < p.KW; ++w) {
+    __m512i W[CB];
+    for (int c = 0; c < CB; ++c) W[c] = _mm512_loadu_si512(wb[c] + w * 8);
+    for (int r = 0; r < RT; ++r) {
+      const __m512i X = _mm512_set1_epi64((long long)xb[r][w]);
+      for (int c = 0; c < CB; ++c)
+        acc[r][c] = _mm512_add_epi64(acc[r][c], _mm512_popcnt_epi64(_mm512_xor_si512(X, W[c])));
+    }
+  }
+  const __m256 Kf = _mm256_set1_ps((float)p.K);
+  for (int c = 0; c < CB; ++c) {
+    const int64_t n0 = (cb + c) * 8;
+    const int64_t rem = p.N - n0;
+    const __mmask8 mk = rem >= 8 ? (__mmask8)0xFF : (__mmask8)((1u << rem) - 1u);
+    const __m256 a = _mm256_maskz_loadu_ps(mk, p.alpha + n0);
+    const __m256 bi = p.bias ? _mm256_maskz_loadu_ps(mk, p.bias + n0) : _mm256_setzero_ps();
+    for (int r = 0; r < RT; ++r) {
+      const __m256 cnt = _mm512_cvtepi64_ps(acc[r][c]);
+      const __m256 dotv = _mm256_fnmadd_ps(_mm256_set1_ps(2.0f), cnt, Kf);  // K - 2 cnt
+      const __m256 ab = _mm256_mul_ps(a, _mm256_set1_ps(p.beta[m + r]));
+      _mm256_mask_storeu_ps(p.y + (m + r) * p.N + n0, mk, _mm256_fmadd_ps(ab, dotv, bi));
+    }
+  }
+}
+
+template <int RT>
+static inline void xnor_rows(const XnorParams& p, int64_t m, int64_t c0, int64_t c1) {
+  constexpr int CB = RT == 1 ? 4 : 3;
+  int64_t cb = c0;
+  for (; cb + CB <= c1; cb += CB) xnor_tile<RT, CB>(p, m, cb);
+  for (; cb < c1; ++cb) xnor_tile<RT, 1>(p, m, cb);
+}
+
+static void xnor_gemm(const XnorParams& p, int64_t m0, int64_t m1, int64_t c0, int64_t c1) {
+  const int64_t chunk = std::max<int64_t>(3, ((128 * 1024) / (p.KW * 64)) / 3 * 3);
+  for (int64_t cc = c0; cc < c1; cc += chunk) {
+    const int64_t ce = std::min(c1, cc + chunk);
+    int64_t m = m0;
+    for (; m + 4 <= m1; m += 4) xnor_rows<4>(p, m, cc, ce);
+    for (; m < m1; ++m) xnor_rows<1>(p, m, cc, ce);
+  }
+}
+
+// ---------------------------------------------------------------- Sparse
+template <ValType VT>
+static inline __m512 load_vals(const void* v, int64_t j, __mmask16 mk) {
+  if constexpr (VT == ValType::F32) {
+    return _mm512_maskz_loadu_ps(mk, static_cast<const float*>(v) + j);
+  } else if constexpr (VT == ValType::F16) {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, static_cast<const uint16_t*>(v) + j));
+  } else {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mk, static_cast<const int8_t*>(v) + j)));
+  }
+}
+
+// Row path: per column, per K-block segment, 16 entries at a time with vgatherdps.
+template <ValType VT>
+static void sparse_rows_t(const SparseParams& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  const int64_t KP = p.nb * p.kb + 256;
+  for (int64_t m = m0; m < m1; ++m) {
+    const float* xr = p.xpad + m * KP;
+    for (int64_t n = n0; n < n1; ++n) {
+      __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+      const int32_t* bp = p.block_ptr + n * p.nb;
+      for (int64_t b = 0; b < p.nb; ++b) {
+        const int64_t e0 = bp[b], e1 = bp[b + 1];
+        const float* xb = xr + b * p.kb;
+        int64_t j = e0;
+        for (; j + 32 <= e1; j += 32) {
+          const __m512i i0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(p.indices + j)));
+          const __m512i i1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(p.indices + j + 16)));
+          acc0 = _mm512_fmadd_ps(load_vals<VT>(p.values, j, 0xFFFF), _mm512_i32gather_ps(i0, xb, 4), acc0);
+          acc1 = _mm512_fmadd_ps(load_vals<VT>(p.values, j + 16, 0xFFFF), _mm512_i32gather_ps(i1, xb, 4), acc1);
+        }
+        for (; j < e1; j += 16) {
+          const __mmask16 mk = tail16(e1 - j);
+          const __m512i ii = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mk, p.indices + j));
+          const __m512 xv = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mk, ii, xb, 4);
+          acc0 = _mm512_fmadd_ps(load_vals<VT>(p.values, j, mk), xv, acc0);
+        }
+      }
+      p.y[m * p.N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) * p.scales[n] + (p.bias ? p.bias[n] : 0.0f);
+    }
+  }
+}
+
+static void sparse_rows(const SparseParams& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  switch (p.vt) {
+    case ValType::F32: return sparse_rows_t<ValType::F32>(p, m0, m1, n0, n1);
+    case ValType::F16: return sparse_rows_t<ValType::F16>(p, m0, m1, n0, n1);
+    default: return sparse_rows_t<ValType::I8>(p, m0, m1, n0, n1);
+  }
+}
+
+template <ValType VT>
+static inline float scalar_val(const void* v, int64_t j) {
+  if constexpr (VT == ValType::F32) return static_cast<const float*>(v)[j];
+  else if constexpr (VT == ValType::F16) return _cvtsh_ss(static_cast<const uint16_t*>(v)[j]);
+  else return (float)static_cast<const int8_t*>(v)[j];
+}
+
+// Transposed path: X^T rows (16*T floats wide) times broadcast values, T tiles of 16 rows.
+template <ValType VT, int T>
+static inline void sparse_xt_tile(const SparseParams& p, int64_t t, int64_t n) {
+  __m512 a[T], c[T];
+  for (int i = 0; i < T; ++i) a[i] = c[i] = _mm512_setzero_ps();
+  const int32_t* bp = p.block_ptr + n * p.nb;
+  for (int64_t b = 0; b < p.nb; ++b) {
+    const int64_t e0 = bp[b], e1 = bp[b + 1];
+    const float* xb = p.xt + (b * p.kb) * p.Mp + t * 16;
+    int64_t j = e0;
+    for (; j + 2 <= e1; j += 2) {
+      const __m512 v0 = _mm512_set1_ps(scalar_val<VT>(p.values, j));
+      const __m512 v1 = _mm512_set1_ps(scalar_val<VT>(p.values, j + 1));
+      const float* x0 = xb + (int64_t)p.indices[j] * p.Mp;
+      const float* x1 = xb + (int64_t)p.indices[j + 1] * p.Mp;
+      for (int i = 0; i < T; ++i) {
+        a[i] = _mm512_fmadd_ps(v0, _mm512_loadu_ps(x0 + 16 * i), a[i]);
+        c[i] = _mm512_fmadd_ps(v1, _mm512_loadu_ps(x1 + 16 * i), c[i]);
+      }
+    }
+    if (j < e1) {
+      const __m512 v0 = _mm512_set1_ps(scalar_val<VT>(p.values, j));
+      const float* x0 = xb + (int64_t)p.indices[j] * p.Mp;
+      for (int i = 0; i < T; ++i) a[i] = _mm512_fmadd_ps(v0, _mm512_loadu_ps(x0 + 16 * i), a[i]);
+    }
+  }
+  const float sc = p.scales[n];
+  const float bi = p.bias ? p.bias[n] : 0.0f;
+  for (int i = 0; i < T; ++i) {
+    alignas(64) float out[16];
+    _mm512_store_ps(out, _mm512_add_ps(a[i], c[i]));
+    for (int r = 0; r < 16; ++r) {
+      const int64_t m = (t + i) * 16 + r;
+      if (m >= p.M) break;
+      p.y[m * p.N + n] = out[r] * sc + bi;
+    }
+  }
+}
+
+template <ValType VT>
+static void sparse_xt_t(const SparseParams& p, int64_t t0, int64_t t1, int64_t n0, int64_t n1) {
+  for (int64_t t = t0; t < t1;) {
+    const int64_t left = t1 - t;
+    if (left >= 4) {
+      for (int64_t n = n0; n < n1; ++n) sparse_xt_tile<VT, 4>(p, t, n);
+      t += 4;
+    } else if (left >= 2) {
+      for (int64_t n = n0; n < n1; ++n) sparse_xt_tile<VT, 2>(p, t, n);
+      t += 2;
+    } else {
+      for (int64_t n = n0; n < n1; ++n) sparse_xt_tile<VT, 1>(p, t, n);
+      t += 1;
+    }
+  }
+}
+
+static void sparse_xt(const SparseParams& p, int64_t t0, int64_t t1, int64_t n0, int64_t n1) {
+  switch (p.vt) {
+    case ValType::F32: return sparse_xt_t<ValType::F32>(p, t0, t1, n0, n1);
+    case ValType::F16: return sparse_xt_t<ValType::F16>(p, t0, t1, n0, n1);
+    default: return sparse_xt_t<ValType::I8>(p, t0, t1, n0, n1);
+  }
+}
+
+// ---------------------------------------------------------------- Quant
+static void quant_x(const float* x, int64_t K, int64_t bs, int64_t nb, int8_t* xq, float* sx, int32_t* sumx) {
+  const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t k0 = b * bs;
+    __m512 mx = _mm512_setzero_ps();
+    for (int64_t k = k0; k < k0 + bs; k += 16) {
+      const __mmask16 mk = k < K ? tail16(K - k) : (__mmask16)0;
+      const __m512 v = _mm512_maskz_loadu_ps(mk, x + (k < K ? k : 0));
+      mx = _mm512_max_ps(mx, _mm512_and_ps(v, absmask));
+    }
+    const float amax = _mm512_reduce_max_ps(mx);
+    const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    const __m512 vinv = _mm512_set1_ps(inv);
+    __m512i s = _mm512_setzero_si512();
+    for (int64_t k = k0; k < k0 + bs; k += 16) {
+      const __mmask16 mk = k < K ? tail16(K - k) : (__mmask16)0;
+      const __m512 v = _mm512_maskz_loadu_ps(mk, x + (k < K ? k : 0));
+      __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(v, vinv));  // round to nearest even
+      q = _mm512_max_epi32(_mm512_set1_epi32(-127), _mm512_min_epi32(_mm512_set1_epi32(127), q));
+      s = _mm512_add_epi32(s, q);
+      _mm_storeu_si128((__m128i*)(xq + k), _mm512_cvtepi32_epi8(q));
+    }
+    sx[b] = amax / 127.0f;
+    sumx[b] = _mm512_reduce_add_epi32(s);
+  }
+}
+
+// RT rows x CB column blocks of 16; integer dot per K block with vpdpbusd (u8 weights x s8 acts).
+template <int RT, int CB, int BITS, bool F16S, bool ZP>
+static inline void quant_tile(const QuantParams& p, int64_t m, int64_t cb) {
+  const int64_t bs = p.bs, nb = p.nb;
+  const int64_t bpb = bs * 2 * BITS;
+  const int64_t KX = nb * bs;
+  __m512 acc[RT][CB];
+  for (int r = 0; r < RT; ++r)
+    for (int c = 0; c < CB; ++c) acc[r][c] = _mm512_setzero_ps();
+  const __m512i lo4 = _mm512_set1_epi8(0x0F);
+  const int32_t zsym = 1 << (BITS - 1);
+  for (int64_t b = 0; b < nb; ++b) {
+    __m512i d0[RT][CB], d1[RT][CB];
+    for (int r = 0; r < RT; ++r)
+      for (int c = 0; c < CB; ++c) d0[r][c] = d1[r][c] = _mm512_setzero_si512();
+    const uint8_t* wb[CB];
+    for (int c = 0; c < CB; ++c) wb[c] = p.w + ((cb + c) * nb + b) * bpb;
+    const int8_t* xb[RT];
+    for (int r = 0; r < RT; ++r) xb[r] = p.xq + (m + r) * KX + b * bs;
+    if constexpr (BITS == 4) {
+      for (int64_t g = 0; g < bs / 8; ++g) {
+        __m512i lo[CB], hi[CB];
+        for (int c = 0; c < CB; ++c) {
+          const __m512i raw = _mm512_loadu_si512(wb[c] + g * 64);
+          lo[c] = _mm512_and_si512(raw, lo4);
+          hi[c] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), lo4);
+        }
+        for (int r = 0; r < RT; ++r) {
+          int32_t xl, xh;
+          std::memcpy(&xl, xb[r] + 8 * g, 4);
+          std::memcpy(&xh, xb[r] + 8 * g + 4, 4);
+          const __m512i XL = _mm512_set1_epi32(xl), XH = _mm512_set1_epi32(xh);
+          for (int c = 0; c < CB; ++c) {
+            d0[r][c] = _mm512_dpbusd_epi32(d0[r][c], lo[c], XL);
+            d1[r][c] = _mm512_dpbusd_epi32(d1[r][c], hi[c], XH);
+          }
+        }
+      }
+    } else {
+      for (int64_t g = 0; g < bs / 4; g += 2) {
+        __m512i w0[CB], w1[CB];
+        for (int c = 0; c < CB; ++c) {
+          w0[c] = _mm512_loadu_si512(wb[c] + g * 64);
+          w1[c] = _mm512_loadu_si512(wb[c] + g * 64 + 64);
+        }
+        for (int r = 0; r < RT; ++r) {
+          int32_t x0, x1;
+          std::memcpy(&x0, xb[r] + 4 * g, 4);
+          std::memcpy(&x1, xb[r] + 4 * g + 4, 4);
+          const __m512i X0 = _mm512_set1_epi32(x0), X1 = _mm512_set1_epi32(x1);
+          for (int c = 0; c < CB; ++c) {
+            d0[r][c] = _mm512_dpbusd_epi32(d0[r][c], w0[c], X0);
+            d1[r][c] = _mm512_dpbusd_epi32(d1[r][c], w1[c], X1);
+          }
+        }
+      }
+    }
+    for (int c = 0; c < CB; ++c) {
+      const int64_t so = ((cb + c) * nb + b) * 16;
+      __m512 sw;
+      if constexpr (F16S)
+        sw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(static_cast<const uint16_t*>(p.scales) + so)));
+      else
+        sw = _mm512_loadu_ps(static_cast<const float*>(p.scales) + so);
+      __m512 zf;
+      if constexpr (ZP) zf = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(p.zp + so))));
+      for (int r = 0; r < RT; ++r) {
+        const int64_t xo = (m + r) * nb + b;
+        __m512i d = _mm512_add_epi32(d0[r][c], d1[r][c]);
+        __m512 f;
+        if constexpr (ZP) {
+          f = _mm512_fnmadd_ps(zf, _mm512_set1_ps((float)p.sumx[xo]), _mm512_cvtepi32_ps(d));
+        } else {
+          d = _mm512_sub_epi32(d, _mm512_set1_epi32(zsym * p.sumx[xo]));
+          f = _mm512_cvtepi32_ps(d);
+        }
+        acc[r][c] = _mm512_fmadd_ps(_mm512_mul_ps(f, sw), _mm512_set1_ps(p.sx[xo]), acc[r][c]);
+      }
+    }
+  }
+  for (int c = 0; c < CB; ++c) {
+    const int64_t n0 = (cb + c) * 16;
+    const __mmask16 mk = tail16(p.N - n0);
+    const __m512 bi = p.bias ? _mm512_maskz_loadu_ps(mk, p.bias + n0) : _mm512_setzero_ps();
+    for (int r = 0; r < RT; ++r) _mm512_mask_storeu_ps(p.y + (m + r) * p.N + n0, mk, _mm512_add_ps(acc[r][c], bi));
+  }
+}
+
+template <int BITS, bool F16S, bool ZP>
+static void quant_gemm_t(const QuantParams& p, int64_t m0, int64_t m1, int64_t c0, int64_t c1) {
+  // column chunks sized so the chunk's weights stay in L2 while all row tiles pass over it
+  const int64_t bytes_per_cb = p.nb * p.bs * 2 * BITS;
+  const int64_t chunk = std::max<int64_t>(2, (384 * 1024) / bytes_per_cb / 2 * 2);
+  for (int64_t cc = c0; cc < c1; cc += chunk) {
+    const int64_t ce = std::min(c1, cc + chunk);
+    int64_t m = m0;
+    for (; m + 4 <= m1; m += 4) {
+      int64_t cb = cc;
+      for (; cb + 2 <= ce; cb += 2) quant_tile<4, 2, BITS, F16S, ZP>(p, m, cb);
+      for (; cb < ce; ++cb) quant_tile<4, 1, BITS, F16S, ZP>(p, m, cb);
+    }
+    for (; m < m1; ++m) {
+      int64_t cb = cc;
+      for (; cb + 4 <= ce; cb += 4) quant_tile<1, 4, BITS, F16S, ZP>(p, m, cb);
+      for (; cb < ce; ++cb) quant_tile<1, 1, BITS, F16S, ZP>(p, m, cb);
+    }
+  }
+}
+
+static void quant_gemm(const QuantParams& p, int64_t m0, int64_t m1, int64_t c0, int64_t c1) {
+  const bool z = p.zp != nullptr;
+  if (p.bits == 4) {
+    if (p.scales_f16) return z ? quant_gemm_t<4, true, true>(p, m0, m1, c0, c1) : quant_gemm_t<4, true, false>(p, m0, m1, c0, c1);
+    return z ? quant_gemm_t<4, false, true>(p, m0, m1, c0, c1) : quant_gemm_t<4, false, false>(p, m0, m1, c0, c1);
+  }
+  if (p.scales_f16) return z ? quant_gemm_t<8, true, true>(p, m0, m1, c0, c1) : quant_gemm_t<8, true, false>(p, m0, m1, c0, c1);
+  return z ? quant_gemm_t<8, false, true>(p, m0, m1, c0, c1) : quant_gemm_t<8, false, false>(p, m0, m1, c0, c1);
+}
+
+}  // namespace isa_avx512
+
+const KernelTable* GetKernelTableAvx512() {
+  using namespace isa_avx512;
+  static const KernelTable t = {"avx512",    binary_lut, binary_gemm, xnor_pack_x, xnor_gemm,
+                                sparse_rows, sparse_xt,  quant_x,     quant_gemm};
+  return &t;
+}
+}  // namespace onnxopt

@@ -1,0 +1,95 @@
+// onnxopt CPU kernels: per-ISA implementations behind one dispatch table (like MLAS).
+// Layouts are documented in kernels/README.md and onnxopt/ops.py.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+namespace onnxopt {
+
+// ---------------------------------------------------------------- BinaryMatMul
+// bits: uint32 [NB16][KW][16]; lut: per row, KW*8 groups x 16 floats (see binary_lut).
+struct BinaryParams {
+  int64_t M, K, N, KW, NB;    // KW = ceil(K/32), NB = ceil(N/16)
+  const uint32_t* bits;
+  const float* alpha;         // [N]
+  const float* bias;          // [N] or null
+  const float* lut;           // [M][KW*8][16]
+  float* y;                   // [M][N]
+};
+
+// ---------------------------------------------------------------- XnorMatMul
+// bits: uint64 [NB8][KW][8]; xbits: [M][KW] sign bits of X (padding 0), beta: [M].
+struct XnorParams {
+  int64_t M, K, N, KW, NB;    // KW = ceil(K/64), NB = ceil(N/8)
+  const uint64_t* bits;
+  const float* alpha;
+  const float* bias;
+  const uint64_t* xbits;
+  const float* beta;
+  float* y;
+};
+
+// ---------------------------------------------------------------- SparseMatMul
+enum class ValType : int { F32 = 0, F16 = 1, I8 = 2 };
+struct SparseParams {
+  int64_t M, K, N, kb, nb;    // nb = ceil(K/kb)
+  ValType vt;
+  const void* values;
+  const uint8_t* indices;
+  const int32_t* block_ptr;   // [N*nb+1]
+  const float* scales;        // [N]
+  const float* bias;
+  const float* x;             // [M][K] (row path) ; rows are padded? no: see xpad
+  const float* xpad;          // [M][nb*kb] zero padded copy (row path)
+  const float* xt;            // [nb*kb][Mp] transposed, zero padded (GEMM path), Mp = ceil(M/16)*16
+  int64_t Mp;
+  float* y;
+};
+
+// ---------------------------------------------------------------- QuantMatMul
+struct QuantParams {
+  int64_t M, K, N, bits, bs, nb, NB;   // NB = ceil(N/16)
+  const uint8_t* w;                    // [NB][nb][bs*2*bits]
+  const void* scales;                  // [NB][nb][16] float or fp16
+  bool scales_f16;
+  const uint8_t* zp;                   // [NB][nb][16] or null (symmetric: zp = 2^(bits-1))
+  const float* bias;
+  const int8_t* xq;                    // [M][nb*bs]
+  const float* sx;                     // [M][nb] activation scale
+  const int32_t* sumx;                 // [M][nb] sum of xq over the block
+  float* y;
+};
+
+struct KernelTable {
+  const char* name;
+  // Binary: build the per-row LUT from one row of x (K floats) -> KW*8*16 floats.
+  void (*binary_lut)(const float* x, int64_t K, int64_t KW, float* lut);
+  // rows [m0,m1), column blocks of 16 [c0,c1)
+  void (*binary_gemm)(const BinaryParams& p, int64_t m0, int64_t m1, int64_t c0, int64_t c1);
+  // Xnor: binarize one row -> KW words and beta
+  void (*xnor_pack_x)(const float* x, int64_t K, int64_t KW, uint64_t* xbits, float* beta);
+  // rows [m0,m1), column blocks of 8 [c0,c1)
+  void (*xnor_gemm)(const XnorParams& p, int64_t m0, int64_t m1, int64_t c0, int64_t c1);
+  // Sparse, row path (small M): rows [m0,m1), columns [n0,n1)
+  void (*sparse_rows)(const SparseParams& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
+  // Sparse, transposed path (M >= 16): row tiles of 16 [t0,t1), columns [n0,n1)
+  void (*sparse_xt)(const SparseParams& p, int64_t t0, int64_t t1, int64_t n0, int64_t n1);
+  // Quant: quantize one row of x into xq (nb*bs), sx (nb), sumx (nb)
+  void (*quant_x)(const float* x, int64_t K, int64_t bs, int64_t nb, int8_t* xq, float* sx, int32_t* sumx);
+  // rows [m0,m1), column blocks of 16 [c0,c1)
+  void (*quant_gemm)(const QuantParams& p, int64_t m0, int64_t m1, int64_t c0, int64_t c1);
+};
+
+const KernelTable* GetKernelTableScalar();
+const KernelTable* GetKernelTableAvx2();
+const KernelTable* GetKernelTableAvx512();
+
+// Selects the table: env ONNXOPT_ISA (scalar|avx2|avx512) if set and supported (else throws
+// std::runtime_error when it names an unsupported level), otherwise the best supported one.
+const KernelTable* SelectKernelTable();
+bool IsaSupported(const char* name);
+
+// fp16 <-> fp32 (portable)
+float HalfToFloat(uint16_t h);
+
+}  // namespace onnxopt

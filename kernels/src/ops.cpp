@@ -1,0 +1,555 @@
+// onnxruntime custom ops of domain ai.onnxopt: validation, activation preparation, threading.
+// The per-ISA math is in isa_*.cpp behind KernelTable (kernels.h).
+#define ORT_API_MANUAL_INIT
+#include "onnxruntime_cxx_api.h"
+#undef ORT_API_MANUAL_INIT
+
+#include <algorithm>
+#include <cstring>
+#include <exception>
+#include <mutex>
+#include <new>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "kernels.h"
+
+#define ONNXOPT_EXPORT extern "C" __attribute__((visibility("default")))
+
+namespace onnxopt {
+namespace {
+
+constexpr const char* kDomain = "ai.onnxopt";
+
+struct OpError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+template <class... A>
+[[noreturn]] void Fail(const char* op, const A&... a) {
+  std::ostringstream os;
+  os << "ai.onnxopt." << op << ": ";
+  (os << ... << a);
+  throw OpError(os.str());
+}
+
+std::string ShapeStr(const std::vector<int64_t>& s) {
+  std::ostringstream os;
+  os << "(";
+  for (size_t i = 0; i < s.size(); ++i) os << (i ? ", " : "") << s[i];
+  if (s.size() == 1) os << ",";
+  os << ")";
+  return os.str();
+}
+
+const char* TypeName(ONNXTensorElementDataType t) {
+  switch (t) {
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: return "float32";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: return "float16";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8: return "int8";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8: return "uint8";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32: return "int32";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT32: return "uint32";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64: return "int64";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT64: return "uint64";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE: return "float64";
+    default: return "other";
+  }
+}
+
+struct In {
+  bool present = false;
+  ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  std::vector<int64_t> shape;
+  int64_t numel = 0;
+  const void* data = nullptr;
+  template <class T>
+  const T* as() const { return static_cast<const T*>(data); }
+};
+
+In GetIn(const Ort::KernelContext& ctx, size_t i) {
+  In v;
+  if (i >= ctx.GetInputCount()) return v;
+  Ort::ConstValue val = ctx.GetInput(i);
+  if (!val) return v;
+  if (!val.IsTensor()) return v;
+  auto info = val.GetTensorTypeAndShapeInfo();
+  v.present = true;
+  v.type = info.GetElementType();
+  v.shape = info.GetShape();
+  v.numel = (int64_t)info.GetElementCount();
+  v.data = val.GetTensorRawData();
+  if (v.numel > 0 && !v.data) v.present = false;
+  return v;
+}
+
+void Expect(const char* op, const In& v, const char* name, ONNXTensorElementDataType t, const std::vector<int64_t>& shape) {
+  if (!v.present) Fail(op, "input '", name, "' is required");
+  if (v.type != t) Fail(op, "input '", name, "' must be ", TypeName(t), ", got ", TypeName(v.type));
+  if (v.shape != shape)
+    Fail(op, "input '", name, "' must have shape ", ShapeStr(shape), ", got ", ShapeStr(v.shape));
+}
+
+struct XInfo {
+  int64_t M;
+  std::vector<int64_t> out_shape;
+  const float* x;
+};
+
+XInfo CheckX(const char* op, const In& x, int64_t K, int64_t N) {
+  if (!x.present) Fail(op, "input 'X' is required");
+  if (x.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) Fail(op, "input 'X' must be float32, got ", TypeName(x.type));
+  if (x.shape.empty()) Fail(op, "input 'X' must have rank >= 1");
+  if (x.shape.back() != K)
+    Fail(op, "input 'X' has shape ", ShapeStr(x.shape), ": last dimension must equal K=", K);
+  XInfo r;
+  r.M = 1;
+  for (size_t i = 0; i + 1 < x.shape.size(); ++i) r.M *= x.shape[i];
+  r.out_shape.assign(x.shape.begin(), x.shape.end() - 1);
+  r.out_shape.push_back(N);
+  r.x = x.as<float>();
+  return r;
+}
+
+const float* CheckBias(const char* op, const In& b, int64_t N) {
+  if (!b.present) return nullptr;
+  Expect(op, b, "bias", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, {N});
+  return b.as<float>();
+}
+
+int64_t Ceil(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+template <class F>
+void Parallel(const Ort::KernelContext& ctx, int64_t n, F& f) {
+  if (n <= 0) return;
+  if (n == 1) {
+    f((int64_t)0);
+    return;
+  }
+  ctx.ParallelFor([](void* d, size_t i) { (*static_cast<F*>(d))((int64_t)i); }, (size_t)n, 0, &f);
+}
+
+// Splits [0, rows) x [0, cols) into tasks: columns first (weights shared per task), rows split
+// only when there are too few column chunks.
+struct Plan {
+  int64_t rows, cols, rchunk, cchunk, nr, nc;
+  int64_t tasks() const { return nr * nc; }
+  void range(int64_t t, int64_t& r0, int64_t& r1, int64_t& c0, int64_t& c1) const {
+    const int64_t ri = t / nc, ci = t % nc;
+    r0 = ri * rchunk;
+    r1 = std::min(rows, r0 + rchunk);
+    c0 = ci * cchunk;
+    c1 = std::min(cols, c0 + cchunk);
+  }
+};
+
+Plan MakePlan(int64_t rows, int64_t cols, int64_t row_align, int64_t max_col_tasks = 32) {
+  Plan p{rows, cols, rows, 1, 1, 1};
+  p.nc = std::max<int64_t>(1, std::min(cols, max_col_tasks));
+  p.cchunk = Ceil(cols, p.nc);
+  p.nc = Ceil(cols, p.cchunk);
+  if (p.nc < 8 && rows >= 2 * row_align) {
+    const int64_t want = std::min<int64_t>(Ceil(16, p.nc), Ceil(rows, row_align));
+    p.rchunk = Ceil(Ceil(rows, want), row_align) * row_align;
+    p.nr = Ceil(rows, p.rchunk);
+  }
+  return p;
+}
+
+template <class T>
+T* Buf(std::vector<T>& v, size_t n) {
+  if (v.size() < n) v.resize(n);
+  return v.data();
+}
+
+thread_local std::vector<float> tls_f;
+thread_local std::vector<uint64_t> tls_u64;
+thread_local std::vector<float> tls_f2;
+thread_local std::vector<int8_t> tls_i8;
+thread_local std::vector<int32_t> tls_i32;
+
+// ------------------------------------------------------------------ kernels
+
+struct KernelBase {
+  const KernelTable* tbl;
+  int64_t K, N;
+  KernelBase(const OrtKernelInfo* info, const char* op) {
+    Ort::ConstKernelInfo ki(info);
+    tbl = SelectKernelTable();
+    K = GetInt(ki, op, "K", -1);
+    N = GetInt(ki, op, "N", -1);
+    if (K < 1 || N < 1) Fail(op, "attributes K and N are required and must be >= 1 (K=", K, ", N=", N, ")");
+  }
+  static int64_t GetInt(const Ort::ConstKernelInfo& ki, const char* op, const char* name, int64_t def) {
+    int64_t v = def;
+    OrtStatus* st = Ort::GetApi().KernelInfoGetAttribute_int64(ki, name, &v);
+    if (st) {
+      Ort::GetApi().ReleaseStatus(st);
+      return def;
+    }
+    (void)op;
+    return v;
+  }
+};
+
+struct BinaryKernel : KernelBase {
+  static constexpr const char* kName = "BinaryMatMul";
+  explicit BinaryKernel(const OrtKernelInfo* info) : KernelBase(info, kName) {}
+  void Compute(OrtKernelContext* context) {
+    Ort::KernelContext ctx(context);
+    const int64_t KW = Ceil(K, 32), NB = Ceil(N, 16);
+    XInfo xi = CheckX(kName, GetIn(ctx, 0), K, N);
+    In bits = GetIn(ctx, 1), alpha = GetIn(ctx, 2);
+    Expect(kName, bits, "bits", ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT32, {NB, KW, 16});
+    Expect(kName, alpha, "alpha", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, {N});
+    const float* bias = CheckBias(kName, GetIn(ctx, 3), N);
+    auto out = ctx.GetOutput(0, xi.out_shape);
+    float* y = out.GetTensorMutableData<float>();
+    const int64_t M = xi.M;
+    if (M == 0) return;
+    const int64_t G16 = KW * 8 * 16;
+    float* lut = Buf(tls_f, (size_t)(M * G16));
+    auto prep = [&](int64_t i) {
+      const int64_t r0 = i * 8, r1 = std::min(M, r0 + 8);
+      for (int64_t m = r0; m < r1; ++m) tbl->binary_lut(xi.x + m * K, K, KW, lut + m * G16);
+    };
+    Parallel(ctx, Ceil(M, 8), prep);
+    BinaryParams p{M, K, N, KW, NB, bits.as<uint32_t>(), alpha.as<float>(), bias, lut, y};
+    Plan plan = MakePlan(M, NB, 4);
+    auto run = [&](int64_t t) {
+      int64_t r0, r1, c0, c1;
+      plan.range(t, r0, r1, c0, c1);
+      if (r0 < r1 && c0 < c1) tbl->binary_gemm(p, r0, r1, c0, c1);
+    };
+    Parallel(ctx, plan.tasks(), run);
+  }
+};
+
+struct XnorKernel : KernelBase {
+  static constexpr const char* kName = "XnorMatMul";
+  explicit XnorKernel(const OrtKernelInfo* info) : KernelBase(info, kName) {}
+  void Compute(OrtKernelContext* context) {
+    Ort::KernelContext ctx(context);
+    const int64_t KW = Ceil(K, 64), NB = Ceil(N, 8);
+    XInfo xi = CheckX(kName, GetIn(ctx, 0), K, N);
+    In bits = GetIn(ctx, 1), alpha = GetIn(ctx, 2);
+    Expect(kName, bits, "bits", ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT64, {NB, KW, 8});
+    Expect(kName, alpha, "alpha", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, {N});
+    const float* bias = CheckBias(kName, GetIn(ctx, 3), N);
+    auto out = ctx.GetOutput(0, xi.out_shape);
+    float* y = out.GetTensorMutableData<float>();
+    const int64_t M = xi.M;
+    if (M == 0) return;
+    uint64_t* xb = Buf(tls_u64, (size_t)(M * KW));
+    float* beta = Buf(tls_f, (size_t)M);
+    auto prep = [&](int64_t i) {
+      const int64_t r0 = i * 16, r1 = std::min(M, r0 + 16);
+      for (int64_t m = r0; m < r1; ++m) tbl->xnor_pack_x(xi.x + m * K, K, KW, xb + m * KW, beta + m);
+    };
+    Parallel(ctx, Ceil(M, 16), prep);
+    XnorParams p{M, K, N, KW, NB, bits.as<uint64_t>(), alpha.as<float>(), bias, xb, beta, y};
+    Plan plan = MakePlan(M, NB, 4);
+    auto run = [&](int64_t t) {
+      int64_t r0, r1, c0, c1;
+      plan.range(t, r0, r1, c0, c1);
+      if (r0 < r1 && c0 < c1) tbl->xnor_gemm(p, r0, r1, c0, c1);
+    };
+    Parallel(ctx, plan.tasks(), run);
+  }
+};
+
+struct SparseKernel : KernelBase {
+  static constexpr const char* kName = "SparseMatMul";
+  int64_t kb;
+  explicit SparseKernel(const OrtKernelInfo* info) : KernelBase(info, kName) {
+    kb = GetInt(Ort::ConstKernelInfo(info), kName, "k_block", 256);
+    if (kb < 1 || kb > 256) Fail(kName, "attribute k_block must be in [1, 256], got ", kb);
+  }
+  void Compute(OrtKernelContext* context) {
+    Ort::KernelContext ctx(context);
+    const int64_t nb = Ceil(K, kb);
+    XInfo xi = CheckX(kName, GetIn(ctx, 0), K, N);
+    In values = GetIn(ctx, 1), indices = GetIn(ctx, 2), bptr = GetIn(ctx, 3), scales = GetIn(ctx, 4);
+    if (!values.present) Fail(kName, "input 'values' is required");
+    ValType vt;
+    switch (values.type) {
+      case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: vt = ValType::F32; break;
+      case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: vt = ValType::F16; break;
+      case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8: vt = ValType::I8; break;
+      default: Fail(kName, "input 'values' must be float32, float16 or int8, got ", TypeName(values.type));
+    }
+    if (values.shape.size() != 1) Fail(kName, "input 'values' must be 1-D, got shape ", ShapeStr(values.shape));
+    const int64_t nnz = values.numel;
+    Expect(kName, indices, "indices", ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, {nnz});
+    Expect(kName, bptr, "block_ptr", ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32, {N * nb + 1});
+    Expect(kName, scales, "scales", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, {N});
+    const float* bias = CheckBias(kName, GetIn(ctx, 5), N);
+    // block_ptr: 0 = bp[0] <= bp[1] <= ... <= bp[N*nb] = nnz, segments no longer than k_block
+    const int32_t* bp = bptr.as<int32_t>();
+    if (bp[0] != 0) Fail(kName, "block_ptr[0] must be 0, got ", bp[0]);
+    for (int64_t s = 0; s < N * nb; ++s) {
+      const int64_t len = (int64_t)bp[s + 1] - bp[s];
+      if (len < 0 || len > kb)
+        Fail(kName, "block_ptr is not a valid segment table: segment ", s, " (column ", s / nb, ", K block ", s % nb,
+             ") has length ", len, " (must be in [0, k_block=", kb, "])");
+    }
+    if (bp[N * nb] != nnz) Fail(kName, "block_ptr[-1]=", bp[N * nb], " must equal the number of values (", nnz, ")");
+    // indices: < k_block everywhere (checked in full only when k_block < 256: uint8 can't exceed
+    // 255), and < K - (nb-1)*k_block in the last K block.
+    const uint8_t* idx = indices.as<uint8_t>();
+    if (kb < 256) {
+      for (int64_t j = 0; j < nnz; ++j)
+        if (idx[j] >= kb) Fail(kName, "indices[", j, "]=", (int)idx[j], " out of range for k_block=", kb);
+    }
+    const int64_t klast = K - (nb - 1) * kb;
+    if (klast < kb) {
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t s = n * nb + nb - 1;
+        for (int64_t j = bp[s]; j < bp[s + 1]; ++j)
+          if (idx[j] >= klast)
+            Fail(kName, "indices[", j, "]=", (int)idx[j], " (column ", n, ", last K block) is out of range: row ",
+                 (nb - 1) * kb + idx[j], " >= K=", K);
+      }
+    }
+    auto out = ctx.GetOutput(0, xi.out_shape);
+    float* y = out.GetTensorMutableData<float>();
+    const int64_t M = xi.M;
+    if (M == 0) return;
+    const int64_t KP = nb * kb + 256;  // padded K so that any uint8 index stays in bounds
+    SparseParams p{M, K, N, kb, nb, vt, values.data, idx, bp, scales.as<float>(), bias, xi.x, nullptr, nullptr, 0, y};
+    if (M < 16) {
+      float* xpad = Buf(tls_f, (size_t)(M * KP));
+      for (int64_t m = 0; m < M; ++m) {
+        std::memcpy(xpad + m * KP, xi.x + m * K, sizeof(float) * K);
+        std::fill(xpad + m * KP + K, xpad + (m + 1) * KP, 0.0f);
+      }
+      p.xpad = xpad;
+      const int64_t ncols = std::max<int64_t>(1, std::min<int64_t>(N, 32));
+      const int64_t chunk = Ceil(N, ncols);
+      auto run = [&](int64_t t) {
+        const int64_t n0 = t * chunk, n1 = std::min(N, n0 + chunk);
+        if (n0 < n1) tbl->sparse_rows(p, 0, M, n0, n1);
+      };
+      Parallel(ctx, Ceil(N, chunk), run);
+    } else {
+      const int64_t Mp = Ceil(M, 16) * 16, T = Mp / 16;
+      float* xt = Buf(tls_f, (size_t)(KP * Mp));
+      auto tr = [&](int64_t i) {  // transpose 64 K rows per task
+        const int64_t k0 = i * 64, k1 = std::min(KP, k0 + 64);
+        for (int64_t k = k0; k < k1; ++k) {
+          float* d = xt + k * Mp;
+          if (k < K) {
+            for (int64_t m = 0; m < M; ++m) d[m] = xi.x[m * K + k];
+            for (int64_t m = M; m < Mp; ++m) d[m] = 0.0f;
+          } else {
+            std::fill(d, d + Mp, 0.0f);
+          }
+        }
+      };
+      Parallel(ctx, Ceil(KP, 64), tr);
+      p.xt = xt;
+      p.Mp = Mp;
+      const int64_t ncols = std::max<int64_t>(1, std::min<int64_t>(N, 64));
+      const int64_t chunk = Ceil(N, ncols);
+      auto run = [&](int64_t t) {
+        const int64_t n0 = t * chunk, n1 = std::min(N, n0 + chunk);
+        if (n0 < n1) tbl->sparse_xt(p, 0, T, n0, n1);
+      };
+      Parallel(ctx, Ceil(N, chunk), run);
+    }
+  }
+};
+
+struct QuantKernel : KernelBase {
+  static constexpr const char* kName = "QuantMatMul";
+  int64_t bits, bs;
+  explicit QuantKernel(const OrtKernelInfo* info) : KernelBase(info, kName) {
+    Ort::ConstKernelInfo ki(info);
+    bits = GetInt(ki, kName, "bits", 4);
+    bs = GetInt(ki, kName, "block_size", 32);
+    if (bits != 4 && bits != 8) Fail(kName, "attribute bits must be 4 or 8, got ", bits);
+    if (bs != 32 && bs != 64 && bs != 128) Fail(kName, "attribute block_size must be 32, 64 or 128, got ", bs);
+  }
+  void Compute(OrtKernelContext* context) {
+    Ort::KernelContext ctx(context);
+    const int64_t nb = Ceil(K, bs), NB = Ceil(N, 16);
+    XInfo xi = CheckX(kName, GetIn(ctx, 0), K, N);
+    In w = GetIn(ctx, 1), sc = GetIn(ctx, 2), zp = GetIn(ctx, 3);
+    Expect(kName, w, "weights", ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, {NB, nb, bs * 2 * bits});
+    if (!sc.present) Fail(kName, "input 'scales' is required");
+    if (sc.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && sc.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16)
+      Fail(kName, "input 'scales' must be float32 or float16, got ", TypeName(sc.type));
+    Expect(kName, sc, "scales", sc.type, {NB, nb, 16});
+    if (zp.present) Expect(kName, zp, "zero_points", ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, {NB, nb, 16});
+    const float* bias = CheckBias(kName, GetIn(ctx, 4), N);
+    auto out = ctx.GetOutput(0, xi.out_shape);
+    float* y = out.GetTensorMutableData<float>();
+    const int64_t M = xi.M;
+    if (M == 0) return;
+    const int64_t KX = nb * bs;
+    int8_t* xq = Buf(tls_i8, (size_t)(M * KX));
+    float* sx = Buf(tls_f, (size_t)(M * nb));
+    int32_t* sumx = Buf(tls_i32, (size_t)(M * nb));
+    auto prep = [&](int64_t i) {
+      const int64_t r0 = i * 8, r1 = std::min(M, r0 + 8);
+      for (int64_t m = r0; m < r1; ++m) tbl->quant_x(xi.x + m * K, K, bs, nb, xq + m * KX, sx + m * nb, sumx + m * nb);
+    };
+    Parallel(ctx, Ceil(M, 8), prep);
+    QuantParams p{M, K, N, bits, bs, nb, NB, w.as<uint8_t>(), sc.data,
+                  sc.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, zp.present ? zp.as<uint8_t>() : nullptr,
+                  bias, xq, sx, sumx, y};
+    Plan plan = MakePlan(M, NB, 4);
+    auto run = [&](int64_t t) {
+      int64_t r0, r1, c0, c1;
+      plan.range(t, r0, r1, c0, c1);
+      if (r0 < r1 && c0 < c1) tbl->quant_gemm(p, r0, r1, c0, c1);
+    };
+    Parallel(ctx, plan.tasks(), run);
+  }
+};
+
+// ------------------------------------------------------------------ ORT op wrappers
+
+template <class Kern>
+struct KernelWrap : Kern {
+  using Kern::Kern;
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    try {
+      this->Compute(context);
+      return nullptr;
+    } catch (const OpError& e) {
+      return Ort::GetApi().CreateStatus(ORT_INVALID_ARGUMENT, e.what());
+    } catch (const Ort::Exception& e) {
+      return Ort::GetApi().CreateStatus(e.GetOrtErrorCode(), (std::string("ai.onnxopt.") + Kern::kName + ": " + e.what()).c_str());
+    } catch (const std::bad_alloc&) {
+      return Ort::GetApi().CreateStatus(ORT_FAIL, (std::string("ai.onnxopt.") + Kern::kName + ": out of memory").c_str());
+    } catch (const std::exception& e) {
+      return Ort::GetApi().CreateStatus(ORT_FAIL, (std::string("ai.onnxopt.") + Kern::kName + ": " + e.what()).c_str());
+    } catch (...) {
+      return Ort::GetApi().CreateStatus(ORT_FAIL, (std::string("ai.onnxopt.") + Kern::kName + ": unknown error").c_str());
+    }
+  }
+};
+
+struct InputSpec {
+  ONNXTensorElementDataType type;
+  bool optional;
+};
+
+template <class Kern>
+struct Op : Ort::CustomOpBase<Op<Kern>, KernelWrap<Kern>, true> {
+  std::vector<InputSpec> ins;
+  explicit Op(std::vector<InputSpec> in) : ins(std::move(in)) {}
+  const char* GetName() const { return Kern::kName; }
+  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+  size_t GetInputTypeCount() const { return ins.size(); }
+  ONNXTensorElementDataType GetInputType(size_t i) const { return ins[i].type; }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+    return ins[i].optional ? OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_OPTIONAL
+                           : OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_REQUIRED;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
+    try {
+      *kernel = new KernelWrap<Kern>(info);
+      return nullptr;
+    } catch (const std::exception& e) {
+      *kernel = nullptr;
+      return api.CreateStatus(ORT_INVALID_ARGUMENT, e.what());
+    } catch (...) {
+      *kernel = nullptr;
+      return api.CreateStatus(ORT_FAIL, "ai.onnxopt: unknown error creating kernel");
+    }
+  }
+};
+
+constexpr auto F32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+constexpr auto ANY = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+
+Op<BinaryKernel>& BinaryOp() {
+  static Op<BinaryKernel> op({{F32, false}, {ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT32, false}, {F32, false}, {F32, true}});
+  return op;
+}
+Op<XnorKernel>& XnorOp() {
+  static Op<XnorKernel> op({{F32, false}, {ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT64, false}, {F32, false}, {F32, true}});
+  return op;
+}
+Op<SparseKernel>& SparseOp() {
+  static Op<SparseKernel> op({{F32, false},
+                              {ANY, false},
+                              {ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, false},
+                              {ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32, false},
+                              {F32, false},
+                              {F32, true}});
+  return op;
+}
+Op<QuantKernel>& QuantOp() {
+  static Op<QuantKernel> op({{F32, false},
+                             {ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, false},
+                             {ANY, false},
+                             {ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, true},
+                             {F32, true}});
+  return op;
+}
+
+std::mutex g_mu;
+std::vector<Ort::CustomOpDomain>& Domains() {
+  static auto* d = new std::vector<Ort::CustomOpDomain>();  // leaked: sessions may outlive statics
+  return *d;
+}
+
+// Extra registration hooks (e.g. the CUDA ops when built with ONNXOPT_CUDA).
+#if defined(ONNXOPT_WITH_CUDA)
+}  // namespace
+void RegisterCudaOps(Ort::CustomOpDomain& domain);  // kernels/cuda/
+namespace {
+#endif
+
+}  // namespace
+}  // namespace onnxopt
+
+ONNXOPT_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
+  using namespace onnxopt;
+  const OrtApi* api = api_base ? api_base->GetApi(ORT_API_VERSION) : nullptr;
+  if (!api) {
+    // onnxruntime older than the headers we were built with: report with the oldest API.
+    const OrtApi* old = api_base ? api_base->GetApi(1) : nullptr;
+    return old ? old->CreateStatus(ORT_FAIL, "onnxopt kernels need onnxruntime >= 1.21 (ORT API 21)") : nullptr;
+  }
+  Ort::InitApi(api);
+  try {
+    // Validate ONNXOPT_ISA early so a bad value fails at registration with a clear message.
+    (void)SelectKernelTable();
+    std::lock_guard<std::mutex> lk(g_mu);
+    Ort::CustomOpDomain domain{kDomain};
+    domain.Add(&BinaryOp());
+    domain.Add(&XnorOp());
+    domain.Add(&SparseOp());
+    domain.Add(&QuantOp());
+#if defined(ONNXOPT_WITH_CUDA)
+    RegisterCudaOps(domain);
+#endif
+    Ort::UnownedSessionOptions so(options);
+    so.Add(domain);
+    Domains().push_back(std::move(domain));
+    return nullptr;
+  } catch (const std::exception& e) {
+    return api->CreateStatus(ORT_FAIL, e.what());
+  }
+}
+
+// ISA introspection for onnxopt.kernels (ctypes). Reads ONNXOPT_ISA at call time.
+ONNXOPT_EXPORT const char* onnxopt_isa(void) {
+  try {
+    return onnxopt::SelectKernelTable()->name;
+  } catch (...) {
+    return "invalid";
+  }
+}
+
+ONNXOPT_EXPORT int onnxopt_isa_supported(const char* name) { return onnxopt::IsaSupported(name) ? 1 : 0; }
+
+ONNXOPT_EXPORT const char* onnxopt_kernels_version(void) { return "1"; }
