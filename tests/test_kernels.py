@@ -1,0 +1,324 @@
+"""The ai.onnxopt custom-op kernels against the numpy references of onnxopt.ops.
+
+Every op and value/scale dtype, shapes M in {1, 3, 128}, K in {1, 63, 64, 65, 1000}, N odd and
+even, 1 and 2 intra-op threads, each ISA level this CPU supports (forced with ONNXOPT_ISA before
+the session is created), plus malformed inputs that must fail with a clear onnxruntime error.
+Skips only when the kernels library is not built.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxopt import ops
+
+try:
+    from onnxopt.kernels import available_isa, isa_level, library_path
+
+    LIB = str(library_path())
+except FileNotFoundError as exc:  # pragma: no cover - depends on the build
+    pytest.skip(f"onnxopt kernels library not built: {exc}", allow_module_level=True)
+
+import onnxruntime as ort
+
+ISAS = available_isa()
+KS = (1, 63, 64, 65, 1000)
+MS = (1, 3, 128)
+NS = (7, 16)  # odd (not a multiple of 8/16) and even
+
+
+def _session(model: onnx.ModelProto | bytes, threads: int = 1) -> ort.InferenceSession:
+    try:
+        from onnxopt.runtime import session
+    except ImportError:  # pragma: no cover - before the lead's runtime module existed
+        so = ort.SessionOptions()
+        so.register_custom_ops_library(LIB)
+        so.intra_op_num_threads = threads
+        data = model if isinstance(model, bytes) else model.SerializeToString()
+        return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+    return session(model, threads=threads)
+
+
+def _model(packed: ops.PackedWeight, bias: np.ndarray | None, lead=("m",), check: bool = True) -> onnx.ModelProto:
+    x = ir.Value(name="X", shape=ir.Shape([*lead, packed.K]), type=ir.TensorType(ir.DataType.FLOAT))
+    b = None
+    if bias is not None:
+        b = ir.Value(name="bias", shape=ir.Shape([packed.N]), type=ir.TensorType(ir.DataType.FLOAT),
+                     const_value=ir.tensor(bias, name="bias"))
+    node, inits = ops.make_node(packed, x, b, name="op")
+    g = ir.Graph([x], [node.outputs[0]], nodes=[node], opset_imports={"": 17, ops.DOMAIN: 1}, name="g")
+    for v in [*inits, *([b] if b is not None else [])]:
+        g.register_initializer(v)
+    proto = ir.to_proto(ir.Model(g, ir_version=10))
+    if check:
+        onnx.checker.check_model(proto, full_check=True)
+    return proto
+
+
+@pytest.fixture(params=ISAS)
+def isa(request, monkeypatch):
+    monkeypatch.setenv("ONNXOPT_ISA", request.param)
+    return request.param
+
+
+def _packers():
+    out = [
+        ("binary", lambda w: ops.pack_binary_matmul(w)),
+        ("xnor", lambda w: ops.pack_xnor_matmul(w)),
+    ]
+    for vd in ("float32", "float16", "int8"):
+        out.append((f"sparse-{vd}", lambda w, vd=vd: ops.pack_sparse_matmul(w, vd)))
+    for bits in (4, 8):
+        for bs in (32, 64, 128):
+            for sym in (True, False):
+                for sd in ("float32", "float16"):
+                    name = f"quant-int{bits}-b{bs}-{'sym' if sym else 'asym'}-{sd}"
+                    out.append((name, lambda w, a=(bits, bs, sym, sd): ops.pack_quant_matmul(w, *a)))
+    return out
+
+
+PACKERS = _packers()
+
+
+def _weight(name: str, rng, K: int, N: int) -> np.ndarray:
+    w = rng.standard_normal((K, N)).astype(np.float32)
+    if name.startswith("sparse"):
+        w *= rng.random((K, N)) < 0.3
+    return w
+
+
+def _check(y: np.ndarray, r: np.ndarray, what: str) -> None:
+    assert y.shape == r.shape, what
+    if r.size == 0:
+        return
+    scale = float(np.abs(r).max()) + 1e-6
+    err = float(np.abs(y.astype(np.float64) - r).max()) / scale
+    assert err < 2e-4, f"{what}: max rel err {err:.3g}"
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("name,pack", PACKERS, ids=[p[0] for p in PACKERS])
+def test_op_matches_numpy(isa, threads, name, pack):
+    rng = np.random.default_rng(abs(hash((name, threads, isa))) % 2**32)
+    assert isa_level() == isa
+    for K in KS:
+        for N in NS:
+            w = _weight(name, rng, K, N)
+            packed = pack(w)
+            bias = rng.standard_normal(N).astype(np.float32) if (K + N) % 2 else None
+            sess = _session(_model(packed, bias), threads=threads)
+            for M in MS:
+                x = rng.standard_normal((M, K)).astype(np.float32)
+                y = sess.run(None, {"X": x})[0]
+                _check(y, ops.reference(packed, x, bias), f"{name} isa={isa} t={threads} M={M} K={K} N={N}")
+
+
+@pytest.mark.parametrize("name,pack", PACKERS[:5] + PACKERS[5::7], ids=[p[0] for p in PACKERS[:5] + PACKERS[5::7]])
+def test_leading_dims_and_empty_batch(name, pack):
+    rng = np.random.default_rng(1)
+    K, N = 100, 33
+    packed = pack(_weight(name, rng, K, N))
+    sess = _session(_model(packed, None, lead=("a", "b")))
+    for shape in [(2, 3, K), (1, 1, K), (0, 4, K)]:
+        x = rng.standard_normal(shape).astype(np.float32)
+        y = sess.run(None, {"X": x})[0]
+        assert y.shape == shape[:-1] + (N,)
+        _check(y, ops.reference(packed, x), f"{name} {shape}")
+
+
+def test_dense_weight_and_reference_agree():
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((70, 9)).astype(np.float32)
+    x = rng.standard_normal((4, 70)).astype(np.float32)
+    for name, pack in PACKERS:
+        p = pack(_weight(name, rng, 70, 9))
+        d = ops.dense_weight(p)
+        assert d.shape == (70, 9) and d.dtype == np.float32
+        if name in ("binary", "xnor") or name.startswith("sparse"):
+            if name != "xnor":
+                np.testing.assert_allclose(ops.reference(p, x), x @ d, rtol=1e-4, atol=1e-4)
+    # quantized weights are close to the original
+    for bits, tol in ((4, 0.2), (8, 0.01)):
+        d = ops.dense_weight(ops.pack_quant_matmul(w, bits=bits))
+        assert np.abs(d - w).max() <= tol * np.abs(w).max()
+
+
+def test_isa_env_and_introspection(monkeypatch):
+    assert "scalar" in ISAS
+    for level in ISAS:
+        monkeypatch.setenv("ONNXOPT_ISA", level)
+        assert isa_level() == level
+    monkeypatch.setenv("ONNXOPT_ISA", "bogus")
+    assert isa_level() == "invalid"
+    packed = ops.pack_binary_matmul(np.ones((8, 4), np.float32))
+    with pytest.raises(Exception, match="ONNXOPT_ISA=bogus"):
+        _session(_model(packed, None))
+    monkeypatch.delenv("ONNXOPT_ISA")
+    assert isa_level() == ISAS[-1]
+
+
+def test_model_passes_checker_and_shape_inference():
+    rng = np.random.default_rng(3)
+    for name, pack in PACKERS[:6]:
+        packed = pack(_weight(name, rng, 65, 17))
+        proto = _model(packed, rng.standard_normal(17).astype(np.float32), lead=("b", 5))
+        inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=True)
+        dims = inferred.graph.output[0].type.tensor_type.shape.dim
+        assert [d.dim_param or d.dim_value for d in dims] == ["b", 5, 17]
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+def _raw_model(op_type: str, inputs: dict[str, np.ndarray | None], attrs: dict, K_dim="k") -> bytes:
+    """A single-node model built without onnx's checker (so malformed weights get through)."""
+    names, inits = ["X"], []
+    for key, arr in inputs.items():
+        if arr is None:
+            names.append("")
+            continue
+        names.append(key)
+        inits.append(numpy_helper.from_array(np.asarray(arr), name=key))
+    while names and names[-1] == "":
+        names.pop()
+    node = helper.make_node(op_type, names, ["Y"], domain=ops.DOMAIN, **attrs)
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["m", K_dim])],
+                          [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], initializer=inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(ops.DOMAIN, 1)],
+                          ir_version=10)
+    return m.SerializeToString()
+
+
+def _expect_error(model: bytes, x: np.ndarray, pattern: str) -> None:
+    with pytest.raises(Exception) as ei:
+        sess = _session(model)
+        sess.run(None, {"X": x})
+    msg = str(ei.value)
+    assert re.search(pattern, msg), msg
+    assert not isinstance(ei.value, (AssertionError, MemoryError))
+
+
+def _inputs(p: ops.PackedWeight, **override) -> dict:
+    names = ops._INPUT_NAMES[p.op_type]
+    d = {k: p.inputs.get(k) for k in names if k != "bias"}
+    d.update(override)
+    return d
+
+
+@pytest.fixture(params=ISAS)
+def any_isa(request, monkeypatch):
+    monkeypatch.setenv("ONNXOPT_ISA", request.param)
+    return request.param
+
+
+def test_bad_k(any_isa):
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((64, 16)).astype(np.float32)
+    x = rng.standard_normal((2, 63)).astype(np.float32)
+    for p in (ops.pack_binary_matmul(w), ops.pack_xnor_matmul(w), ops.pack_sparse_matmul(w),
+              ops.pack_quant_matmul(w)):
+        _expect_error(_raw_model(p.op_type, _inputs(p), p.attributes), x, r"last dimension must equal K=64")
+
+
+def test_bad_dtypes(any_isa):
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((64, 16)).astype(np.float32)
+    x = rng.standard_normal((2, 64)).astype(np.float32)
+    b = ops.pack_binary_matmul(w)
+    # declared input types are enforced by onnxruntime at load
+    _expect_error(_raw_model("BinaryMatMul", _inputs(b, bits=b.inputs["bits"].view(np.int32)), b.attributes), x,
+                  r"(?i)type")
+    xn = ops.pack_xnor_matmul(w)
+    _expect_error(_raw_model("XnorMatMul", _inputs(xn, alpha=xn.inputs["alpha"].astype(np.float64)), xn.attributes),
+                  x, r"(?i)type")
+    s = ops.pack_sparse_matmul(w)
+    _expect_error(_raw_model("SparseMatMul", _inputs(s, values=s.inputs["values"].astype(np.int16)), s.attributes),
+                  x, r"values' must be float32, float16 or int8")
+    q = ops.pack_quant_matmul(w)
+    _expect_error(_raw_model("QuantMatMul", _inputs(q, scales=q.inputs["scales"].astype(np.float64)), q.attributes),
+                  x, r"scales' must be float32 or float16")
+    _expect_error(_raw_model("QuantMatMul", _inputs(q), {**q.attributes, "bits": 3}), x, r"bits must be 4 or 8")
+    _expect_error(_raw_model("QuantMatMul", _inputs(q), {**q.attributes, "block_size": 16}), x,
+                  r"block_size must be 32, 64 or 128")
+    _expect_error(_raw_model("BinaryMatMul", _inputs(b), {"K": 64}), x, r"K and N are required")
+
+
+def test_bad_packed_sizes(any_isa):
+    rng = np.random.default_rng(6)
+    w = rng.standard_normal((65, 17)).astype(np.float32)
+    x = rng.standard_normal((2, 65)).astype(np.float32)
+    b = ops.pack_binary_matmul(w)
+    _expect_error(_raw_model("BinaryMatMul", _inputs(b, bits=b.inputs["bits"][:, :1]), b.attributes), x,
+                  r"'bits' must have shape \(2, 3, 16\)")
+    _expect_error(_raw_model("BinaryMatMul", _inputs(b, alpha=b.inputs["alpha"][:5]), b.attributes), x,
+                  r"'alpha' must have shape")
+    xn = ops.pack_xnor_matmul(w)
+    _expect_error(_raw_model("XnorMatMul", _inputs(xn, bits=xn.inputs["bits"].reshape(-1)), xn.attributes), x,
+                  r"'bits' must have shape")
+    q = ops.pack_quant_matmul(w, bits=4, symmetric=False)
+    _expect_error(_raw_model("QuantMatMul", _inputs(q, weights=q.inputs["weights"][..., :-1]), q.attributes), x,
+                  r"'weights' must have shape")
+    _expect_error(_raw_model("QuantMatMul", _inputs(q, zero_points=q.inputs["zero_points"][:, :1]), q.attributes),
+                  x, r"'zero_points' must have shape")
+    _expect_error(_raw_model("QuantMatMul", _inputs(q), {**q.attributes, "bits": 8}), x, r"'weights' must have shape")
+    nb = np.zeros(17, np.float32)
+    qi = _inputs(q)
+    qi["bias"] = nb[:3]
+    _expect_error(_raw_model("QuantMatMul", qi, q.attributes), x, r"'bias' must have shape \(17,\)")
+
+
+def test_bad_csr(any_isa):
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal((300, 5)).astype(np.float32) * (rng.random((300, 5)) < 0.5)
+    x = rng.standard_normal((2, 300)).astype(np.float32)
+    s = ops.pack_sparse_matmul(w)
+    v, idx, bp = s.inputs["values"], s.inputs["indices"], s.inputs["block_ptr"]
+    a = s.attributes
+
+    def run(pattern, **kw):
+        _expect_error(_raw_model("SparseMatMul", _inputs(s, **kw), a), x, pattern)
+
+    run(r"'indices' must have shape", indices=idx[:-1])
+    run(r"'block_ptr' must have shape", block_ptr=bp[:-1])
+    run(r"'scales' must have shape", scales=s.inputs["scales"][:2])
+    bad = bp.copy()
+    bad[-1] += 1
+    run(r"block_ptr\[-1\]=.* must equal the number of values", block_ptr=bad)
+    bad = bp.copy()
+    bad[3], bad[4] = bad[4], bad[3]
+    if bad[3] != bad[4]:
+        run(r"segment .* has length", block_ptr=bad)
+    bad = bp.copy()
+    bad[0] = 1
+    run(r"block_ptr\[0\] must be 0", block_ptr=bad)
+    bad = bp.copy()
+    bad[2] = -(2**31)
+    run(r"segment .* has length", block_ptr=bad)
+    # an index beyond K in the last K block (K=300: last block holds rows 256..299)
+    col0_last = slice(int(bp[1]), int(bp[2]))
+    assert col0_last.stop > col0_last.start
+    bi = idx.copy()
+    bi[col0_last.start] = 200
+    run(r"out of range: row 456 >= K=300", indices=bi)
+    # k_block smaller than 256: every index is checked
+    s64 = ops.PackedWeight("SparseMatMul", dict(s.inputs), {**a, "k_block": 64})
+    _expect_error(_raw_model("SparseMatMul", _inputs(s64), s64.attributes), x, r"block_ptr|out of range")
+    _expect_error(_raw_model("SparseMatMul", _inputs(s), {**a, "k_block": 300}), x, r"k_block must be in \[1, 256\]")
+
+
+def test_threads_give_identical_results():
+    rng = np.random.default_rng(8)
+    w = rng.standard_normal((512, 300)).astype(np.float32)
+    x = rng.standard_normal((37, 512)).astype(np.float32)
+    for p in (ops.pack_binary_matmul(w), ops.pack_xnor_matmul(w), ops.pack_quant_matmul(w),
+              ops.pack_sparse_matmul(w * (rng.random(w.shape) < 0.2))):
+        m = _model(p, None)
+        y1 = _session(m, threads=1).run(None, {"X": x})[0]
+        y2 = _session(m, threads=2).run(None, {"X": x})[0]
+        np.testing.assert_array_equal(y1, y2)
