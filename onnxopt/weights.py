@@ -128,8 +128,9 @@ def _unsupported_reason(use: WeightUse) -> str | None:
         return "already quantized"
     if constant_tensor(value) is None:
         return "weight is not a constant"
-    if value.dtype not in FLOAT_TYPES:
-        return f"weight dtype {value.dtype} is not float"
+    dtype = constant_tensor(value).dtype  # a Constant node's output may carry no type
+    if dtype not in FLOAT_TYPES:
+        return f"weight dtype {dtype} is not float"
     act = use.activation
     if act is not None and constant_tensor(act) is not None:
         return "both inputs are constant"

@@ -1,0 +1,137 @@
+"""``prune``: masks, sparse initializers, SparseMatMul lowering, shared/Constant/subgraph weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from compression_graphs import chain_model, load, mixed_model, run
+
+from onnxopt import io, ops, registry
+from onnxopt.calibration import Dataset
+from onnxopt.compression import keep_mask, nm_mask, packed_from_node
+from onnxopt.errors import DataError, PassOptionError, RuntimeLibraryError
+from onnxopt.weights import scan_weights
+
+
+def prune(model, data=None, **options):
+    pass_ = registry.get("prune").create({k: str(v) for k, v in options.items()}, data=data)
+    pass_(model)
+    return pass_
+
+
+def weights_by_node(model):
+    return {u.node.name: u.matrix() for u in scan_weights(model, ("MatMul", "Gemm", "Conv")).uses}
+
+
+def test_zero_sparsity_reproduces_outputs(tmp_path):
+    path, feeds = mixed_model(tmp_path)
+    model = load(path)
+    expected = run(model, feeds)
+    prune(model, sparsity=0.0, sparse_op=False, min_elements=1)
+    np.testing.assert_allclose(run(model, feeds)[0], expected[0], rtol=1e-6, atol=1e-6)
+
+
+def test_constant_shared_and_subgraph_weights(tmp_path):
+    path, feeds = mixed_model(tmp_path)
+    model = io.load(path, lift_constants=False)  # fc1's weight stays a Constant node
+    details = prune(model, sparsity=0.75, sparse_op=False, min_elements=1).details
+    assert set(details["layers"]) == {"fc1", "fc2", "shared_a", "shared_b", "sub_matmul", "else_matmul"}
+    for name, w in weights_by_node(model).items():
+        assert abs(np.mean(w == 0) - 0.75) < 0.01, name
+    shared = [n for n in model.graph if n.name in ("shared_a", "shared_b")]
+    assert shared[0].inputs[1] is shared[1].inputs[1], "a shared weight must stay one tensor"
+    assert not any(n.op_type == "Constant" for n in model.graph), "the old Constant weight must be dropped"
+    assert run(model, feeds)[0].shape == (64, 24)
+
+
+def test_masks():
+    scores = np.arange(24, dtype=float).reshape(8, 3)[::-1]
+    mask = nm_mask(scores, 2, 4)
+    assert mask.reshape(2, 4, 3).sum(axis=1).tolist() == [[2, 2, 2], [2, 2, 2]]
+    assert mask[:2].all() and not mask[2:4].any()
+    per_column = keep_mask(np.random.default_rng(0).random((10, 5)), 0.6, per_column=True)
+    assert per_column.sum(axis=0).tolist() == [4] * 5
+
+
+def test_nm_and_global_scope(tmp_path):
+    path, feeds = mixed_model(tmp_path)
+    model = load(path)
+    prune(model, pattern="2:4", sparse_op=False, min_elements=1)
+    for w in weights_by_node(model).values():
+        groups = (w != 0).reshape(-1, 4, w.shape[1]).sum(axis=1)
+        assert groups.max() <= 2
+    model = load(path)
+    prune(model, sparsity=0.8, scope="global", sparse_op=False, min_elements=1)
+    weights = weights_by_node(model)
+    unique = {id(w): w for w in weights.values()}  # shared and If-branch weights once
+    total = sum(w.size for name, w in weights.items() if name != "shared_b")
+    zeros = sum(np.sum(w == 0) for name, w in weights.items() if name != "shared_b")
+    assert unique and abs(zeros / total - 0.8) < 0.01
+
+
+def test_sparse_initializers_round_trip(tmp_path):
+    path = chain_model(tmp_path, (64, 128, 128, 10))
+    model = load(path)
+    prune(model, sparsity=0.8, sparse_op=False)
+    pruned = weights_by_node(model)
+    out = io.save(model, tmp_path / "pruned.onnx")
+    proto = onnx.load(out)
+    assert {s.values.name for s in proto.graph.sparse_initializer} == {"w0_pruned", "w1_pruned", "w2_pruned"}
+    assert out.stat().st_size < 0.7 * path.stat().st_size
+    reloaded = io.load(out)
+    for name, w in weights_by_node(reloaded).items():
+        np.testing.assert_array_equal(w, pruned[name])
+    x = {"x": np.random.default_rng(1).standard_normal((4, 64)).astype(np.float32)}
+    np.testing.assert_allclose(run(reloaded, x)[0], run(model, x)[0], rtol=1e-6)
+
+
+def test_sparse_matmul_lowering_matches_dense(tmp_path):
+    path, feeds = mixed_model(tmp_path)
+    dense = load(path)
+    prune(dense, sparsity=0.9, sparse_op=False, min_elements=1)
+    lowered = load(path)
+    details = prune(lowered, sparsity=0.9, min_elements=1, min_sparse_ratio=0.6).details
+    ops_by_name = {n.name: n for n in lowered.graph}
+    assert ops_by_name["fc1"].op_type == "SparseMatMul" and ops_by_name["fc2"].op_type == "SparseMatMul"
+    assert "weight shared" in details["layers"]["shared_a"]
+    assert lowered.opset_imports[ops.DOMAIN] == 1
+    # fc2 is a Gemm with transB, alpha=0.5 and beta=2: packed weight and bias must include them
+    fc2 = ops_by_name["fc2"]
+    dense_fc2 = next(n for n in dense.graph if n.name == "fc2")
+    w = weights_by_node(dense)["fc2"] * 0.5
+    np.testing.assert_allclose(ops.dense_weight(packed_from_node(fc2)), w, rtol=1e-6)
+    bias = fc2.inputs[-1].const_value.numpy()
+    np.testing.assert_allclose(bias, dense_fc2.inputs[2].const_value.numpy() * 2.0, rtol=1e-6)
+    onnx.checker.check_model(onnx.load_from_string(io.to_bytes(lowered)))
+    try:
+        got = run(lowered, feeds)[0]
+    except RuntimeLibraryError:
+        pytest.skip("onnxopt kernel library not built")
+    np.testing.assert_allclose(got, run(dense, feeds)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_below_break_even_stays_dense(tmp_path):
+    path = chain_model(tmp_path, (64, 128, 10))
+    model = load(path)
+    details = prune(model, sparsity=0.5, min_sparse_ratio=0.6).details
+    assert all("dense (below break-even)" in v for v in details["layers"].values())
+    assert {n.op_type for n in model.graph} == {"MatMul", "Add", "Relu", "Gemm"}
+
+
+def test_wanda_uses_activations_and_needs_data(tmp_path):
+    path = chain_model(tmp_path, (32, 64, 10))
+    model = load(path)
+    with pytest.raises(DataError):
+        prune(model, sparsity=0.5, method="wanda")
+    x = np.random.default_rng(2).standard_normal((128, 32)).astype(np.float32)
+    x[:, :8] *= 100  # loud inputs: Wanda keeps their rows
+    prune(model, Dataset.from_arrays({"x": x}), sparsity=0.5, method="wanda", scope="column", sparse_op=False, min_elements=1)
+    w = weights_by_node(model)["fc0"]
+    assert np.mean(w[:8] != 0) > 0.95 and np.mean(w[8:] != 0) < 0.4
+
+
+def test_bad_options():
+    for options in ({"sparsity": "1.5"}, {"pattern": "4:2"}, {"op_types": "Gather"}, {"scope": "row"}):
+        with pytest.raises(PassOptionError):
+            registry.get("prune").create(options)
