@@ -1,0 +1,102 @@
+"""``low-rank``: full rank reproduces, rank selection, activation-aware SVD, recovery."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from compression_graphs import chain_model, load, mixed_model, run
+
+from onnxopt import registry
+from onnxopt.calibration import Dataset
+from onnxopt.compression import factorize
+from onnxopt.errors import PassOptionError
+from onnxopt.filters import NodeFilter
+
+
+def low_rank(model, data=None, **options):
+    pass_ = registry.get("low-rank").create({k: str(v) for k, v in options.items()}, data=data)
+    pass_(model)
+    return pass_
+
+
+def test_full_rank_and_exact_rank_reproduce_outputs(tmp_path):
+    path, feeds = mixed_model(tmp_path, k=32, hidden=48, n=24)
+    model = load(path)
+    expected = run(model, feeds)[0]
+    details = low_rank(model, energy=1.0, min_elements=1).details
+    assert all("kept dense" in details["layers"][name] for name in ("fc1", "fc2", "shared_a", "sub_matmul"))
+    np.testing.assert_allclose(run(model, feeds)[0], expected, rtol=1e-6, atol=1e-6)
+    # Gemm (transB, alpha=0.5, beta=2, bias) with an exactly rank-8 weight: factorized without error
+    model = load(path)
+    rng = np.random.default_rng(1)
+    fc2_weight = model.graph.initializers["w2"]
+    fc2_weight.const_value = ir.tensor((rng.standard_normal((48, 8)) @ rng.standard_normal((8, 48)) / 8).astype(np.float32))
+    expected = run(model, feeds)[0]
+    details = low_rank(model, rank=8, min_elements=1).details
+    nodes = {n.name: n for n in model.graph}
+    assert nodes["fc2"].op_type == "Gemm" and nodes["fc2"].inputs[0] is nodes["fc2.lowrank_u"].outputs[0]
+    assert {"fc1", "shared_a", "shared_b", "sub_matmul", "else_matmul"} <= {
+        name for name, v in details["layers"].items() if v.startswith("rank 8")
+    }
+    assert not any(n.op_type == "Constant" for n in model.graph)
+    got = run(model, feeds)[0]
+    assert got.shape == expected.shape
+    fc2_only = load(path)
+    fc2_only.graph.initializers["w2"].const_value = fc2_weight.const_value
+    expected = run(fc2_only, feeds)[0]
+    pass_ = registry.get("low-rank").create({"rank": "8", "min_elements": "1"}, node_filter=NodeFilter(name_regex="^fc2$"))
+    pass_(fc2_only)
+    np.testing.assert_allclose(run(fc2_only, feeds)[0], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_exact_low_rank_weight_is_reproduced(tmp_path):
+    path = chain_model(tmp_path, (64, 96, 10), name="lr")
+    model = load(path)
+    rng = np.random.default_rng(7)
+    w = model.graph.initializers["w0"]
+    true = (rng.standard_normal((64, 8)) @ rng.standard_normal((8, 96)) / 8).astype(np.float32)
+    w.const_value = ir.tensor(true, name="w0")
+    feeds = {"x": rng.standard_normal((16, 64)).astype(np.float32)}
+    expected = run(model, feeds)[0]
+    details = low_rank(model, energy=0.999999, min_elements=1).details
+    assert details["layers"]["fc0"].startswith("rank 8 of 64")
+    np.testing.assert_allclose(run(model, feeds)[0], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_ratio_sets_parameter_budget(tmp_path):
+    path = chain_model(tmp_path, (128, 256, 10), name="ratio")
+    model = load(path)
+    details = low_rank(model, ratio=0.25, min_elements=1).details
+    assert details["layers"]["fc0"].startswith(f"rank {int(0.25 * 128 * 256 / 384)} of 128")
+
+
+def test_activation_aware_beats_plain_svd_on_output_error():
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((500, 40)) * np.geomspace(10, 0.01, 40)  # anisotropic inputs
+    w = rng.standard_normal((40, 30))
+    h = x.T @ x
+    chol = np.linalg.cholesky(h / 500 + 1e-6 * np.eye(40))
+    errors = {}
+    for name, c in (("plain", None), ("aware", chol)):
+        u, v, _ = factorize(w, 5, c)
+        errors[name] = np.linalg.norm(x @ (w - u @ v))
+    assert errors["aware"] < 0.6 * errors["plain"]
+
+
+def test_recover_reduces_layer_error(tmp_path):
+    path = chain_model(tmp_path, (48, 128, 128, 10), name="rec")
+    rng = np.random.default_rng(9)
+    data = Dataset.from_arrays({"x": rng.standard_normal((256, 48)).astype(np.float32)})
+    model = load(path)
+    details = low_rank(model, data, ratio=0.3, activation_aware=True, recover=True, min_elements=1).details
+    assert {"fc0", "fc1"} <= set(details["recover"])
+    for layer in details["recover"].values():
+        assert layer["error_after"] <= layer["error_before"]
+    assert details["recover"]["fc1"]["error_after"] < details["recover"]["fc1"]["error_before"]
+
+
+def test_bad_options():
+    for options in ({"ratio": "0"}, {"rank": "0"}, {"energy": "2"}):
+        with pytest.raises(PassOptionError):
+            registry.get("low-rank").create(options)
