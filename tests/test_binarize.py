@@ -1,0 +1,98 @@
+"""``binarize``: BinaryMatMul/XnorMatMul lowering, first/last kept, α = mean|W|, recovery."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from compression_graphs import chain_model, load, mixed_model, run
+
+from onnxopt import io, ops, registry
+from onnxopt.calibration import Dataset
+from onnxopt.compression import packed_from_node
+from onnxopt.errors import DataError, RuntimeLibraryError
+from onnxopt.weights import scan_weights
+
+
+def binarize(model, data=None, **options):
+    pass_ = registry.get("binarize").create({k: str(v) for k, v in options.items()}, data=data)
+    pass_(model)
+    return pass_
+
+
+def run_or_skip(model, feeds):
+    try:
+        return run(model, feeds)
+    except RuntimeLibraryError:
+        pytest.skip("onnxopt kernel library not built")
+
+
+@pytest.mark.parametrize("mode,op_type", [("weights", "BinaryMatMul"), ("xnor", "XnorMatMul")])
+def test_middle_layers_binarized_with_mean_abs_alpha(tmp_path, mode, op_type):
+    path = chain_model(tmp_path, (32, 64, 64, 64, 10))
+    original = load(path)
+    weights = {u.node.name: u.matrix() for u in scan_weights(original).uses}
+    model = load(path)
+    details = binarize(model, mode=mode, min_elements=1).details
+    nodes = {n.name: n for n in model.graph}
+    assert nodes["fc0"].op_type == "MatMul" and nodes["fc3"].op_type == "Gemm"  # first and last kept
+    assert "first or last" in details["layers"]["fc0"]
+    for name in ("fc1", "fc2"):
+        assert nodes[name].op_type == op_type and nodes[name].domain == ops.DOMAIN
+        packed = packed_from_node(nodes[name])
+        w = weights[name]
+        np.testing.assert_allclose(packed.inputs["alpha"], np.abs(w).mean(axis=0), rtol=1e-6)
+        np.testing.assert_allclose(ops.dense_weight(packed), np.where(w >= 0, 1, -1) * np.abs(w).mean(axis=0), rtol=1e-6)
+    onnx.checker.check_model(onnx.load_from_string(io.to_bytes(model)))
+    feeds = {"x": np.random.default_rng(0).standard_normal((8, 32)).astype(np.float32)}
+    assert run_or_skip(model, feeds)[0].shape == (8, 10)
+
+
+def test_gemm_alpha_beta_bias_and_subgraph(tmp_path):
+    path, feeds = mixed_model(tmp_path)
+    model = load(path)
+    details = binarize(model, keep_first_last=False, min_elements=1).details
+    nodes = {n.name: n for n in model.graph}
+    assert nodes["fc2"].op_type == "BinaryMatMul"
+    assert "weight shared" in details["layers"]["shared_a"]
+    sub = next(n for n in model.graph.subgraphs() for n in n if n.name == "sub_matmul")
+    assert sub.op_type == "BinaryMatMul"
+    # Gemm alpha=0.5 folds into α, beta=2 into the bias
+    packed = packed_from_node(nodes["fc2"])
+    w = load(path).graph.initializers["w2"].const_value.numpy().T * 0.5
+    np.testing.assert_allclose(packed.inputs["alpha"], np.abs(w).mean(axis=0), rtol=1e-6)
+    b = load(path).graph.initializers["b2"].const_value.numpy() * 2
+    np.testing.assert_allclose(nodes["fc2"].inputs[-1].const_value.numpy(), b, rtol=1e-6)
+    assert run_or_skip(model, feeds)[0].shape == (64, 24)
+
+
+def test_binary_model_matches_dense_equivalent(tmp_path):
+    path = chain_model(tmp_path, (40, 72, 72, 10))
+    model = load(path)
+    binarize(model, min_elements=1)
+    dense = load(path)
+    for use in scan_weights(dense).uses:
+        node = next(n for n in model.graph if n.name == use.node.name)
+        if node.domain == ops.DOMAIN:
+            use.value.const_value = ir.tensor(use.from_matrix(ops.dense_weight(packed_from_node(node))))
+    feeds = {"x": np.random.default_rng(1).standard_normal((5, 40)).astype(np.float32)}
+    np.testing.assert_allclose(run_or_skip(model, feeds)[0], run(dense, feeds)[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["weights", "xnor"])
+def test_recover_reduces_error(tmp_path, mode):
+    path = chain_model(tmp_path, (32, 96, 96, 96, 10))
+    data = Dataset.from_arrays({"x": np.random.default_rng(2).standard_normal((128, 32)).astype(np.float32)})
+    model = load(path)
+    with pytest.raises(DataError):
+        binarize(model, mode=mode, recover=True)
+    try:
+        details = binarize(model, data, mode=mode, recover=True, min_elements=1).details
+    except RuntimeLibraryError:
+        pytest.skip("onnxopt kernel library not built")
+    assert set(details["recover"]) == {"fc1", "fc2"}
+    for layer in details["recover"].values():
+        assert layer["kind"] == "binary" and layer["error_after"] < layer["error_before"]
+    nodes = {n.name: n for n in model.graph}
+    assert nodes["fc1"].inputs[-1].name.endswith("bias_recovered")
