@@ -92,7 +92,7 @@ def save(
         external_data = tensor_bytes(model) >= external_threshold
     data_name = path.name + ".data"
     ir_version = model.ir_version
-    model.ir_version = min(ir_version or MAX_IR_VERSION, MAX_IR_VERSION) if _max_opset(model) <= 22 else 11
+    model.ir_version = _output_ir_version(model)
     tmp_dir = tempfile.mkdtemp(prefix=".onnxopt-", dir=directory)
     try:
         tmp_model = pathlib.Path(tmp_dir) / path.name
@@ -126,7 +126,7 @@ def save(
 def to_bytes(model: ir.Model) -> bytes:
     """Serialize a model under 2 GB (external tensors are read) for onnxruntime or onnx.checker."""
     ir_version = model.ir_version
-    model.ir_version = min(ir_version or MAX_IR_VERSION, MAX_IR_VERSION) if _max_opset(model) <= 22 else 11
+    model.ir_version = _output_ir_version(model)
     try:
         proto = ir.to_proto(model)
     finally:
@@ -148,6 +148,17 @@ def tensor_bytes(model: ir.Model) -> int:
 
 def _max_opset(model: ir.Model) -> int:
     return model.opset_imports.get("", 0)
+
+
+def _output_ir_version(model: ir.Model) -> int:
+    """The IR version to write: one onnxruntime reads (<= 10; 11 for opset 23+), and at least 4.
+
+    IR 3 requires every initializer to be a graph input; passes (onnxscript's ORT fusions) drop
+    initializers from the inputs, which IR 4 allows with the same meaning (a constant).
+    """
+    if _max_opset(model) > 22:
+        return 11
+    return max(min(model.ir_version or MAX_IR_VERSION, MAX_IR_VERSION), 4)
 
 
 def _check_external_files(graph: onnx.GraphProto, base: pathlib.Path) -> None:
