@@ -43,7 +43,11 @@ class CleanupPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         steps = []
-        if self.fold_constants:
+        self.details = {}
+        unsafe = folding_hazard(model)
+        if self.fold_constants and unsafe:
+            self.details["constant folding"] = f"skipped: onnxscript's folder mishandles {unsafe}"
+        if self.fold_constants and not unsafe:
             steps.append(
                 _constant_folding.FoldConstantsPass(
                     shape_inference=True,
@@ -68,3 +72,23 @@ class CleanupPass(ir.passes.InPlacePass):
             if not result.modified:
                 break
         return ir.passes.PassResult(model, modified)
+
+
+def folding_hazard(model: ir.Model) -> str | None:
+    """The op type of a node that onnxscript's constant folder would break in this model, if any.
+
+    Its partial evaluators rewrite ConcatFromSequence with the opset-13 Unsqueeze whatever the model's
+    opset, crash on SplitToSequence with a non-constant scalar split (and emit opset-13/18 Split
+    otherwise), and turn CastLike into a Cast without its ``saturate=0``.
+    """
+    opset = model.opset_imports.get("", 0)
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        if (
+            (node.op_type == "ConcatFromSequence" and opset < 13)
+            or node.op_type == "SplitToSequence"
+            or (node.op_type == "CastLike" and node.attributes.get_int("saturate", 1) == 0)
+        ):
+            return node.op_type
+    return None
