@@ -1,0 +1,293 @@
+"""``quantize-weights``: INT4/INT8 block-wise weight-only quantization (RTN or GPTQ).
+
+Weights of MatMul/Gemm (as the ``(K, N)`` matrix of ``y = x @ W``) are quantized in blocks along K;
+Gather tables (embeddings, tied lm-head tensors included) in blocks along the hidden axis. Formats:
+
+* ``onnx``: standard ``DequantizeLinear`` with ``block_size`` (opset 21; the model's default opset
+  is converted when lower). Portable; onnxruntime dequantizes the weight at run time.
+* ``ort``: onnxruntime's ``MatMulNBits`` (bias Add folded in) and ``GatherBlockQuantized``.
+* ``onnxopt``: onnxopt's ``QuantMatMul`` kernel (embeddings use ``GatherBlockQuantized``).
+
+``algorithm=gptq`` compensates rounding errors with the Hessian ``XᵀX`` of each layer's inputs on the
+calibration data (main-graph layers; layers inside subgraphs and Gather tables use RTN).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxopt import ops
+from onnxopt import quantization as qz
+from onnxopt.activations import input_grams
+from onnxopt.calibration import Dataset
+from onnxopt.errors import DataError
+from onnxopt.filters import NodeFilter
+from onnxopt.passes.quantize_dynamic import MS_DOMAIN, matmul_parts, replace_matmul
+from onnxopt.registry import register
+from onnxopt.weights import WeightUse, drop_if_unused, new_initializer, scan_weights
+
+BLOCKED_DQ_OPSET = 21
+INT4_TYPES = {True: ir.DataType.INT4, False: ir.DataType.UINT4}
+
+
+def _attr(node: ir.Node, name: str, default):
+    attr = node.attributes.get(name)
+    return default if attr is None else attr.value
+
+
+def _initializer(graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.DataType | None = None) -> ir.Value:
+    """Like :func:`new_initializer`, storing ``array`` as ``dtype`` (int4/uint4) when given."""
+    if dtype is None:
+        return new_initializer(graph, name, array)
+    value = new_initializer(graph, name, np.zeros((), np.uint8))  # reserve a unique name
+    tensor = ir.Tensor(array, dtype=dtype, name=value.name)
+    value.const_value, value.shape, value.type = tensor, ir.Shape(array.shape), ir.TensorType(dtype)
+    return value
+
+
+@register("quantize-weights", lossless=False)
+class QuantizeWeightsPass(ir.passes.InPlacePass):
+    """INT4/INT8 block-wise weight-only quantization of MatMul/Gemm weights and embeddings.
+
+    Args:
+        bits: 4 or 8.
+        block_size: Rows of K sharing one scale (16, 32, 64, 128 or 256; onnxopt format: 32, 64, 128).
+        symmetric: Symmetric blocks (no zero points); else asymmetric with a zero point per block.
+        algorithm: ``rtn`` (round to nearest) or ``gptq`` (Hessian-based error compensation, needs data).
+        format: ``onnx`` (DequantizeLinear with block_size, opset 21), ``ort`` (MatMulNBits and
+            GatherBlockQuantized) or ``onnxopt`` (onnxopt's QuantMatMul kernel).
+        embeddings: Also quantize Gather tables (word embeddings, tied lm-head weights).
+        accuracy_level: MatMulNBits accuracy_level (4: int8 activations, fastest on CPU; 0: float).
+        damping: GPTQ Hessian damping, as a fraction of its mean diagonal.
+        calibration_samples: Samples of the data used for GPTQ's Hessians.
+        min_elements: Leave weights with fewer elements in float.
+    """
+
+    def __init__(
+        self,
+        bits: int = 4,
+        block_size: int = 32,
+        symmetric: bool = True,
+        algorithm: Literal["rtn", "gptq"] = "rtn",
+        format: Literal["onnx", "ort", "onnxopt"] = "ort",
+        embeddings: bool = True,
+        accuracy_level: int = 4,
+        damping: float = 0.01,
+        calibration_samples: int = 128,
+        min_elements: int = 1,
+        data: Dataset | None = None,
+        node_filter: NodeFilter | None = None,
+    ):
+        super().__init__()
+        qz.check_block_options(bits, block_size)
+        if algorithm not in ("rtn", "gptq"):
+            raise ValueError(f"algorithm must be rtn or gptq, got '{algorithm}'")
+        if format not in ("onnx", "ort", "onnxopt"):
+            raise ValueError(f"format must be onnx, ort or onnxopt, got '{format}'")
+        if format == "onnxopt" and block_size not in (32, 64, 128):
+            raise ValueError(f"format onnxopt needs block_size 32, 64 or 128, got {block_size}")
+        if accuracy_level not in (0, 1, 2, 3, 4):
+            raise ValueError(f"accuracy_level must be 0..4, got {accuracy_level}")
+        if not 0 <= damping < 1:
+            raise ValueError(f"damping must be in [0, 1), got {damping}")
+        if calibration_samples < 1 or min_elements < 1:
+            raise ValueError("calibration_samples and min_elements must be >= 1")
+        self.bits, self.block_size, self.symmetric = bits, block_size, symmetric
+        self.algorithm, self.format, self.embeddings = algorithm, format, embeddings
+        self.accuracy_level, self.damping = accuracy_level, damping
+        self.calibration_samples, self.min_elements = calibration_samples, min_elements
+        self.data, self.node_filter = data, node_filter
+        self.details: dict = {}
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        op_types = ("MatMul", "Gemm", "Gather") if self.embeddings else ("MatMul", "Gemm")
+        scan = scan_weights(model, op_types, self.node_filter, self.min_elements)
+        skipped = dict(scan.skipped)
+        uses = []
+        for use in scan.uses:
+            if use.value.dtype != ir.DataType.FLOAT:
+                skipped[use.label] = f"weight dtype {use.value.dtype} (only float32 is quantized)"
+            else:
+                uses.append(use)
+        grams, notes = self._hessians(model, uses)
+        if self.format == "onnx" and uses and model.opset_imports.get("", 1) < BLOCKED_DQ_OPSET:
+            from onnxscript import version_converter
+
+            notes.append(f"default opset {model.opset_imports.get('')} -> {BLOCKED_DQ_OPSET} for blocked DequantizeLinear")
+            version_converter.convert_version(model, BLOCKED_DQ_OPSET, fallback=True)
+            uses = scan_weights(model, op_types, self.node_filter, self.min_elements).uses
+            uses = [u for u in uses if u.value.dtype == ir.DataType.FLOAT]
+        weight_error, output_error = {}, {}
+        self._factors: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        cache: dict[tuple[int, str], tuple[qz.BlockQuantized, float]] = {}
+        for use in uses:
+            label = use.label
+            gram = grams.get(use.activation.name) if use.activation is not None else None
+            reason = self._rewrite(model, use, gram, cache, weight_error, output_error)
+            if reason:
+                skipped[label] = reason
+        self.details = {
+            "quantized": len(weight_error),
+            "algorithm": self.algorithm,
+            "weight_relative_error": weight_error,
+            "max_weight_relative_error": max(weight_error.values(), default=0.0),
+            "skipped": skipped,
+            "notes": notes,
+        }
+        if output_error:
+            self.details["layer_output_relative_error"] = output_error
+        return ir.passes.PassResult(model, bool(weight_error))
+
+    def _hessians(self, model: ir.Model, uses: list[WeightUse]) -> tuple[dict, list[str]]:
+        if self.algorithm != "gptq":
+            return {}, []
+        if self.data is None:
+            raise DataError("quantize-weights with algorithm=gptq needs calibration data (--data)")
+        matmuls = [u for u in uses if u.activation is not None]
+        grams = input_grams(model, matmuls, self.data, limit=self.calibration_samples)
+        notes = [f"{u.label}: inside a subgraph, RTN instead of GPTQ" for u in matmuls if u.graph is not model.graph]
+        if any(u.activation is None for u in uses):
+            notes.append("Gather tables use RTN (lookups have no input Hessian)")
+        return grams, notes
+
+    def _quantize(self, w: np.ndarray, gram) -> qz.BlockQuantized:
+        if gram is None:
+            return qz.quantize_blocks(w, self.bits, self.block_size, self.symmetric)
+        if id(gram) not in self._factors:  # layers reading the same input share one factorization
+            self._factors[id(gram)] = qz.inverse_hessian_factor(gram.hessian(self.damping))
+        return qz.gptq_quantize(w, self._factors[id(gram)], self.bits, self.block_size, self.symmetric)
+
+    def _rewrite(self, model, use: WeightUse, gram, cache, weight_error, output_error) -> str | None:
+        node = use.node
+        is_gather = node.op_type == "Gather"
+        key = (id(use.value), f"{node.op_type}{_attr(node, 'transB', 0)}")
+        if key not in cache:
+            # Gather tables are blocked along the hidden axis: quantize the transposed table.
+            w = use.array().astype(np.float32).T if is_gather else use.matrix()
+            blocks = self._quantize(w, gram)
+            w_hat = blocks.dequantize()
+            cache[key] = (blocks, qz.relative_error(w, w_hat))
+            if gram is not None:
+                rtn = qz.quantize_blocks(w, self.bits, self.block_size, self.symmetric).dequantize()
+                output_error[use.label] = {
+                    "gptq": round(_output_error(w, w_hat, gram.xtx), 5),
+                    "rtn": round(_output_error(w, rtn, gram.xtx), 5),
+                }
+        blocks, error = cache[key]
+        if is_gather:
+            reason = self._replace_gather(model, use, blocks)
+        else:
+            reason = self._replace_matmul(model, use, blocks)
+        if reason is None:
+            weight_error[use.label] = round(error, 5)
+        return reason
+
+    def _replace_matmul(self, model: ir.Model, use: WeightUse, blocks: qz.BlockQuantized) -> str | None:
+        node, graph = use.node, use.graph
+        if self.format == "onnx":
+            transposed = node.op_type == "Gemm" and bool(_attr(node, "transB", 0))
+            dq = self._blocked_dequantize(graph, use.value.name, blocks, transposed)
+            old = use.value
+            graph.insert_before(node, dq)
+            node.replace_input_with(use.index, dq.outputs[0])
+            drop_if_unused(old)
+            return None
+        k, n = blocks.codes.shape
+        parts = matmul_parts(use, n)
+        if isinstance(parts, str):
+            return parts
+        old_nodes, bias, extra_add = parts
+        name = node.name or use.value.name
+        if self.format == "ort":
+            new_node = self._matmul_nbits(graph, node.inputs[0], blocks, bias, name)
+            model.opset_imports.setdefault(MS_DOMAIN, 1)
+        else:
+            packed = ops.pack_quant_matmul(blocks.dequantize(), self.bits, self.block_size, self.symmetric)
+            new_node, initializers = ops.make_node(packed, node.inputs[0], bias, name=f"{name}_quant")
+            for value in initializers:
+                graph.register_initializer(value)
+            model.opset_imports.setdefault(ops.DOMAIN, ops.OPSET_VERSION)
+        replace_matmul(graph, old_nodes, [new_node], extra_add)
+        return None
+
+    def _blocked_dequantize(self, graph, name, blocks: qz.BlockQuantized, transposed: bool) -> ir.Node:
+        codes, scales, zps = blocks.codes, blocks.scales, blocks.zero_points
+        axis = 0
+        if transposed:
+            codes, scales = codes.T, scales.T
+            zps = None if zps is None else zps.T
+            axis = 1
+        int_type = INT4_TYPES[blocks.symmetric] if self.bits == 4 else None
+        inputs = [
+            _initializer(graph, f"{name}_q{self.bits}", np.ascontiguousarray(codes), int_type),
+            new_initializer(graph, f"{name}_scale", np.ascontiguousarray(scales)),
+        ]
+        if zps is not None:
+            inputs.append(_initializer(graph, f"{name}_zero_point", np.ascontiguousarray(zps), int_type))
+        return ir.node(
+            "DequantizeLinear", inputs, {"axis": axis, "block_size": self.block_size}, name=f"{name}_dequantize"
+        )
+
+    def _matmul_nbits(self, graph, x, blocks: qz.BlockQuantized, bias, name) -> ir.Node:
+        k, n = blocks.codes.shape
+        nb = blocks.scales.shape[0]
+        padded = np.zeros((nb * self.block_size, n), np.uint8)
+        padded[:k] = blocks.unsigned_codes()
+        per_column = padded.T.reshape(n, nb, self.block_size)
+        packed = qz.pack_nibbles(per_column) if self.bits == 4 else per_column
+        inputs = [
+            x,
+            new_initializer(graph, f"{name}_B", np.ascontiguousarray(packed)),
+            new_initializer(graph, f"{name}_scales", np.ascontiguousarray(blocks.scales.T).reshape(-1)),
+        ]
+        if blocks.zero_points is not None:
+            zps = blocks.zero_points.T
+            zps = qz.pack_nibbles(zps) if self.bits == 4 else zps
+            inputs.append(new_initializer(graph, f"{name}_zero_points", np.ascontiguousarray(zps).reshape(-1)))
+        else:
+            inputs.append(None)
+        if bias is not None:
+            inputs += [None, bias]
+        attrs = {"K": k, "N": n, "bits": self.bits, "block_size": self.block_size, "accuracy_level": self.accuracy_level}
+        return ir.node("MatMulNBits", inputs, attrs, domain=MS_DOMAIN, name=f"{name}_nbits")
+
+    def _replace_gather(self, model: ir.Model, use: WeightUse, blocks: qz.BlockQuantized) -> str | None:
+        node, graph = use.node, use.graph
+        table = use.value
+        if self.format == "onnx":
+            dq = self._blocked_dequantize(graph, table.name, blocks, transposed=True)
+            graph.insert_before(node, dq)
+            node.replace_input_with(0, dq.outputs[0])
+            drop_if_unused(table)
+            return None
+        codes = blocks.unsigned_codes().T  # (rows, hidden)
+        data = qz.pack_nibbles(codes) if self.bits == 4 else codes
+        inputs = [
+            new_initializer(graph, f"{table.name}_q{self.bits}", np.ascontiguousarray(data)),
+            node.inputs[1],
+            new_initializer(graph, f"{table.name}_scales", np.ascontiguousarray(blocks.scales.T)),
+            new_initializer(graph, f"{table.name}_zero_points", self._gather_zero_points(blocks)),
+        ]
+        attrs = {"gather_axis": 0, "quantize_axis": 1, "block_size": self.block_size, "bits": self.bits}
+        gather = ir.node("GatherBlockQuantized", inputs, attrs, domain=MS_DOMAIN, name=f"{node.name}_quantized")
+        model.opset_imports.setdefault(MS_DOMAIN, 1)
+        output = node.outputs[0]
+        gather.outputs[0].shape, gather.outputs[0].type = output.shape, output.type
+        ir.convenience.replace_nodes_and_values(graph, node, [node], [gather], [output], [gather.outputs[0]])
+        drop_if_unused(table)
+        return None
+
+    def _gather_zero_points(self, blocks: qz.BlockQuantized) -> np.ndarray:
+        zps = blocks.unsigned_zero_points().T  # (rows, blocks)
+        return np.ascontiguousarray(qz.pack_nibbles(zps) if self.bits == 4 else zps)
+
+
+def _output_error(w: np.ndarray, w_hat: np.ndarray, xtx: np.ndarray) -> float:
+    """``‖X(W - Ŵ)‖_F / ‖XW‖_F`` from the Gram matrix ``XᵀX`` (no activations kept)."""
+    diff = (w - w_hat).astype(np.float64)
+    num = float(np.sum(diff * (xtx @ diff)))
+    den = float(np.sum(w * (xtx @ w)))
+    return float(np.sqrt(max(num, 0.0) / den)) if den > 0 else 0.0
