@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 
 #include "kernels.h"
@@ -218,6 +219,8 @@ static void sparse_rows_t(const SparseParams& p, int64_t m0, int64_t m1, int64_t
 }
 
 static void sparse_rows(const SparseParams& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  static const bool gather = std::getenv("ONNXOPT_SPARSE_GATHER") != nullptr;
+  if (!gather) return g_sparse_rows(p, m0, m1, n0, n1);
   switch (p.vt) {
     case ValType::F32: return sparse_rows_t<ValType::F32>(p, m0, m1, n0, n1);
     case ValType::F16: return sparse_rows_t<ValType::F16>(p, m0, m1, n0, n1);
@@ -232,58 +235,47 @@ static inline float scalar_val(const void* v, int64_t j) {
   else return (float)static_cast<const int8_t*>(v)[j];
 }
 
-// Transposed path: X^T rows (16*T floats wide) times broadcast values, T tiles of 16 rows.
-template <ValType VT, int T>
-static inline void sparse_xt_tile(const SparseParams& p, int64_t t, int64_t n) {
-  __m512 a[T], c[T];
-  for (int i = 0; i < T; ++i) a[i] = c[i] = _mm512_setzero_ps();
-  const int32_t* bp = p.block_ptr + n * p.nb;
-  for (int64_t b = 0; b < p.nb; ++b) {
-    const int64_t e0 = bp[b], e1 = bp[b + 1];
-    const float* xb = p.xt + (b * p.kb) * p.Mp + t * 16;
-    int64_t j = e0;
-    for (; j + 2 <= e1; j += 2) {
-      const __m512 v0 = _mm512_set1_ps(scalar_val<VT>(p.values, j));
-      const __m512 v1 = _mm512_set1_ps(scalar_val<VT>(p.values, j + 1));
-      const float* x0 = xb + (int64_t)p.indices[j] * p.Mp;
-      const float* x1 = xb + (int64_t)p.indices[j + 1] * p.Mp;
-      for (int i = 0; i < T; ++i) {
-        a[i] = _mm512_fmadd_ps(v0, _mm512_loadu_ps(x0 + 16 * i), a[i]);
-        c[i] = _mm512_fmadd_ps(v1, _mm512_loadu_ps(x1 + 16 * i), c[i]);
-      }
-    }
-    if (j < e1) {
-      const __m512 v0 = _mm512_set1_ps(scalar_val<VT>(p.values, j));
-      const float* x0 = xb + (int64_t)p.indices[j] * p.Mp;
-      for (int i = 0; i < T; ++i) a[i] = _mm512_fmadd_ps(v0, _mm512_loadu_ps(x0 + 16 * i), a[i]);
-    }
-  }
-  const float sc = p.scales[n];
-  const float bi = p.bias ? p.bias[n] : 0.0f;
-  for (int i = 0; i < T; ++i) {
-    alignas(64) float out[16];
-    _mm512_store_ps(out, _mm512_add_ps(a[i], c[i]));
-    for (int r = 0; r < 16; ++r) {
-      const int64_t m = (t + i) * 16 + r;
-      if (m >= p.M) break;
-      p.y[m * p.N + n] = out[r] * sc + bi;
-    }
-  }
-}
-
+// Transposed path: X^T in groups of 32 rows ([group][KP][32]); per entry one broadcast value
+// times two 16-float rows; two accumulator sets (even/odd entries) for 4 independent FMA chains.
 template <ValType VT>
 static void sparse_xt_t(const SparseParams& p, int64_t t0, int64_t t1, int64_t n0, int64_t n1) {
-  for (int64_t t = t0; t < t1;) {
-    const int64_t left = t1 - t;
-    if (left >= 4) {
-      for (int64_t n = n0; n < n1; ++n) sparse_xt_tile<VT, 4>(p, t, n);
-      t += 4;
-    } else if (left >= 2) {
-      for (int64_t n = n0; n < n1; ++n) sparse_xt_tile<VT, 2>(p, t, n);
-      t += 2;
-    } else {
-      for (int64_t n = n0; n < n1; ++n) sparse_xt_tile<VT, 1>(p, t, n);
-      t += 1;
+  const int64_t KP = p.nb * p.kb + 256;
+  for (int64_t t = t0; t < t1; ++t) {
+    const float* xg = p.xt + t * KP * 32;
+    for (int64_t n = n0; n < n1; ++n) {
+      __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), c0 = _mm512_setzero_ps(), c1 = _mm512_setzero_ps();
+      const int32_t* bp = p.block_ptr + n * p.nb;
+      for (int64_t b = 0; b < p.nb; ++b) {
+        const int64_t e0 = bp[b], e1 = bp[b + 1];
+        const float* xb = xg + (b * p.kb) * 32;
+        int64_t j = e0;
+        for (; j + 2 <= e1; j += 2) {
+          const __m512 v0 = _mm512_set1_ps(scalar_val<VT>(p.values, j));
+          const __m512 v1 = _mm512_set1_ps(scalar_val<VT>(p.values, j + 1));
+          const float* x0 = xb + (int64_t)p.indices[j] * 32;
+          const float* x1 = xb + (int64_t)p.indices[j + 1] * 32;
+          a0 = _mm512_fmadd_ps(v0, _mm512_loadu_ps(x0), a0);
+          a1 = _mm512_fmadd_ps(v0, _mm512_loadu_ps(x0 + 16), a1);
+          c0 = _mm512_fmadd_ps(v1, _mm512_loadu_ps(x1), c0);
+          c1 = _mm512_fmadd_ps(v1, _mm512_loadu_ps(x1 + 16), c1);
+        }
+        if (j < e1) {
+          const __m512 v0 = _mm512_set1_ps(scalar_val<VT>(p.values, j));
+          const float* x0 = xb + (int64_t)p.indices[j] * 32;
+          a0 = _mm512_fmadd_ps(v0, _mm512_loadu_ps(x0), a0);
+          a1 = _mm512_fmadd_ps(v0, _mm512_loadu_ps(x0 + 16), a1);
+        }
+      }
+      const float sc = p.scales[n];
+      const float bi = p.bias ? p.bias[n] : 0.0f;
+      alignas(64) float out[32];
+      _mm512_store_ps(out, _mm512_add_ps(a0, c0));
+      _mm512_store_ps(out + 16, _mm512_add_ps(a1, c1));
+      for (int r = 0; r < 32; ++r) {
+        const int64_t m = t * 32 + r;
+        if (m >= p.M) break;
+        p.y[m * p.N + n] = out[r] * sc + bi;
+      }
     }
   }
 }

@@ -40,8 +40,8 @@ struct SparseParams {
   const float* scales;        // [N]
   const float* bias;
   const float* x;             // [M][K] (row path) ; rows are padded? no: see xpad
-  const float* xpad;          // [M][nb*kb] zero padded copy (row path)
-  const float* xt;            // [nb*kb][Mp] transposed, zero padded (GEMM path), Mp = ceil(M/16)*16
+  const float* xpad;          // [M][nb*kb+256] zero padded copy (row path)
+  const float* xt;            // [ceil(M/32)][nb*kb+256][32] transposed groups of 32 rows, zero padded
   int64_t Mp;
   float* y;
 };
@@ -72,7 +72,7 @@ struct KernelTable {
   void (*xnor_gemm)(const XnorParams& p, int64_t m0, int64_t m1, int64_t c0, int64_t c1);
   // Sparse, row path (small M): rows [m0,m1), columns [n0,n1)
   void (*sparse_rows)(const SparseParams& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
-  // Sparse, transposed path (M >= 16): row tiles of 16 [t0,t1), columns [n0,n1)
+  // Sparse, transposed path (M >= 16): row groups of 32 [t0,t1), columns [n0,n1)
   void (*sparse_xt)(const SparseParams& p, int64_t t0, int64_t t1, int64_t n0, int64_t n1);
   // Quant: quantize one row of x into xq (nb*bs), sx (nb), sumx (nb)
   void (*quant_x)(const float* x, int64_t K, int64_t bs, int64_t nb, int8_t* xq, float* sx, int32_t* sumx);

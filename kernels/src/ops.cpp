@@ -334,23 +334,23 @@ struct SparseKernel : KernelBase {
       };
       Parallel(ctx, Ceil(N, chunk), run);
     } else {
-      const int64_t Mp = Ceil(M, 16) * 16, T = Mp / 16;
-      float* xt = Buf(tls_f, (size_t)(KP * Mp));
-      auto tr = [&](int64_t i) {  // transpose 64 K rows per task
+      const int64_t T = Ceil(M, 32);  // groups of 32 rows, layout [T][KP][32]
+      float* xt = Buf(tls_f, (size_t)(T * KP * 32));
+      auto tr = [&](int64_t i) {  // transpose 64 K rows of every group per task
         const int64_t k0 = i * 64, k1 = std::min(KP, k0 + 64);
-        for (int64_t k = k0; k < k1; ++k) {
-          float* d = xt + k * Mp;
-          if (k < K) {
-            for (int64_t m = 0; m < M; ++m) d[m] = xi.x[m * K + k];
-            for (int64_t m = M; m < Mp; ++m) d[m] = 0.0f;
-          } else {
-            std::fill(d, d + Mp, 0.0f);
+        for (int64_t t = 0; t < T; ++t) {
+          for (int64_t k = k0; k < k1; ++k) {
+            float* d = xt + (t * KP + k) * 32;
+            for (int64_t r = 0; r < 32; ++r) {
+              const int64_t m = t * 32 + r;
+              d[r] = (k < K && m < M) ? xi.x[m * K + k] : 0.0f;
+            }
           }
         }
       };
       Parallel(ctx, Ceil(KP, 64), tr);
       p.xt = xt;
-      p.Mp = Mp;
+      p.Mp = T * 32;
       const int64_t ncols = std::max<int64_t>(1, std::min<int64_t>(N, 64));
       const int64_t chunk = Ceil(N, ncols);
       auto run = [&](int64_t t) {
