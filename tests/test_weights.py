@@ -1,0 +1,122 @@
+"""The shared weight walker and activation statistics."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import onnxopt
+from onnxopt import activations, calibration, runtime, weights
+
+RNG = np.random.default_rng(0)
+
+
+def _model(nodes, inputs, outputs, initializers=(), opset=17) -> ir.Model:
+    graph = helper.make_graph(nodes, "g", inputs, outputs, list(initializers))
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=10)
+    model = ir.serde.deserialize_model(proto)
+    return onnxopt.io.normalize(model)
+
+
+def _f(name, shape):
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+
+def test_scan_finds_constant_shared_subgraph_and_skips_quantized():
+    w = RNG.standard_normal((8, 6)).astype(np.float32)
+    wq = numpy_helper.from_array(RNG.integers(-8, 8, (8, 6)).astype(np.int8), "wq")
+    then_branch = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w_shared"], ["t"])], "then", [], [_f("t", ["B", 6])])
+    else_branch = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w_shared"], ["e"])], "else", [], [_f("e", ["B", 6])])
+    nodes = [
+        helper.make_node("Constant", [], ["w_const"], value=numpy_helper.from_array(w, "c")),
+        helper.make_node("MatMul", ["x", "w_const"], ["a"], name="from_constant"),
+        helper.make_node("MatMul", ["x", "w_shared"], ["b"], name="shared_1"),
+        helper.make_node("DequantizeLinear", ["wq", "s"], ["w_dq"]),
+        helper.make_node("MatMul", ["x", "w_dq"], ["c"], name="quantized"),
+        helper.make_node("If", ["cond"], ["d"], then_branch=then_branch, else_branch=else_branch),
+    ]
+    model = _model(
+        nodes,
+        [_f("x", ["B", 8]), helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+        [_f("a", ["B", 6]), _f("b", ["B", 6]), _f("c", ["B", 6]), _f("d", ["B", 6])],
+        [numpy_helper.from_array(w, "w_shared"), wq, numpy_helper.from_array(np.float32(0.1), "s")],
+    )
+    scan = weights.scan_weights(model)
+    labels = sorted(u.label for u in scan.uses)
+    assert "from_constant" in labels and "shared_1" in labels
+    assert len(scan.uses) == 4  # constant, shared, and both If branches
+    assert ("quantized", "already quantized") in scan.skipped
+    shared = next(u for u in scan.uses if u.label == "shared_1")
+    assert shared.shared
+    np.testing.assert_array_equal(shared.matrix(), w)
+
+
+def test_set_weight_leaves_other_consumers_of_a_shared_weight():
+    w = RNG.standard_normal((4, 3)).astype(np.float32)
+    model = _model(
+        [helper.make_node("MatMul", ["x", "w"], ["a"], name="m1"), helper.make_node("MatMul", ["x", "w"], ["b"], name="m2")],
+        [_f("x", [2, 4])], [_f("a", [2, 3]), _f("b", [2, 3])], [numpy_helper.from_array(w, "w")],
+    )
+    use = next(u for u in weights.scan_weights(model).uses if u.label == "m1")
+    weights.set_weight(use, np.zeros_like(w), "zero")
+    x = RNG.standard_normal((2, 4)).astype(np.float32)
+    a, b = runtime.session(model).run(None, {"x": x})
+    np.testing.assert_array_equal(a, 0)
+    np.testing.assert_allclose(b, x @ w, rtol=1e-5)
+    assert "w" in model.graph.initializers  # still used by m2
+
+
+@pytest.mark.parametrize("op", ["Gemm", "Conv"])
+def test_matrix_view_round_trips_and_matches_the_op(op):
+    if op == "Gemm":
+        w = RNG.standard_normal((5, 7)).astype(np.float32)  # (N, K) with transB
+        node = helper.make_node("Gemm", ["x", "w"], ["y"], transB=1)
+        x = RNG.standard_normal((3, 7)).astype(np.float32)
+        xin, yout = _f("x", [3, 7]), _f("y", [3, 5])
+    else:
+        w = RNG.standard_normal((4, 2, 3, 3)).astype(np.float32)
+        node = helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1], strides=[2, 2])
+        x = RNG.standard_normal((2, 2, 7, 6)).astype(np.float32)
+        xin, yout = _f("x", [2, 2, 7, 6]), _f("y", None)
+    model = _model([node], [xin], [yout], [numpy_helper.from_array(w, "w")])
+    (use,) = weights.scan_weights(model, (op,)).uses
+    m = use.matrix()
+    np.testing.assert_array_equal(use.from_matrix(m), w)
+    y = runtime.session(model).run(None, {"x": x})[0]
+    rows = activations.layer_input_rows(use, x)
+    expected = rows @ m  # (rows, N): for Conv rows are (n, oh, ow)
+    if op == "Conv":
+        expected = expected.reshape(y.shape[0], y.shape[2], y.shape[3], -1).transpose(0, 3, 1, 2)
+    np.testing.assert_allclose(expected, y, rtol=1e-4, atol=1e-5)
+
+
+def test_input_grams_match_numpy_and_stream():
+    w = RNG.standard_normal((6, 4)).astype(np.float32)
+    model = _model([helper.make_node("MatMul", ["x", "w"], ["y"])], [_f("x", ["B", 3, 6])], [_f("y", ["B", 3, 4])],
+                   [numpy_helper.from_array(w, "w")])
+    x = RNG.standard_normal((10, 3, 6)).astype(np.float32)
+    data = calibration.Dataset.from_arrays({"x": x})
+    grams = activations.input_grams(model, weights.scan_weights(model).uses, data, limit=None, batch_size=3)
+    rows = x.reshape(-1, 6).astype(np.float64)
+    np.testing.assert_allclose(grams["x"].xtx, rows.T @ rows, rtol=1e-6)
+    assert grams["x"].rows == 30
+    np.testing.assert_allclose(grams["x"].column_norms, np.linalg.norm(rows, axis=0), rtol=1e-6)
+
+
+def test_cross_gram_least_squares_recovers_the_original_weight():
+    w = RNG.standard_normal((6, 4)).astype(np.float32)
+    nodes = [helper.make_node("Relu", ["x"], ["h"]), helper.make_node("MatMul", ["h", "w"], ["y"])]
+    original = _model(nodes, [_f("x", ["B", 6])], [_f("y", ["B", 4])], [numpy_helper.from_array(w, "w")])
+    compressed = _model(nodes, [_f("x", ["B", 6])], [_f("y", ["B", 4])], [numpy_helper.from_array(w * 0.5, "w")])
+    data = calibration.Dataset.from_arrays({"x": RNG.standard_normal((64, 6)).astype(np.float32)})
+    (u_orig,) = weights.scan_weights(original).uses
+    (u_comp,) = weights.scan_weights(compressed).uses
+    gram = activations.cross_gram(original, u_orig, compressed, u_comp, data)
+    refit = np.linalg.solve(gram.xtx, gram.xty)
+    np.testing.assert_allclose(refit, w, rtol=1e-4, atol=1e-5)
+    assert onnx.checker.check_model(ir.to_proto(compressed)) is None
