@@ -93,7 +93,10 @@ def save(
     data_name = path.name + ".data"
     ir_version = model.ir_version
     model.ir_version = _output_ir_version(model)
-    tmp_dir = tempfile.mkdtemp(prefix=".onnxopt-", dir=directory)
+    try:
+        tmp_dir = tempfile.mkdtemp(prefix=".onnxopt-", dir=directory)
+    except OSError as exc:
+        raise ModelSaveError(f"cannot write {path}: {exc.strerror or exc}") from None
     try:
         tmp_model = pathlib.Path(tmp_dir) / path.name
         sparse = _sparse_flagged(model)
