@@ -1,0 +1,455 @@
+"""The ``onnxopt`` command line: exit codes, one-line errors, reports, recipes, --on-error."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from click.testing import CliRunner
+
+from onnxopt import cli, io, registry, runtime
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+X = np.random.default_rng(4).standard_normal((5, 8)).astype(np.float32)
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(cli.main, [str(a) for a in args])
+
+
+def _digest(path: pathlib.Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def assert_usage_error(result, out: pathlib.Path, *expected: str) -> str:
+    """Exit 2, exactly one ``error:`` line naming ``expected``, no traceback, no output file.
+
+    Other stderr lines may only be per-pass progress lines (indented).
+    """
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
+    assert all(line.startswith("  ") for line in lines[:-1]), result.stderr
+    assert "Traceback" not in result.output
+    for text in expected:
+        assert text in errors[0], errors[0]
+    assert not out.exists()
+    if out.parent.is_dir():
+        assert not list(out.parent.glob(".onnxopt-*"))
+    return errors[0]
+
+
+# --- bad input: exit 2, one line, nothing written, input untouched --------------------------------
+
+
+def _truncated(path: pathlib.Path, tmp: pathlib.Path) -> pathlib.Path:
+    bad = tmp / "truncated.onnx"
+    bad.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return bad
+
+
+def _random_bytes(path: pathlib.Path, tmp: pathlib.Path) -> pathlib.Path:
+    bad = tmp / "random.onnx"
+    bad.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    return bad
+
+
+def _newer_ir(path: pathlib.Path, tmp: pathlib.Path) -> pathlib.Path:
+    proto = onnx.load(str(path))
+    proto.ir_version = onnx.IR_VERSION + 1
+    bad = tmp / "future.onnx"
+    bad.write_bytes(proto.SerializeToString())
+    return bad
+
+
+def _missing_external_data(path: pathlib.Path, tmp: pathlib.Path) -> pathlib.Path:
+    model = io.load(path)
+    model.graph.initializers["big"] = ir.Value(name="big", const_value=ir.tensor(np.ones((64, 64), np.float32), name="big"))
+    bad = io.save(model, tmp / "external.onnx", external_data=True)
+    (tmp / "external.onnx.data").unlink()
+    return bad
+
+
+def _empty(path: pathlib.Path, tmp: pathlib.Path) -> pathlib.Path:
+    bad = tmp / "empty.onnx"
+    bad.touch()
+    return bad
+
+
+@pytest.mark.parametrize(
+    "make_bad, expected",
+    [
+        (_truncated, "not a valid ONNX"),
+        (_random_bytes, "not a valid ONNX"),
+        (_newer_ir, "IR version"),
+        (_missing_external_data, "external data file"),
+        (_empty, "empty"),
+    ],
+    ids=["truncated", "random-bytes", "newer-ir", "missing-external-data", "empty-file"],
+)
+def test_unreadable_model(tmp_path, mlp_path, make_bad, expected):
+    bad = make_bad(mlp_path, tmp_path)
+    before = _digest(bad)
+    out = tmp_path / "out" / "model.onnx"
+    out.parent.mkdir()
+    assert_usage_error(invoke("optimize", bad, "-o", out, "-p", "cleanup"), out, expected)
+    assert _digest(bad) == before
+
+
+def test_missing_model_file(tmp_path):
+    out = tmp_path / "out.onnx"
+    assert_usage_error(invoke("optimize", tmp_path / "nope.onnx", "-o", out, "-p", "cleanup"), out, "not found")
+    assert_usage_error(invoke("inspect", tmp_path / "nope.onnx"), out, "not found")
+
+
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ("no-such-pass", "unknown pass 'no-such-pass'"),
+        ("cleanup:no_such_option=1", "no option 'no_such_option'"),
+        ("cleanup:iterations=many", "must be an integer"),
+        ("cleanup:fold_constants=maybe", "must be true or false"),
+        ("fuse:target=tensorrt", "must be one of"),
+        ("cleanup:iterations", "expected key=value"),
+        ("cleanup:iterations=0", "iterations"),
+    ],
+)
+def test_bad_pass_spec(tmp_path, mlp_path, spec, expected):
+    before = _digest(mlp_path)
+    out = tmp_path / "out.onnx"
+    line = assert_usage_error(invoke("optimize", mlp_path, "-o", out, "-p", spec), out, expected)
+    if "unknown pass" in expected:
+        assert "cleanup" in line and "fuse" in line, "the valid passes are listed"
+    if "no option" in expected:
+        assert "fold_size_limit" in line, "the valid options are listed"
+    assert _digest(mlp_path) == before
+
+
+@pytest.mark.parametrize("where", ["missing-dir", "under-a-file", "proc"])
+def test_unwritable_output(tmp_path, mlp_path, where):
+    out = {
+        "missing-dir": tmp_path / "missing" / "out.onnx",
+        "under-a-file": mlp_path / "out.onnx",
+        "proc": pathlib.Path("/proc/onnxopt-test-out.onnx"),  # writable by mode bits even for root, but not creatable
+    }[where]
+    before = _digest(mlp_path)
+    result = invoke("optimize", mlp_path, "-o", out, "-p", "cleanup", "--no-numeric-check")
+    assert_usage_error(result, out, "does not exist" if where != "proc" else f"cannot write {out}")
+    assert _digest(mlp_path) == before
+
+
+def test_output_equal_to_input_is_refused(mlp_path):
+    before = _digest(mlp_path)
+    result = invoke("optimize", mlp_path, "-o", mlp_path, "-p", "cleanup")
+    assert result.exit_code == 2 and "never overwrites its input" in result.stderr
+    assert _digest(mlp_path) == before
+
+
+def _empty_npz(tmp: pathlib.Path) -> pathlib.Path:
+    path = tmp / "empty.npz"
+    path.touch()
+    return path
+
+
+def _npz_without_arrays(tmp: pathlib.Path) -> pathlib.Path:
+    path = tmp / "none.npz"
+    np.savez(path)
+    return path
+
+
+def _wrong_input_name(tmp: pathlib.Path) -> pathlib.Path:
+    path = tmp / "wrong_name.npz"
+    np.savez(path, images=X)
+    return path
+
+
+def _wrong_rank(tmp: pathlib.Path) -> pathlib.Path:
+    path = tmp / "wrong_rank.npz"
+    np.savez(path, x=X[:, :, None])
+    return path
+
+
+def _wrong_dtype(tmp: pathlib.Path) -> pathlib.Path:
+    path = tmp / "wrong_dtype.npz"
+    np.savez(path, x=np.array([["a"] * 8] * 2))
+    return path
+
+
+@pytest.mark.parametrize(
+    "make_data, expected",
+    [
+        (_empty_npz, "not a readable .npz"),
+        (_npz_without_arrays, "no arrays"),
+        (_wrong_input_name, "no array for model input 'x'"),
+        (_wrong_rank, "rank 3"),
+        (_wrong_dtype, "model expects float32"),
+        (lambda tmp: tmp / "missing.npz", "not found"),
+    ],
+    ids=["empty-file", "no-arrays", "wrong-name", "wrong-rank", "wrong-dtype", "missing"],
+)
+def test_bad_data(tmp_path, mlp_path, make_data, expected):
+    data = make_data(tmp_path)
+    out = tmp_path / "out.onnx"
+    before = _digest(mlp_path)
+    assert_usage_error(invoke("optimize", mlp_path, "-o", out, "-p", "cleanup", "--data", data), out, expected)
+    assert _digest(mlp_path) == before
+
+
+def test_entry_point_one_line_and_debug_traceback(tmp_path):
+    """Through ``python -m onnxopt``: one line by default, the traceback with --debug."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    args = [sys.executable, "-m", "onnxopt", "optimize", str(tmp_path / "nope.onnx"), "-o", str(tmp_path / "o.onnx"), "-p", "cleanup"]
+    plain = subprocess.run(args, capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert plain.returncode == 2
+    assert plain.stderr.strip().count("\n") == 0 and plain.stderr.startswith("error: "), plain.stderr
+    debug = subprocess.run([*args[:3], "--debug", *args[3:]], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert debug.returncode != 0
+    assert "Traceback (most recent call last)" in debug.stderr and "model file not found" in debug.stderr
+
+
+# --- the commands ---------------------------------------------------------------------------------
+
+
+def test_optimize_prints_table_and_writes_reports(tmp_path, mlp_path):
+    out = tmp_path / "out.onnx"
+    before = _digest(mlp_path)
+    result = invoke("optimize", mlp_path, "-o", out, "-p", "cleanup", "-p", "fuse:matmul_add_to_gemm=true",
+                    "--report", tmp_path / "report")
+    assert result.exit_code == 0, result.output
+    assert _digest(mlp_path) == before
+    for row in ("file size", "nodes", "parameters", "latency (ms, median)", "output max abs error"):
+        assert row in result.stdout
+    ref = runtime.session(mlp_path).run(None, {"x": X})[0]
+    np.testing.assert_allclose(runtime.session(out).run(None, {"x": X})[0], ref, rtol=1e-5, atol=1e-6)
+
+    report = json.loads((tmp_path / "report.json").read_text())
+    records = report["passes"]
+    assert [r["name"] for r in records] == ["cleanup", "fuse"]
+    for record in records:
+        assert record["status"] == "ok"
+        assert {"seconds", "nodes", "parameters", "tensor_bytes", "op_delta", "errors"} <= record.keys()
+        assert record["errors"] and record["errors"][0]["max_abs"] < 1e-4
+    assert records[1]["op_delta"] == {"Add": -2, "Gemm": 2, "MatMul": -2}
+    assert records[1]["nodes"] == [5, 3]
+    markdown = (tmp_path / "report.md").read_text()
+    assert markdown.startswith("| pass | status |") and "| fuse | ok |" in markdown and "Gemm +2" in markdown
+
+
+def test_report_by_extension(tmp_path, mlp_path):
+    result = invoke("optimize", mlp_path, "-o", tmp_path / "out.onnx", "-p", "cleanup", "--report", tmp_path / "r.md")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "r.md").is_file() and not (tmp_path / "r.json").exists()
+
+
+def test_passes_lists_cleanup_and_fuse_with_options():
+    result = invoke("passes")
+    assert result.exit_code == 0
+    text = result.stdout
+    assert "cleanup  (lossless)" in text and "fuse  (lossless)" in text
+    for option in ("fold_constants (bool, default True)", "fold_size_limit (int, default 1024)",
+                   "target (ort|onnx, default 'ort')", "matmul_add_to_gemm (bool, default False)"):
+        assert option in text
+    for name in ("node_filter", "data ("):
+        assert name not in text, "injected parameters are not options"
+
+
+def test_inspect(tmp_path, mlp_path):
+    result = invoke("inspect", mlp_path)
+    assert result.exit_code == 0, result.output
+    assert "IR 8" in result.stdout and "opsets {'': 17}" in result.stdout
+    assert "x: float32 ['batch', 8]" in result.stdout.replace("FLOAT", "float32")
+    assert "MatMul 2" in result.stdout and "Add 2" in result.stdout and "Relu 1" in result.stdout
+    info = json.loads(invoke("inspect", mlp_path, "--json").stdout)
+    assert info["nodes"] == 5
+    assert info["parameters"] == 8 * 16 + 16 + 16 * 4 + 4
+    assert info["tensor_bytes"] == 4 * info["parameters"]
+    assert info["op_histogram"] == {"MatMul": 2, "Add": 2, "Relu": 1}
+    assert info["external_tensors"] == 0 and info["custom_domains"] == []
+
+
+def test_inspect_counts_external_tensors(tmp_path, mlp_path):
+    model = io.load(mlp_path)
+    model.graph.initializers["big"] = ir.Value(name="big", const_value=ir.tensor(np.ones((64, 64), np.float32), name="big"))
+    path = io.save(model, tmp_path / "ext.onnx", external_data=True)
+    info = json.loads(invoke("inspect", path, "--json").stdout)
+    assert info["external_tensors"] == 1
+    assert info["file_bytes"] == path.stat().st_size + (tmp_path / "ext.onnx.data").stat().st_size
+    assert info["bytes_by_op"]["(unused)"] == 64 * 64 * 4
+
+
+def _perturbed(mlp_path: pathlib.Path, tmp: pathlib.Path, scale: float) -> pathlib.Path:
+    proto = onnx.load(str(mlp_path))
+    w1 = onnx.numpy_helper.to_array(proto.graph.initializer[0]) * scale
+    proto.graph.initializer[0].CopyFrom(onnx.numpy_helper.from_array(w1, "w1"))
+    path = tmp / f"scaled_{scale}.onnx"
+    onnx.save(proto, str(path))
+    return path
+
+
+def test_validate_threshold_exit_codes(tmp_path, mlp_path):
+    candidate = _perturbed(mlp_path, tmp_path, 1.01)
+    ok = invoke("validate", mlp_path, candidate, "--repeat", "5", "--max-rel", "0.5")
+    assert ok.exit_code == 0, ok.output
+    assert "latency ms" in ok.stdout and "file size" in ok.stdout and "cosine" in ok.stdout
+    over = invoke("validate", mlp_path, candidate, "--repeat", "5", "--max-abs", "1e-6")
+    assert over.exit_code == 1 and "threshold exceeded on: y" in over.stderr
+    low_cosine = invoke("validate", mlp_path, _perturbed(mlp_path, tmp_path, -1.0), "--repeat", "5", "--min-cosine", "0.99")
+    assert low_cosine.exit_code == 1
+    same = invoke("validate", mlp_path, mlp_path, "--repeat", "5", "--max-abs", "0")
+    assert same.exit_code == 0, same.output
+
+
+# --- recipes and test-only passes ------------------------------------------------------------------
+
+SEEN: list[dict] = []
+
+
+class _RecordPass(ir.passes.InPlacePass):
+    """Record the options and node filter it was given (test only).
+
+    Args:
+        scale: A float option.
+        names: A list option.
+    """
+
+    def __init__(self, scale: float = 1.0, names: list[str] | None = None, node_filter=None):
+        super().__init__()
+        SEEN.append({"scale": scale, "names": names, "filter": node_filter})
+
+    def call(self, model):
+        return ir.passes.PassResult(model, False)
+
+
+class _BreakWeightsPass(ir.passes.InPlacePass):
+    """Double the first MatMul's weight while claiming to be lossless (test only)."""
+
+    def call(self, model):
+        node = next(n for n in model.graph if n.op_type == "MatMul")
+        weight = node.inputs[1]
+        weight.const_value = ir.tensor(weight.const_value.numpy() * 2, name=weight.name)
+        return ir.passes.PassResult(model, True)
+
+
+class _DanglingPass(ir.passes.InPlacePass):
+    """Remove the Relu, leaving its consumer reading an undefined value (test only)."""
+
+    def call(self, model):
+        relu = next(n for n in model.graph if n.op_type == "Relu")
+        model.graph.remove(relu, safe=False)
+        return ir.passes.PassResult(model, True)
+
+
+@pytest.fixture
+def test_passes():
+    """Register the test-only passes for one test, then remove them again."""
+    registry.all_passes()  # load the real passes first
+    names = {"test-record": (_RecordPass, True), "test-break": (_BreakWeightsPass, True), "test-dangling": (_DanglingPass, True)}
+    for name, (cls, lossless) in names.items():
+        registry.register(name, lossless=lossless)(cls)
+    SEEN.clear()
+    yield
+    for name in names:
+        registry._REGISTRY.pop(name, None)
+
+
+RECIPES = {
+    "recipe.yaml": """
+passes:
+  - cleanup
+  - name: test-record
+    options: {scale: 0.5, names: [a, b]}
+    op_types: [MatMul, Gemm]
+    name_regex: "^fc"
+    exclude: [fc2]
+  - name: fuse
+    options:
+      matmul_add_to_gemm: true
+""",
+    "recipe.toml": """
+[[passes]]
+name = "cleanup"
+
+[[passes]]
+name = "test-record"
+options = { scale = 0.5, names = ["a", "b"] }
+op_types = ["MatMul", "Gemm"]
+name_regex = "^fc"
+exclude = ["fc2"]
+
+[[passes]]
+name = "fuse"
+options = { matmul_add_to_gemm = true }
+""",
+}
+
+
+@pytest.mark.parametrize("recipe_name", sorted(RECIPES))
+def test_recipe_options_and_node_filters(tmp_path, mlp_path, test_passes, recipe_name):
+    recipe = tmp_path / recipe_name
+    recipe.write_text(RECIPES[recipe_name])
+    out = tmp_path / "out.onnx"
+    result = invoke("optimize", mlp_path, "-o", out, "--recipe", recipe, "-p", "test-record:scale=2",
+                    "--report", tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+    assert [r["name"] for r in json.loads((tmp_path / "r.json").read_text())["passes"]] == [
+        "cleanup", "test-record", "fuse", "test-record"]
+    from_recipe = next(s for s in SEEN if s["scale"] == 0.5)
+    assert from_recipe["names"] == ["a", "b"]
+    node_filter = from_recipe["filter"]
+    assert node_filter.op_types == ("MatMul", "Gemm") and node_filter.exclude == ("fc2",)
+    model = io.load(mlp_path)
+    selected = sorted(n.name for n in model.graph if node_filter(n))
+    assert selected == ["fc1"]
+    assert any(s["scale"] == 2.0 and s["filter"] is None for s in SEEN), "-p passes run after the recipe"
+    assert [n.op_type for n in io.load(out).graph].count("Gemm") == 2
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("passes: []\n", "non-empty list 'passes'"),
+        ("passes:\n  - name: cleanup\n    colour: blue\n", "unknown keys ['colour']"),
+        ("passes:\n  - options: {}\n", "needs a 'name'"),
+        ("passes: [unclosed\n", "cannot parse recipe"),
+        ("passes:\n  - name: cleanup\n    options: {iterations: lots}\n", "must be an integer"),
+    ],
+)
+def test_bad_recipe(tmp_path, mlp_path, test_passes, text, expected):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(text)
+    out = tmp_path / "out.onnx"
+    assert_usage_error(invoke("optimize", mlp_path, "-o", out, "--recipe", recipe), out, expected)
+
+
+@pytest.mark.parametrize("broken", ["test-break", "test-dangling"])
+def test_on_error_skip_rolls_back(tmp_path, mlp_path, test_passes, broken):
+    out = tmp_path / "out.onnx"
+    result = invoke("optimize", mlp_path, "-o", out, "-p", broken, "-p", "fuse:matmul_add_to_gemm=true",
+                    "--on-error", "skip", "--report", tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+    records = json.loads((tmp_path / "r.json").read_text())["passes"]
+    assert [(r["name"], r["status"]) for r in records] == [(broken, "rolled back"), ("fuse", "ok")]
+    assert records[0]["message"]
+    ref = runtime.session(mlp_path).run(None, {"x": X})[0]
+    np.testing.assert_allclose(runtime.session(out).run(None, {"x": X})[0], ref, rtol=1e-5, atol=1e-6)
+
+
+def test_on_error_stop_names_pass_and_first_divergence(tmp_path, mlp_path, test_passes):
+    out = tmp_path / "out.onnx"
+    result = invoke("optimize", mlp_path, "-o", out, "-p", "test-break")
+    line = assert_usage_error(result, out, "pass 'test-break' failed", "output 'y' changed")
+    assert "first diverging value: 'h0'" in line, line
+
+
+def test_on_error_stop_structural(tmp_path, mlp_path, test_passes):
+    out = tmp_path / "out.onnx"
+    assert_usage_error(invoke("optimize", mlp_path, "-o", out, "-p", "test-dangling"), out, "pass 'test-dangling' failed")
