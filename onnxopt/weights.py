@@ -169,7 +169,7 @@ def new_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     taken = _names_in(graph)
     while unique in taken:
         unique, n = f"{name}_{n}", n + 1
-    tensor = ir.tensor(np.ascontiguousarray(array), name=unique)
+    tensor = ir.tensor(np.asarray(array, order="C"), name=unique)  # asarray keeps 0-d arrays scalar
     value = ir.Value(name=unique, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
     graph.register_initializer(value)
     return value

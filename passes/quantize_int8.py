@@ -39,7 +39,7 @@ from onnxopt.weights import WeightUse, constant_tensor, drop_if_unused, new_init
 
 COMPUTE_OPS = ("MatMul", "Gemm", "Conv")
 SHARED_SCALE_OPS = {"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze"}
-DEFAULT_OP_TYPES = ["MatMul", "Gemm", "Conv", "Relu", "MaxPool", "AveragePool", "GlobalAveragePool", "Flatten"]
+DEFAULT_OP_TYPES = ["MatMul", "Gemm", "Conv", "Relu", "MaxPool", "AveragePool", "GlobalAveragePool", "Flatten", "Reshape"]
 
 
 def _attr(node: ir.Node, name: str, default):
@@ -56,7 +56,11 @@ class _Plan:
     range_of: dict[ir.Value, ir.Value]  # tensor -> tensor whose calibrated range it uses
     relu_floor: set[ir.Value]  # outputs whose range starts at 0 (a folded Relu)
     shared_with: dict[ir.Value, ir.Value]  # tensor -> tensor whose parameters it reuses
-    folded_relus: list[ir.Node]
+    folded: dict[ir.Value, ir.Value]  # output of a Relu folded away -> its producer's output
+
+    @property
+    def folded_relus(self) -> list[ir.Node]:
+        return [value.producer() for value in self.folded]
 
 
 @register("quantize-int8", lossless=False)
@@ -155,7 +159,7 @@ class QuantizeInt8Pass(ir.passes.InPlacePass):
                 selected.add(node)
 
         plan = self._plan(graph, selected, weights)
-        calibrators = self._calibrate(model, plan)
+        calibrators = self._calibrate(model, self._candidates(selected))
         kept_float: dict[str, str] = {}
         while True:  # drop nodes reading or writing tensors that must stay float, until stable
             params, newly = self._parameters(plan, calibrators)
@@ -166,7 +170,7 @@ class QuantizeInt8Pass(ir.passes.InPlacePass):
                 break
             selected -= blocked
             plan = self._plan(graph, selected, weights)
-        input_params = {node: params.get(node.inputs[0]) for node in selected & set(weights)}
+        input_params = {n: params.get(plan.folded.get(n.inputs[0], n.inputs[0])) for n in selected & set(weights)}
         self._apply(graph, plan, params)
         weight_errors = {}
         for node in sorted(input_params, key=lambda n: n.name or ""):
@@ -208,59 +212,61 @@ class QuantizeInt8Pass(ir.passes.InPlacePass):
 
     # ------------------------------------------------------------------ planning
     def _plan(self, graph: ir.Graph, selected: set[ir.Node], weights: dict) -> _Plan:
-        plan = _Plan({}, set(), {}, set(), {}, [])
-        asymmetric_floor = not self.symmetric_activations
+        plan = _Plan({}, set(), {}, set(), {}, {})
+        folded = plan.folded
         for node in graph:
             if node not in selected:
                 continue
+            output = node.outputs[0]
+            if node.op_type in SHARED_SCALE_OPS:
+                # Only extends a quantized region: the input must already be quantized as an output.
+                source = folded.get(node.inputs[0], node.inputs[0])
+                if source in plan.all_consumers and _float_activation(output) and not output.is_graph_output():
+                    plan.shared_with[output] = source
+                    plan.all_consumers.add(output)
+                continue
+            if node in plan.folded_relus:
+                continue
             if node.op_type in COMPUTE_OPS:
-                inputs = [0, 1] if node not in weights else [0]
+                inputs = [0] if node in weights else [0, 1]
             else:
                 inputs = [i for i, v in enumerate(node.inputs) if _float_activation(v)]
             for i in inputs:
-                value = node.inputs[i]
-                if _float_activation(value) and not _is_dequantized(value):
+                value = folded.get(node.inputs[i], node.inputs[i])
+                if _float_activation(value) and not _is_dequantized(value) and value not in plan.all_consumers:
                     plan.consumers.setdefault(value, set()).add(node)
                     plan.range_of.setdefault(value, value)
-            output = node.outputs[0]
             if not _float_activation(output) or output.is_graph_output():
                 continue
             consumers = [n for n, _ in output.uses()]
-            relu = consumers[0] if len(consumers) == 1 else None
-            if (
-                node.op_type in COMPUTE_OPS
-                and asymmetric_floor
-                and relu is not None
-                and relu.op_type == "Relu"
-                and relu in selected
-                and not relu.outputs[0].is_graph_output()
-                and relu.outputs[0].uses()
-                and all(n in selected for n, _ in relu.outputs[0].uses())
-            ):
-                plan.folded_relus.append(relu)
+            relu = self._foldable_relu(node, consumers, selected)
+            if relu is not None:
+                folded[relu.outputs[0]] = output
                 plan.range_of[output] = relu.outputs[0]
                 plan.relu_floor.add(output)
                 plan.all_consumers.add(output)
-                plan.consumers.pop(relu.outputs[0], None)
-                continue
-            if node.op_type in SHARED_SCALE_OPS:
-                if node.inputs[0] in plan.consumers or node.inputs[0] in plan.all_consumers:
-                    plan.shared_with[output] = node.inputs[0]
-                    plan.all_consumers.add(output)
-                continue
-            needs_output = node.op_type == "Conv" or node.op_type not in COMPUTE_OPS
-            if needs_output or (consumers and all(n in selected for n in consumers)):
+            elif node.op_type not in COMPUTE_OPS or node.op_type == "Conv" or (
+                consumers and all(n in selected for n in consumers)
+            ):
                 plan.all_consumers.add(output)
-                plan.range_of.setdefault(output, output)
-        # Relu outputs folded into their producer are read from the producer's output.
-        for relu in plan.folded_relus:
-            plan.consumers.pop(relu.outputs[0], None)
-            plan.all_consumers.discard(relu.outputs[0])
-            plan.range_of.pop(relu.outputs[0], None)
+                plan.range_of[output] = output
         return plan
 
-    def _calibrate(self, model: ir.Model, plan: _Plan) -> dict:
-        names = sorted({v.name for v in plan.range_of.values()})
+    def _foldable_relu(self, node: ir.Node, consumers: list[ir.Node], selected: set[ir.Node]) -> ir.Node | None:
+        """The Relu after a compute op that a zero point at the integer minimum can replace."""
+        if node.op_type not in COMPUTE_OPS or self.symmetric_activations or len(consumers) != 1:
+            return None
+        relu = consumers[0]
+        out = relu.outputs[0]
+        if relu.op_type != "Relu" or relu not in selected or out.is_graph_output() or not out.uses():
+            return None
+        return relu if all(n in selected for n, _ in out.uses()) else None
+
+    def _candidates(self, selected: set[ir.Node]) -> list[str]:
+        """Every tensor a plan over ``selected`` (or a subset of it) may need a range for."""
+        return sorted({v.name for n in selected for v in (*n.inputs, *n.outputs) if _float_activation(v)})
+
+    def _calibrate(self, model: ir.Model, names: list[str]) -> dict:
         self._not_float: set[str] = set()
         calibrators = {name: qz.RangeCalibrator(self.calibration, self.percentile) for name in names}
 
