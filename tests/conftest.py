@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper
 
@@ -16,6 +17,8 @@ from onnx import TensorProto, helper
 _ROOT = str(pathlib.Path(__file__).resolve().parents[1])
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
+
+from onnxopt import registry  # noqa: E402
 
 CORPUS_TEST = "test_corpus.py::"
 
@@ -52,6 +55,59 @@ def mlp_path(tmp_path, mlp_proto) -> pathlib.Path:
     path = tmp_path / "mlp.onnx"
     onnx.save(mlp_proto, str(path))
     return path
+
+
+# --- test-only passes ----------------------------------------------------------------------------
+
+SEEN: list[dict] = []
+
+
+class _RecordPass(ir.passes.InPlacePass):
+    """Record the options and node filter it was given (test only).
+
+    Args:
+        scale: A float option.
+        names: A list option.
+    """
+
+    def __init__(self, scale: float = 1.0, names: list[str] | None = None, node_filter=None):
+        super().__init__()
+        SEEN.append({"scale": scale, "names": names, "filter": node_filter})
+
+    def call(self, model):
+        return ir.passes.PassResult(model, False)
+
+
+class _BreakWeightsPass(ir.passes.InPlacePass):
+    """Double the first MatMul's weight while claiming to be lossless (test only)."""
+
+    def call(self, model):
+        node = next(n for n in model.graph if n.op_type == "MatMul")
+        weight = node.inputs[1]
+        weight.const_value = ir.tensor(weight.const_value.numpy() * 2, name=weight.name)
+        return ir.passes.PassResult(model, True)
+
+
+class _DanglingPass(ir.passes.InPlacePass):
+    """Remove the Relu, leaving its consumer reading an undefined value (test only)."""
+
+    def call(self, model):
+        relu = next(n for n in model.graph if n.op_type == "Relu")
+        model.graph.remove(relu, safe=False)
+        return ir.passes.PassResult(model, True)
+
+
+@pytest.fixture
+def test_passes() -> list[dict]:
+    """Register the test-only passes for one test (then remove them); yields what test-record saw."""
+    registry.all_passes()  # load the real passes first
+    passes = {"test-record": _RecordPass, "test-break": _BreakWeightsPass, "test-dangling": _DanglingPass}
+    for name, cls in passes.items():
+        registry.register(name, lossless=True)(cls)
+    SEEN.clear()
+    yield SEEN
+    for name in passes:
+        registry._REGISTRY.pop(name, None)
 
 
 def pytest_terminal_summary(terminalreporter, config):

@@ -15,7 +15,7 @@ import onnx_ir as ir
 import pytest
 from click.testing import CliRunner
 
-from onnxopt import cli, io, registry, runtime
+from onnxopt import cli, io, runtime
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 X = np.random.default_rng(4).standard_normal((5, 8)).astype(np.float32)
@@ -310,57 +310,6 @@ def test_validate_threshold_exit_codes(tmp_path, mlp_path):
 
 # --- recipes and test-only passes ------------------------------------------------------------------
 
-SEEN: list[dict] = []
-
-
-class _RecordPass(ir.passes.InPlacePass):
-    """Record the options and node filter it was given (test only).
-
-    Args:
-        scale: A float option.
-        names: A list option.
-    """
-
-    def __init__(self, scale: float = 1.0, names: list[str] | None = None, node_filter=None):
-        super().__init__()
-        SEEN.append({"scale": scale, "names": names, "filter": node_filter})
-
-    def call(self, model):
-        return ir.passes.PassResult(model, False)
-
-
-class _BreakWeightsPass(ir.passes.InPlacePass):
-    """Double the first MatMul's weight while claiming to be lossless (test only)."""
-
-    def call(self, model):
-        node = next(n for n in model.graph if n.op_type == "MatMul")
-        weight = node.inputs[1]
-        weight.const_value = ir.tensor(weight.const_value.numpy() * 2, name=weight.name)
-        return ir.passes.PassResult(model, True)
-
-
-class _DanglingPass(ir.passes.InPlacePass):
-    """Remove the Relu, leaving its consumer reading an undefined value (test only)."""
-
-    def call(self, model):
-        relu = next(n for n in model.graph if n.op_type == "Relu")
-        model.graph.remove(relu, safe=False)
-        return ir.passes.PassResult(model, True)
-
-
-@pytest.fixture
-def test_passes():
-    """Register the test-only passes for one test, then remove them again."""
-    registry.all_passes()  # load the real passes first
-    names = {"test-record": (_RecordPass, True), "test-break": (_BreakWeightsPass, True), "test-dangling": (_DanglingPass, True)}
-    for name, (cls, lossless) in names.items():
-        registry.register(name, lossless=lossless)(cls)
-    SEEN.clear()
-    yield
-    for name in names:
-        registry._REGISTRY.pop(name, None)
-
-
 RECIPES = {
     "recipe.yaml": """
 passes:
@@ -394,6 +343,7 @@ options = { matmul_add_to_gemm = true }
 
 @pytest.mark.parametrize("recipe_name", sorted(RECIPES))
 def test_recipe_options_and_node_filters(tmp_path, mlp_path, test_passes, recipe_name):
+    seen = test_passes
     recipe = tmp_path / recipe_name
     recipe.write_text(RECIPES[recipe_name])
     out = tmp_path / "out.onnx"
@@ -402,14 +352,14 @@ def test_recipe_options_and_node_filters(tmp_path, mlp_path, test_passes, recipe
     assert result.exit_code == 0, result.output
     assert [r["name"] for r in json.loads((tmp_path / "r.json").read_text())["passes"]] == [
         "cleanup", "test-record", "fuse", "test-record"]
-    from_recipe = next(s for s in SEEN if s["scale"] == 0.5)
+    from_recipe = next(s for s in seen if s["scale"] == 0.5)
     assert from_recipe["names"] == ["a", "b"]
     node_filter = from_recipe["filter"]
     assert node_filter.op_types == ("MatMul", "Gemm") and node_filter.exclude == ("fc2",)
     model = io.load(mlp_path)
     selected = sorted(n.name for n in model.graph if node_filter(n))
     assert selected == ["fc1"]
-    assert any(s["scale"] == 2.0 and s["filter"] is None for s in SEEN), "-p passes run after the recipe"
+    assert any(s["scale"] == 2.0 and s["filter"] is None for s in seen), "-p passes run after the recipe"
     assert [n.op_type for n in io.load(out).graph].count("Gemm") == 2
 
 

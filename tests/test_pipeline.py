@@ -1,0 +1,146 @@
+"""onnxopt.pipeline: checked execution of registered passes and the per-pass report."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from onnxopt import errors, io, pipeline, registry, runtime
+from onnxopt.calibration import Dataset
+
+X = np.random.default_rng(5).standard_normal((6, 8)).astype(np.float32)
+
+
+def _outputs(model) -> np.ndarray:
+    return runtime.session(model, threads=1).run(None, {"x": X})[0]
+
+
+def test_numeric_check_catches_lossless_pass_that_changes_outputs(mlp_path, test_passes):
+    with pytest.raises(errors.PassFailedError) as caught:
+        pipeline.run_pipeline(io.load(mlp_path), ["cleanup", "test-break"], Dataset.from_arrays({"x": X}))
+    assert caught.value.pass_name == "test-break"
+    assert "output 'y' changed" in str(caught.value) and "first diverging value: 'h0'" in str(caught.value)
+
+
+def test_skip_rolls_back_and_keeps_going(mlp_path, test_passes):
+    expected = _outputs(io.load(mlp_path))
+    model, report = pipeline.run_pipeline(
+        io.load(mlp_path), ["test-break", "test-dangling", "fuse:matmul_add_to_gemm=true"], on_error="skip"
+    )
+    assert [(r.name, r.status) for r in report.records] == [
+        ("test-break", "rolled back"), ("test-dangling", "rolled back"), ("fuse", "ok")]
+    assert "changed by" in report.records[0].message
+    np.testing.assert_allclose(_outputs(model), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_structural_check_catches_invalid_model(mlp_path, test_passes):
+    with pytest.raises(errors.PassFailedError, match="pass 'test-dangling' failed"):
+        pipeline.run_pipeline(io.load(mlp_path), ["test-dangling"], numeric_check=False)
+
+
+def test_numeric_check_off_lets_changes_through(mlp_path, test_passes):
+    model, report = pipeline.run_pipeline(io.load(mlp_path), ["test-break"], numeric_check=False)
+    assert report.records[0].status == "ok" and report.records[0].errors == []
+    assert not np.allclose(_outputs(model), _outputs(io.load(mlp_path)))
+
+
+def test_lossy_pass_reports_its_error(mlp_path, test_passes):
+    break_weights = registry.get("test-break").cls
+    registry.register("test-lossy", lossless=False)(type("LossyBreak", (break_weights,), {"__doc__": "Lossy."}))
+    try:
+        _, report = pipeline.run_pipeline(io.load(mlp_path), ["test-lossy"])
+    finally:
+        registry._REGISTRY.pop("test-lossy")
+    record = report.records[0]
+    assert record.status == "ok"
+    (error,) = record.errors
+    assert error.name == "y" and error.max_abs > 1e-3 and 0 < error.max_rel and error.cosine < 1.0
+
+
+def test_report_contents(mlp_path):
+    model, report = pipeline.run_pipeline(
+        io.load(mlp_path), ["cleanup", pipeline.PassSpec("fuse", {"matmul_add_to_gemm": "true"})],
+        Dataset.from_arrays({"x": X}),
+    )
+    cleanup, fuse = report.records
+    assert cleanup.nodes == (5, 5) and fuse.nodes == (5, 3)
+    assert fuse.parameters == (212, 212) and fuse.tensor_bytes == (848, 848)
+    assert fuse.op_delta == {"Add": -2, "Gemm": 2, "MatMul": -2}
+    assert fuse.details.get("batchnorm/gemm") == 2
+    assert all(r.seconds > 0 for r in report.records)
+    for record in report.records:
+        (error,) = record.errors
+        assert error.name == "y" and error.max_abs < 1e-5 and error.cosine > 0.999999
+    as_json = json.loads(report.to_json())
+    assert as_json["passes"][1]["op_delta"] == {"Add": -2, "Gemm": 2, "MatMul": -2}
+    assert set(as_json["passes"][1]["errors"][0]) == {"name", "max_abs", "max_rel", "mean_abs", "cosine"}
+    markdown = report.to_markdown()
+    assert "| fuse | ok |" in markdown and "5 → 3" in markdown and "Gemm +2" in markdown
+    assert "- batchnorm/gemm: 2" in markdown
+
+
+def test_report_records_file_shrinking(tmp_path):
+    """Duplicate initializers and foldable constants: cleanup's bytes delta is real."""
+    rng = np.random.default_rng(6)
+    weight = rng.standard_normal((8, 8)).astype(np.float32)
+    x = ir.val("x", ir.DataType.FLOAT, ir.Shape(["n", 8]))
+    w_a = ir.Value(name="w_a", const_value=ir.tensor(weight, name="w_a"))
+    w_b = ir.Value(name="w_b", const_value=ir.tensor(weight.copy(), name="w_b"))
+    first = ir.node("MatMul", [x, w_a])
+    second = ir.node("MatMul", [first.outputs[0], w_b])
+    second.outputs[0].name = "y"
+    second.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+    second.outputs[0].shape = ir.Shape(["n", 8])
+    graph = ir.Graph([x], second.outputs, nodes=[first, second], initializers=[w_a, w_b], opset_imports={"": 17}, name="g")
+    _, report = pipeline.run_pipeline(ir.Model(graph, ir_version=8), ["cleanup"])
+    assert report.records[0].tensor_bytes == (512, 256)
+    assert report.records[0].parameters == (128, 64)
+
+
+def test_data_errors_from_passes_are_not_wrapped(mlp_path):
+    class NeedsData(ir.passes.InPlacePass):
+        def call(self, model):
+            raise errors.DataError("calibration data required")
+
+    registry.register("test-needs-data", lossless=False)(NeedsData)
+    try:
+        with pytest.raises(errors.DataError, match="calibration data required"):
+            pipeline.run_pipeline(io.load(mlp_path), ["test-needs-data"], on_error="skip")
+    finally:
+        registry._REGISTRY.pop("test-needs-data")
+
+
+def test_registered_passes_run_in_a_plain_pass_manager(mlp_path):
+    model = io.load(mlp_path)
+    manager = ir.passes.PassManager(
+        [registry.get("cleanup").create(), registry.get("fuse").create({"matmul_add_to_gemm": True})]
+    )
+    result = manager(model)
+    assert [n.op_type for n in result.model.graph] == ["Gemm", "Relu", "Gemm"]
+    np.testing.assert_allclose(_outputs(result.model), _outputs(io.load(mlp_path)), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "text, name, options",
+    [
+        ("cleanup", "cleanup", {}),
+        ("fuse:target=onnx, matmul_add_to_gemm=1", "fuse", {"target": "onnx", "matmul_add_to_gemm": "1"}),
+        ("x:names=a+b", "x", {"names": "a+b"}),
+    ],
+)
+def test_pass_spec_parse(text, name, options):
+    spec = pipeline.PassSpec.parse(text)
+    assert (spec.name, spec.options) == (name, options)
+
+
+def test_option_conversion():
+    info = registry.get("fuse")
+    created = info.create({"target": "onnx", "matmul-add-to-gemm": "yes"})
+    assert created.target == "onnx" and created.matmul_add_to_gemm is True
+    assert registry.convert("a+b", list[str], "w") == ["a", "b"]
+    assert registry.convert("none", int | None, "w") is None
+    with pytest.raises(errors.PassOptionError, match="must be a number"):
+        registry.convert(True, float, "w")
