@@ -1,0 +1,229 @@
+"""``convert-fp16`` / ``convert-bf16``: float32 tensors and ops to half precision, mixed where needed.
+
+Numerically sensitive ops (normalizations, reductions, Softmax, Exp/Log/Pow/Sqrt...) stay float32,
+and so do ops all of whose float inputs come from such ops (the rest of a LayerNorm's variance
+chain), so a ``ReduceMean -> Add(eps) -> Sqrt`` chain is not split by casts. Casts are inserted only
+at the boundaries between float32 and half regions (one per tensor and graph), Cast nodes that
+produced float32 inside a converted region produce half instead, constants are converted once
+(fp16: finite values clamped to ±65504 so masks like -3.4e38 do not become -inf and then NaN).
+Graph inputs/outputs stay float32 unless ``keep_io_types=false``; subgraph outputs always keep
+their type. With data, ops whose float32 outputs exceed the fp16 range are reported (and kept in
+float32 with ``keep_overflowing``).
+"""
+
+from __future__ import annotations
+
+import re
+
+import ml_dtypes
+import numpy as np
+import onnx_ir as ir
+
+from onnxopt.calibration import Dataset, capture
+from onnxopt.filters import NodeFilter
+from onnxopt.registry import register
+from onnxopt.weights import constant_tensor, drop_if_unused, new_initializer
+
+FP16_MAX = float(np.finfo(np.float16).max)
+SENSITIVE_OPS = [
+    "LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization", "InstanceNormalization",
+    "GroupNormalization", "ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL2", "ReduceLogSumExp",
+    "Softmax", "LogSoftmax", "Exp", "Log", "Pow", "Sqrt", "Reciprocal",
+]  # fmt: skip
+# Ops that never change precision: control flow (their subgraphs are converted), randomness, ranges.
+UNCONVERTIBLE_OPS = {
+    "If", "Loop", "Scan", "Range", "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
+    "Multinomial", "NonMaxSuppression", "Constant", "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear",
+}  # fmt: skip
+ANY_TYPE_INPUT_OPS = {"Cast", "Shape", "Size"}
+FLOAT32_INPUTS = {"Resize": {1, 2}, "Upsample": {1}}  # inputs that must stay float32 whatever T is
+
+
+class _ConvertPrecision(ir.passes.InPlacePass):
+    target: ir.DataType
+
+    def __init__(
+        self,
+        keep_fp32_ops: list[str] | None = None,
+        keep_io_types: bool = True,
+        keep_overflowing: bool = True,
+        exclude: list[str] | None = None,
+        calibration_samples: int = 32,
+        data: Dataset | None = None,
+        node_filter: NodeFilter | None = None,
+    ):
+        super().__init__()
+        if calibration_samples < 1:
+            raise ValueError(f"calibration_samples must be >= 1, got {calibration_samples}")
+        for pattern in exclude or []:
+            re.compile(pattern)
+        self.keep_ops = set(SENSITIVE_OPS if keep_fp32_ops is None else keep_fp32_ops)
+        self.keep_io_types = keep_io_types
+        self.keep_overflowing = keep_overflowing
+        self.exclude = list(exclude or [])
+        self.calibration_samples = calibration_samples
+        self.data, self.node_filter = data, node_filter
+        self.details: dict = {}
+
+    def _excluded(self, node: ir.Node) -> bool:
+        if self.node_filter is not None and not self.node_filter(node):
+            return True
+        name = node.name or ""
+        return any(name == p or re.fullmatch(p, name) for p in self.exclude)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        ir.passes.common.ShapeInferencePass()(model)
+        nodes = list(ir.traversal.RecursiveGraphIterator(model.graph))
+        originally_float = {
+            v for node in nodes for v in (*node.inputs, *node.outputs) if v is not None and v.dtype == ir.DataType.FLOAT
+        } | {v for v in model.graph.inputs if v.dtype == ir.DataType.FLOAT}
+        overflowing = self._overflowing(model, nodes, originally_float)
+        half = self._half_nodes(nodes, originally_float, set(overflowing) if self.keep_overflowing else set())
+        if not self.keep_io_types:
+            for value in model.graph.inputs:
+                if value in originally_float:
+                    value.dtype = self.target
+        for node in half:
+            for value in node.outputs:
+                if value in originally_float:
+                    value.dtype = self.target
+            if node.op_type == "Cast" and node.attributes["to"].value == ir.DataType.FLOAT:
+                node.attributes["to"] = ir.AttrInt64("to", self.target)
+        casts, clamped = self._reconcile_inputs(nodes, half, originally_float)
+        casts += self._restore_outputs(model)
+        kept: dict[str, int] = {}
+        for node in nodes:
+            if node not in half and any(v in originally_float for v in (*node.inputs, *node.outputs)):
+                kept[node.op_type] = kept.get(node.op_type, 0) + 1
+        self.details = {
+            "converted_nodes": len(half),
+            "kept_float32": kept,
+            "casts_inserted": casts,
+            "clamped_constants": clamped,
+            "overflowing_ops": overflowing,
+        }
+        return ir.passes.PassResult(model, bool(half))
+
+    def _half_nodes(self, nodes: list[ir.Node], originally_float: set, overflowing: set[str]) -> set[ir.Node]:
+        kept_values: set[ir.Value] = set()
+        half = set()
+        for node in nodes:
+            floats = [v for v in (*node.inputs, *node.outputs) if v in originally_float]
+            runtime_inputs = [v for v in node.inputs if v in originally_float and constant_tensor(v) is None]
+            keep = (
+                not floats
+                or node.domain not in ("", "ai.onnx")
+                or node.op_type in self.keep_ops
+                or node.op_type in UNCONVERTIBLE_OPS
+                or any(v.dtype is None for v in node.outputs)
+                or node.name in overflowing
+                or self._excluded(node)
+                or (runtime_inputs and all(v in kept_values for v in runtime_inputs))
+            )
+            if keep:
+                kept_values.update(v for v in node.outputs if v in originally_float)
+            else:
+                half.add(node)
+        return half
+
+    def _reconcile_inputs(self, nodes, half: set[ir.Node], originally_float: set) -> tuple[int, dict[str, int]]:
+        """Give every node its inputs in the precision it runs in: constants converted, Casts elsewhere."""
+        casts: dict[tuple[ir.Value, ir.Graph, ir.DataType], ir.Value] = {}
+        converted: dict[ir.Value, ir.Value] = {}
+        clamped: dict[str, int] = {}
+        for node in nodes:
+            for index, value in enumerate(node.inputs):
+                if value not in originally_float or (node in half and node.op_type in ANY_TYPE_INPUT_OPS):
+                    continue
+                wanted = ir.DataType.FLOAT
+                if node in half and index not in FLOAT32_INPUTS.get(node.op_type, ()):
+                    wanted = self.target
+                if value.dtype == wanted:
+                    continue
+                tensor = constant_tensor(value)
+                if tensor is not None and wanted == self.target:
+                    if value not in converted:
+                        array, count = self._to_half(tensor.numpy())
+                        converted[value] = new_initializer(node.graph, f"{value.name}_{self.suffix}", array)
+                        if count:
+                            clamped[value.name] = count
+                    node.replace_input_with(index, converted[value])
+                    continue
+                key = (value, node.graph, wanted)
+                if key not in casts:
+                    cast = ir.node("Cast", [value], {"to": wanted}, name=f"{value.name}_to_{wanted.name.lower()}")
+                    cast.outputs[0].dtype, cast.outputs[0].shape = wanted, value.shape
+                    node.graph.insert_before(node, cast)
+                    casts[key] = cast.outputs[0]
+                node.replace_input_with(index, casts[key])
+        for value in converted:
+            drop_if_unused(value)
+        return len(casts), clamped
+
+    def _restore_outputs(self, model: ir.Model) -> int:
+        """Cast half outputs back to float32: subgraph outputs always, the model's unless asked."""
+        count = 0
+        graphs = [model.graph, *model.graph.subgraphs()] if self.keep_io_types else list(model.graph.subgraphs())
+        for graph in graphs:
+            for i, value in enumerate(graph.outputs):
+                if value.dtype != self.target:
+                    continue
+                name = value.name
+                value.name = f"{name}_{self.suffix}"
+                cast = ir.node("Cast", [value], {"to": ir.DataType.FLOAT}, name=f"{name}_to_float")
+                cast.outputs[0].name, cast.outputs[0].shape = name, value.shape
+                cast.outputs[0].dtype = ir.DataType.FLOAT
+                graph.append(cast)
+                graph.outputs[i] = cast.outputs[0]
+                count += 1
+        return count
+
+    def _overflowing(self, model: ir.Model, nodes: list[ir.Node], originally_float: set) -> dict[str, float]:
+        """Main-graph ops whose float32 outputs exceed the fp16 range on the data: {node: max |x|}."""
+        if self.data is None or self.target != ir.DataType.FLOAT16:
+            return {}
+        producers = {v.name: n for n in model.graph for v in n.outputs if v in originally_float and v.name}
+        peaks: dict[str, float] = {}
+
+        def on_batch(outputs: dict[str, np.ndarray]) -> None:
+            for name, array in outputs.items():
+                finite = np.abs(array[np.isfinite(array)])
+                if finite.size:
+                    peaks[name] = max(peaks.get(name, 0.0), float(finite.max()))
+
+        capture(model, sorted(producers), self.data.batches(model, 8, self.calibration_samples), on_batch)
+        return {producers[n].name or n: peak for n, peak in peaks.items() if peak > FP16_MAX}
+
+    def _to_half(self, array: np.ndarray) -> tuple[np.ndarray, int]:
+        array = array.astype(np.float32)
+        if self.target == ir.DataType.BFLOAT16:
+            return array.astype(ml_dtypes.bfloat16), 0
+        finite = np.isfinite(array)
+        over = int(np.count_nonzero(finite & (np.abs(array) > FP16_MAX)))
+        clipped = np.where(finite, np.clip(array, -FP16_MAX, FP16_MAX), array)
+        return clipped.astype(np.float16), over
+
+
+_ARGS_DOC = """
+    Args:
+        keep_fp32_ops: Op types kept in float32 (default: normalizations, reductions, Softmax,
+            Exp/Log/Pow/Sqrt/Reciprocal).
+        keep_io_types: Keep the model's float32 inputs and outputs (casts at the boundary).
+        keep_overflowing: Keep in float32 the ops whose outputs exceed the fp16 range on the data.
+        exclude: Node names or regular expressions (full match) kept in float32.
+        calibration_samples: Samples of the data run to find overflowing ops.
+"""
+
+
+@register("convert-fp16", lossless=False)
+class ConvertFp16Pass(_ConvertPrecision):
+    __doc__ = "Convert float32 to float16 with float32 islands for sensitive ops; reports fp16 overflows.\n" + _ARGS_DOC
+    target = ir.DataType.FLOAT16
+    suffix = "fp16"
+
+
+@register("convert-bf16", lossless=False)
+class ConvertBf16Pass(_ConvertPrecision):
+    __doc__ = "Convert float32 to bfloat16 with float32 islands for sensitive ops.\n" + _ARGS_DOC
+    target = ir.DataType.BFLOAT16
+    suffix = "bf16"
