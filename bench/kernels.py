@@ -125,15 +125,18 @@ def make_session(model: bytes, threads: int) -> ort.InferenceSession:
     return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
 
 
+CLOCK = time.perf_counter
+
+
 def time_session(sess, x, nodes, min_time, max_runs):
     feed = {"X": x}
     sess.run(None, feed)
     times = []
     t_end = time.perf_counter() + min_time
     while len(times) < 3 or (time.perf_counter() < t_end and len(times) < max_runs):
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         sess.run(None, feed)
-        times.append((time.perf_counter() - t0) / nodes)
+        times.append((CLOCK() - t0) / nodes)
     return statistics.median(times) * 1e3
 
 
@@ -191,10 +194,16 @@ def main(argv=None):
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--m", default="1,128")
     ap.add_argument("--only", default="", help="substring filter on op labels (fp32 MatMul always runs)")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="wall: perf_counter; cpu: process CPU time (robust to other load on a shared "
+                         "machine; equals latency only for 1 thread)")
     args = ap.parse_args(argv)
+    global CLOCK
+    CLOCK = time.perf_counter if args.clock == "wall" else time.process_time
     threads = [int(t) for t in args.threads.split(",")]
     ms = [int(m) for m in args.m.split(",")]
-    print(f"onnxruntime {ort.__version__}, onnxopt kernels ISA={isa_level()}, K=N={K}, cold >= {COLD_BYTES // MB} MB")
+    print(f"onnxruntime {ort.__version__}, onnxopt kernels ISA={isa_level()}, K=N={K}, cold >= {COLD_BYTES // MB} MB, "
+          f"clock={args.clock}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     specs, w, nb, q = build_specs(args.quick)
     if args.only:
         specs = [s for s in specs if s.op_type == "MatMul" or args.only.lower() in s.label.lower()]
