@@ -288,12 +288,11 @@ def _entropy_threshold_bins(hist: np.ndarray, levels: int = 128, stride: int = 8
     for keep in range(levels, bins + 1, stride):
         p = hist[:keep].copy()
         p[-1] += hist[keep:].sum()
-        groups = np.array_split(np.arange(keep), levels)
         q = np.zeros(keep)
-        for idx in groups:
-            nonzero = hist[idx] != 0
+        for idx in np.array_split(np.arange(keep), levels):
+            nonzero = p[idx] != 0
             if nonzero.any():
-                q[idx[nonzero]] = hist[idx].sum() / nonzero.sum()
+                q[idx[nonzero]] = p[idx].sum() / nonzero.sum()
         kl = _kl(p, q)
         if kl < best_kl:
             best, best_kl = keep, kl
