@@ -91,18 +91,21 @@ def save(
     if external_data is None:
         external_data = tensor_bytes(model) >= external_threshold
     data_name = path.name + ".data"
-    ir_version = model.ir_version
-    model.ir_version = _output_ir_version(model)
     try:
         tmp_dir = tempfile.mkdtemp(prefix=".onnxopt-", dir=directory)
     except OSError as exc:
         raise ModelSaveError(f"cannot write {path}: {exc.strerror or exc}") from None
+    ir_version = model.ir_version
+    model.ir_version = _output_ir_version(model)
     try:
         tmp_model = pathlib.Path(tmp_dir) / path.name
         sparse = _sparse_flagged(model)
-        if sparse:
+        # ir.save keeps lazily loaded tensors pointing at the input's data file: a single-file output
+        # must read them in, or it would depend on (a file named like) the input's data
+        if sparse or (not external_data and _external_tensors(model)):
             proto = ir.to_proto(model)
             _sparsify_initializers(proto.graph, sparse)
+            _inline_external(proto, model)
             onnx.save(
                 proto,
                 str(tmp_model),
@@ -232,11 +235,7 @@ def _sparsify_initializers(graph: onnx.GraphProto, names: set[str]) -> None:
 
 def _inline_external(proto: onnx.ModelProto, model: ir.Model) -> None:
     """Replace external-data references in ``proto`` by raw data read through the IR's lazy tensors."""
-    tensors = {}
-    for graph in (model.graph, *model.graph.subgraphs()):
-        for name, value in graph.initializers.items():
-            if isinstance(value.const_value, ir.ExternalTensor):
-                tensors[name] = value.const_value
+    tensors = _external_tensors(model)
     if not tensors:
         return
     for tensor in _all_initializer_protos(proto.graph):
@@ -244,3 +243,13 @@ def _inline_external(proto: onnx.ModelProto, model: ir.Model) -> None:
             tensor.raw_data = tensors[tensor.name].tobytes()
             tensor.data_location = onnx.TensorProto.DEFAULT
             del tensor.external_data[:]
+
+
+def _external_tensors(model: ir.Model) -> dict[str, ir.ExternalTensor]:
+    """Initializers (all graphs) still backed by an external-data file."""
+    return {
+        name: value.const_value
+        for graph in (model.graph, *model.graph.subgraphs())
+        for name, value in graph.initializers.items()
+        if isinstance(value.const_value, ir.ExternalTensor)
+    }
