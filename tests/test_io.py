@@ -139,6 +139,20 @@ def test_external_data_round_trip_stays_lazy(tmp_path, wide_path):
     np.testing.assert_allclose(_run(other / "again.onnx", {"x": X})[0], expected, rtol=1e-6)
 
 
+@pytest.mark.parametrize("same_dir", [True, False])
+def test_external_input_saved_under_threshold_is_self_contained(tmp_path, wide_path, same_dir):
+    """A lazily loaded model saved as one file must not keep pointing at the input's data file."""
+    src = io.save(io.load(wide_path), tmp_path / "src.onnx", external_data=True)
+    expected = _run(src, {"x": X})[0]
+    out_dir = tmp_path if same_dir else tmp_path / "elsewhere"
+    out_dir.mkdir(exist_ok=True)
+    out = io.save(io.load(src), out_dir / "out.onnx")
+    proto = onnx.load(str(out), load_external_data=False)
+    assert not any(t.data_location == TensorProto.EXTERNAL for t in proto.graph.initializer)
+    (tmp_path / "src.onnx.data").unlink()
+    np.testing.assert_allclose(_run(out, {"x": X})[0], expected, rtol=1e-6)
+
+
 def test_under_threshold_is_one_file(tmp_path, wide_path):
     io.save(io.load(wide_path), tmp_path / "small.onnx", external_threshold=1_000_000)
     assert not (tmp_path / "small.onnx.data").exists()
