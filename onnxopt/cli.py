@@ -36,12 +36,18 @@ def handle_errors(func):
             if debug:
                 raise
             _fail(str(exc))
-        except (OSError, ValueError, RuntimeError) as exc:
-            if debug:
+        except Exception as exc:
+            # onnxruntime's errors (Fail, InvalidGraph, ...) derive from Exception only
+            expected = isinstance(exc, (OSError, ValueError, RuntimeError)) or _from_onnxruntime(exc)
+            if debug or not expected:
                 raise
             _fail(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
 
     return wrapper
+
+
+def _from_onnxruntime(exc: Exception) -> bool:
+    return type(exc).__module__.startswith("onnxruntime")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
