@@ -105,6 +105,24 @@ def test_unreadable_model(tmp_path, mlp_path, make_bad, expected):
     assert _digest(bad) == before
 
 
+def test_model_onnxruntime_cannot_load(tmp_path):
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Frobnicate", ["x"], ["y"], domain="example.custom")],
+        "custom",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])],
+    )
+    proto = onnx.helper.make_model(
+        graph, opset_imports=[onnx.helper.make_opsetid("", 17), onnx.helper.make_opsetid("example.custom", 1)]
+    )
+    proto.ir_version = 8
+    path = tmp_path / "custom.onnx"
+    onnx.save(proto, str(path))
+    out = tmp_path / "out.onnx"
+    assert_usage_error(invoke("optimize", path, "-o", out, "-p", "cleanup"), out, "Frobnicate")
+    assert_usage_error(invoke("validate", path, path), out, "Frobnicate")
+
+
 def test_missing_model_file(tmp_path):
     out = tmp_path / "out.onnx"
     assert_usage_error(invoke("optimize", tmp_path / "nope.onnx", "-o", out, "-p", "cleanup"), out, "not found")
