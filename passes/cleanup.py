@@ -60,7 +60,7 @@ class CleanupPass(ir.passes.InPlacePass):
             rewriter.RewritePass(rewriter._DEFAULT_REWRITE_RULES),
             common_passes.IdentityEliminationPass(),
             common_passes.CommonSubexpressionEliminationPass(),
-            common_passes.DeduplicateInitializersPass(),
+            common_passes.DeduplicateHashedInitializersPass(),  # any size; bytes compared on a hash match
             common_passes.RemoveUnusedNodesPass(),
             common_passes.RemoveUnusedFunctionsPass(),
             common_passes.RemoveUnusedOpsetsPass(),
