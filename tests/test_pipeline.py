@@ -83,21 +83,21 @@ def test_report_contents(mlp_path):
 
 
 def test_report_records_file_shrinking(tmp_path):
-    """Duplicate initializers and foldable constants: cleanup's bytes delta is real."""
+    """Duplicate weights above onnx_ir's default dedup limit (1024 elements) are merged by cleanup."""
     rng = np.random.default_rng(6)
-    weight = rng.standard_normal((8, 8)).astype(np.float32)
-    x = ir.val("x", ir.DataType.FLOAT, ir.Shape(["n", 8]))
+    weight = rng.standard_normal((64, 64)).astype(np.float32)
+    x = ir.val("x", ir.DataType.FLOAT, ir.Shape(["n", 64]))
     w_a = ir.Value(name="w_a", const_value=ir.tensor(weight, name="w_a"))
     w_b = ir.Value(name="w_b", const_value=ir.tensor(weight.copy(), name="w_b"))
     first = ir.node("MatMul", [x, w_a])
     second = ir.node("MatMul", [first.outputs[0], w_b])
     second.outputs[0].name = "y"
     second.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
-    second.outputs[0].shape = ir.Shape(["n", 8])
+    second.outputs[0].shape = ir.Shape(["n", 64])
     graph = ir.Graph([x], second.outputs, nodes=[first, second], initializers=[w_a, w_b], opset_imports={"": 17}, name="g")
     _, report = pipeline.run_pipeline(ir.Model(graph, ir_version=8), ["cleanup"])
-    assert report.records[0].tensor_bytes == (512, 256)
-    assert report.records[0].parameters == (128, 64)
+    assert report.records[0].tensor_bytes == (2 * 64 * 64 * 4, 64 * 64 * 4)
+    assert report.records[0].parameters == (2 * 64 * 64, 64 * 64)
 
 
 def test_data_errors_from_passes_are_not_wrapped(mlp_path):
