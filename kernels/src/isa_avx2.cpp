@@ -1,5 +1,7 @@
 // AVX2 level: the generic kernels compiled with -mavx2 -mfma -mf16c -mpopcnt -mbmi2
 // (auto-vectorized), with the XNOR popcount loop using hardware popcnt.
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>

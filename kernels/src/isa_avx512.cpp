@@ -14,6 +14,12 @@ namespace onnxopt {
 namespace isa_avx512 {
 #include "kernels_generic.inc"
 
+// Prefetch [p, p+bytes) into L2 (prefetches never fault, so running past an array end is harmless).
+static inline void prefetch_l2(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(c + o, _MM_HINT_T1);
+}
+
 static inline __mmask16 tail16(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u); }
 
 // ---------------------------------------------------------------- Binary
@@ -55,7 +61,10 @@ static inline void binary_tile(const BinaryParams& p, int64_t m, int64_t cb) {
   for (int c = 0; c < CB; ++c) wb[c] = p.bits + (cb + c) * p.KW * 16;
   const float* lut[RT];
   for (int r = 0; r < RT; ++r) lut[r] = p.lut + (m + r) * G16;
+  // GEMV is memory bound: stream the next tile (CB column blocks, contiguous) into L2 meanwhile
+  const char* next = reinterpret_cast<const char*>(wb[0] + CB * p.KW * 16);
   for (int64_t w = 0; w < p.KW; ++w) {
+    if constexpr (RT == 1) prefetch_l2(next + w * CB * 64, CB * 64);
     __m512i W[CB];
     for (int c = 0; c < CB; ++c) W[c] = _mm512_loadu_si512(wb[c] + w * 16);
 #pragma GCC unroll 4
@@ -132,7 +141,9 @@ static inline void xnor_tile(const XnorParams& p, int64_t m, int64_t cb) {
   for (int c = 0; c < CB; ++c) wb[c] = p.bits + (cb + c) * p.KW * 8;
   const uint64_t* xb[RT];
   for (int r = 0; r < RT; ++r) xb[r] = p.xbits + (m + r) * p.KW;
+  const char* next = reinterpret_cast<const char*>(wb[0] + CB * p.KW * 8);
   for (int64_t w = 0; w < p.KW; ++w) {
+    if constexpr (RT == 1) prefetch_l2(next + w * CB * 64, CB * 64);
     __m512i W[CB];
     for (int c = 0; c < CB; ++c) W[c] = _mm512_loadu_si512(wb[c] + w * 8);
     for (int r = 0; r < RT; ++r) {
@@ -333,6 +344,11 @@ static inline void quant_tile(const QuantParams& p, int64_t m, int64_t cb) {
       for (int c = 0; c < CB; ++c) d0[r][c] = d1[r][c] = _mm512_setzero_si512();
     const uint8_t* wb[CB];
     for (int c = 0; c < CB; ++c) wb[c] = p.w + ((cb + c) * nb + b) * bpb;
+    if constexpr (RT == 1) {  // GEMV: stream the next tile's weights and scales into L2
+      prefetch_l2(p.w + ((cb + CB) * nb) * bpb + b * CB * bpb, CB * bpb);
+      const int64_t ssz = F16S ? 32 : 64;
+      prefetch_l2(static_cast<const char*>(p.scales) + ((cb + CB) * nb) * ssz + b * CB * ssz, CB * ssz);
+    }
     const int8_t* xb[RT];
     for (int r = 0; r < RT; ++r) xb[r] = p.xq + (m + r) * KX + b * bs;
     if constexpr (BITS == 4) {
