@@ -311,6 +311,7 @@ __global__ void __launch_bounds__(kThreads) SparseRowsKernel(const float* __rest
   for (int b = 0; b < nb; ++b) {
     const int end = Clamp(__ldg(block_ptr + s0 + b + 1), start, nnz);
     const int kbase = b * kb;
+#pragma unroll 4
     for (int j = start + lane; j < end; j += 32) {
       const int kk = __ldg(indices + j);
       if (kk < kb && kbase + kk < K) {
@@ -403,22 +404,22 @@ __global__ void __launch_bounds__(kThreads) SparseSlabKernel(const float* __rest
       const int end = Clamp(__ldg(block_ptr + s + 1), start, nnz);
       for (int j0 = start; j0 < end; j0 += 32) {
         const int j = j0 + lane;
-        int kk = -1;
+        int kk = 0;
         float v = 0.f;
         if (j < end) {
           kk = __ldg(indices + j);
           v = ToFloat(values[j]);
-          if (kk >= kvalid) kk = -1;
+          if (kk >= kvalid) kk = 0, v = 0.f;  // malformed entry (rejected by CheckSparseStructure)
         }
         const int count = min(32, end - j0);
+        // Branch-free body so that unrolled iterations overlap their shuffles and shared loads.
+#pragma unroll 4
         for (int e = 0; e < count; ++e) {
           const int ke = __shfl_sync(kFull, kk, e);
           const float ve = __shfl_sync(kFull, v, e);
-          if (ke >= 0) {
-            const Vec xv = slab[ke * 32 + lane];
+          const Vec xv = slab[ke * 32 + lane];
 #pragma unroll
-            for (int t = 0; t < VW; ++t) acc[ci][t] = fmaf(ve, VecOf<VW>::get(xv, t), acc[ci][t]);
-          }
+          for (int t = 0; t < VW; ++t) acc[ci][t] = fmaf(ve, VecOf<VW>::get(xv, t), acc[ci][t]);
         }
       }
     }

@@ -1,6 +1,4 @@
 // Host-side checks of shapes, dtypes and attributes for the CUDA ops (no device memory is read).
-#include <sstream>
-
 #include "onnxopt_cuda.h"
 
 namespace onnxopt::cuda {
@@ -8,12 +6,11 @@ namespace {
 
 int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Python tuple notation. (No iostreams: the test library may carry its own libstdc++ pieces.)
 std::string ShapeStr(const std::vector<int64_t>& s) {
-  std::ostringstream o;
-  o << "(";
-  for (size_t i = 0; i < s.size(); ++i) o << (i ? ", " : "") << s[i];
-  o << (s.size() == 1 ? ",)" : ")");
-  return o.str();
+  std::string o = "(";
+  for (size_t i = 0; i < s.size(); ++i) o += (i ? ", " : "") + std::to_string(s[i]);
+  return o + (s.size() == 1 ? ",)" : ")");
 }
 
 [[noreturn]] void Fail(Op op, const std::string& msg) {
