@@ -220,7 +220,8 @@ class RangeCalibrator:
         self.nonfinite = 0
         self.count = 0
         self.hist = np.zeros(bins, np.int64) if method != "minmax" else None
-        self.edge = 0.0  # the histogram covers |x| in [0, edge]
+        self.edge = 0.0  # the histogram covers |x| in (0, edge]
+        self.zeros = 0  # exact zeros are counted apart: they quantize exactly whatever the range
 
     @property
     def absmax(self) -> float:
@@ -244,10 +245,12 @@ class RangeCalibrator:
             self._add_to_histogram(np.abs(x))
 
     def _add_to_histogram(self, magnitude: np.ndarray) -> None:
-        top = float(magnitude.max())
-        if top == 0.0 and self.edge == 0.0:
-            self.hist[0] += magnitude.size
+        nonzero = magnitude[magnitude > 0]
+        self.zeros += magnitude.size - nonzero.size
+        if nonzero.size == 0:
             return
+        magnitude = nonzero
+        top = float(magnitude.max())
         if self.edge == 0.0:
             self.edge = top
         elif top > self.edge:
@@ -273,7 +276,7 @@ class RangeCalibrator:
     def _threshold(self) -> float:
         width = self.edge / self.hist.size
         if self.method == "percentile":
-            cumulative = np.cumsum(self.hist) / self.hist.sum()
+            cumulative = (self.zeros + np.cumsum(self.hist)) / (self.zeros + self.hist.sum())
             return float(np.searchsorted(cumulative, self.percentile / 100.0) + 1) * width
         if self.method == "entropy":
             return float(_entropy_threshold_bins(self.hist)) * width
@@ -281,33 +284,39 @@ class RangeCalibrator:
 
 
 def _entropy_threshold_bins(hist: np.ndarray, levels: int = 128, stride: int = 8) -> int:
-    """Number of bins to keep minimizing KL(P || Q) of the clipped vs the ``levels``-level histogram."""
+    """Number of bins to keep minimizing KL(P || Q) (TensorRT's method).
+
+    P is the histogram clipped at the candidate threshold (the clipped mass piled into its last bin);
+    Q is the part below the threshold merged into ``levels`` levels and spread back over P's nonzero
+    bins, so mass that clipping moves shows up as divergence.
+    """
     hist = hist.astype(np.float64)
-    bins = hist.size
-    best, best_kl = bins, np.inf
-    for keep in range(levels, bins + 1, stride):
-        p = hist[:keep].copy()
+    best, best_kl = hist.size, np.inf
+    for keep in range(levels, hist.size + 1, stride):
+        inside = hist[:keep]
+        p = inside.copy()
         p[-1] += hist[keep:].sum()
         q = np.zeros(keep)
         for idx in np.array_split(np.arange(keep), levels):
             nonzero = p[idx] != 0
             if nonzero.any():
-                q[idx[nonzero]] = p[idx].sum() / nonzero.sum()
+                q[idx[nonzero]] = inside[idx].sum() / nonzero.sum()
         kl = _kl(p, q)
         if kl < best_kl:
             best, best_kl = keep, kl
     return best
 
 
-def _kl(p: np.ndarray, q: np.ndarray) -> float:
-    p = p / p.sum()
-    q_sum = q.sum()
-    if q_sum == 0:
+def _kl(p: np.ndarray, q: np.ndarray, eps: float = 1e-4) -> float:
+    """KL divergence of two histograms, with empty bins of Q smoothed to ``eps`` of the mass."""
+    if q.sum() == 0:
         return np.inf
-    q = q / q_sum
+    p, q = p / p.sum(), q / q.sum()
+    empty = q == 0
+    if empty.all():
+        return np.inf
+    q = np.where(empty, eps, q * (1 - eps * empty.sum()))
     mask = p > 0
-    if np.any(q[mask] == 0):
-        return np.inf
     return float(np.sum(p[mask] * np.log(p[mask] / q[mask])))
 
 

@@ -18,6 +18,7 @@ import re
 import ml_dtypes
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes.common import NameFixPass, ShapeInferencePass
 
 from onnxopt.calibration import Dataset, capture
 from onnxopt.filters import NodeFilter
@@ -56,7 +57,10 @@ class _ConvertPrecision(ir.passes.InPlacePass):
         if calibration_samples < 1:
             raise ValueError(f"calibration_samples must be >= 1, got {calibration_samples}")
         for pattern in exclude or []:
-            re.compile(pattern)
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"exclude pattern '{pattern}' is not a regular expression: {exc}") from None
         self.keep_ops = set(SENSITIVE_OPS if keep_fp32_ops is None else keep_fp32_ops)
         self.keep_io_types = keep_io_types
         self.keep_overflowing = keep_overflowing
@@ -72,7 +76,7 @@ class _ConvertPrecision(ir.passes.InPlacePass):
         return any(name == p or re.fullmatch(p, name) for p in self.exclude)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        ir.passes.common.ShapeInferencePass()(model)
+        ShapeInferencePass()(model)
         nodes = list(ir.traversal.RecursiveGraphIterator(model.graph))
         originally_float = {
             v for node in nodes for v in (*node.inputs, *node.outputs) if v is not None and v.dtype == ir.DataType.FLOAT
@@ -102,6 +106,7 @@ class _ConvertPrecision(ir.passes.InPlacePass):
             "clamped_constants": clamped,
             "overflowing_ops": overflowing,
         }
+        NameFixPass()(model)  # new values get names unique across the graph and its subgraphs
         return ir.passes.PassResult(model, bool(half))
 
     def _half_nodes(self, nodes: list[ir.Node], originally_float: set, overflowing: set[str]) -> set[ir.Node]:

@@ -12,6 +12,7 @@ from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes.common import NameFixPass
 
 from onnxopt import quantization as qz
 from onnxopt.filters import NodeFilter
@@ -220,8 +221,8 @@ class QuantizeDynamicPass(ir.passes.InPlacePass):
         rewriter = DynamicRewriter(model, self.per_channel, self.weight_type, self.reduce_range, self.format)
         errors, skipped = {}, dict(scan.skipped)
         for use in scan.uses:
-            if use.value.dtype != ir.DataType.FLOAT:
-                skipped[use.label] = f"weight dtype {use.value.dtype} (only float32 is quantized)"
+            if constant_tensor(use.value).dtype != ir.DataType.FLOAT:
+                skipped[use.label] = f"weight dtype {constant_tensor(use.value).dtype} (only float32 is quantized)"
                 continue
             label = use.label
             result = rewriter.rewrite(use)
@@ -235,5 +236,6 @@ class QuantizeDynamicPass(ir.passes.InPlacePass):
             "max_weight_relative_error": max(errors.values(), default=0.0),
             "skipped": skipped,
         }
+        NameFixPass()(model)  # new values get names unique across the graph and its subgraphs
         return ir.passes.PassResult(model, bool(errors))
 

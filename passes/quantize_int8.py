@@ -28,6 +28,7 @@ from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes.common import NameFixPass
 
 from onnxopt import quantization as qz
 from onnxopt.calibration import Dataset, capture
@@ -110,7 +111,10 @@ class QuantizeInt8Pass(ir.passes.InPlacePass):
         if max_activation <= 0 or calibration_samples < 1 or batch_size < 1:
             raise ValueError("max_activation, calibration_samples and batch_size must be positive")
         for pattern in exclude or []:
-            re.compile(pattern)
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"exclude pattern '{pattern}' is not a regular expression: {exc}") from None
         self.calibration, self.percentile = calibration, percentile
         self.per_channel, self.symmetric_activations = per_channel, symmetric_activations
         self.activation_type, self.weight_type, self.reduce_range = activation_type, weight_type, reduce_range
@@ -142,8 +146,8 @@ class QuantizeInt8Pass(ir.passes.InPlacePass):
         weights: dict[ir.Node, WeightUse] = {}
         sub_uses = []
         for use in scan.uses:
-            if use.value.dtype != ir.DataType.FLOAT:
-                skipped[use.label] = f"weight dtype {use.value.dtype} (only float32 is quantized)"
+            if constant_tensor(use.value).dtype != ir.DataType.FLOAT:
+                skipped[use.label] = f"weight dtype {constant_tensor(use.value).dtype} (only float32 is quantized)"
             elif use.graph is not graph:
                 sub_uses.append(use)
             else:
@@ -172,14 +176,14 @@ class QuantizeInt8Pass(ir.passes.InPlacePass):
             plan = self._plan(graph, selected, weights)
         input_params = {n: params.get(plan.folded.get(n.inputs[0], n.inputs[0])) for n in selected & set(weights)}
         self._apply(graph, plan, params)
-        weight_errors = {}
-        for node in sorted(input_params, key=lambda n: n.name or ""):
+        weight_errors, stored = {}, {}
+        for node in [n for n in graph if n in input_params]:
             use = weights[node]
             x_params = input_params[node]
             if x_params is None:
                 skipped[use.label] = "activation input not quantized"
                 continue
-            weight_errors[use.label] = round(self._quantize_weight(use, x_params), 5)
+            weight_errors[use.label] = round(self._quantize_weight(use, x_params, stored), 5)
         dynamic = DynamicRewriter(model, self.per_channel, self.weight_type, self.reduce_range, "ort")
         dynamic_errors = {}
         for use in sub_uses:
@@ -208,6 +212,7 @@ class QuantizeInt8Pass(ir.passes.InPlacePass):
             "embedding_relative_error": embedding_errors,
             "skipped": skipped,
         }
+        NameFixPass()(model)  # new values get names unique across the graph and its subgraphs
         return ir.passes.PassResult(model, bool(params or dynamic_errors or embedding_errors))
 
     # ------------------------------------------------------------------ planning
@@ -340,8 +345,11 @@ class QuantizeInt8Pass(ir.passes.InPlacePass):
             for node, index in uses:
                 node.replace_input_with(index, dq.outputs[0])
 
-    def _quantize_weight(self, use: WeightUse, x_params: tuple[np.ndarray, np.ndarray]) -> float:
-        """Weight through an int8 DequantizeLinear (per channel), Conv/Gemm bias through an int32 one."""
+    def _quantize_weight(self, use: WeightUse, x_params: tuple[np.ndarray, np.ndarray], cache: dict) -> float:
+        """Weight through an int8 DequantizeLinear (per channel), Conv/Gemm bias through an int32 one.
+
+        A weight shared by several quantized nodes is stored once (``cache``: one DequantizeLinear).
+        """
         node, graph = use.node, use.graph
         w = use.array().astype(np.float32)
         if node.op_type == "Conv" or (node.op_type == "Gemm" and _attr(node, "transB", 0)):
@@ -350,17 +358,20 @@ class QuantizeInt8Pass(ir.passes.InPlacePass):
             channel_axis = 1
         axis = channel_axis if self.per_channel else None
         q, scale, zp = qz.quantize_tensor(w, self.weight_type, axis, True, self.reduce_range)
-        attrs = {"axis": channel_axis} if axis is not None else {}
-        name = use.value.name
-        inputs = [
-            new_initializer(graph, f"{name}_quantized", q),
-            new_initializer(graph, f"{name}_scale", scale),
-            new_initializer(graph, f"{name}_zero_point", zp),
-        ]
-        dq = ir.node("DequantizeLinear", inputs, attrs, name=f"{node.name}_weight_dequantize")
-        graph.insert_before(node, dq)
+        key = (id(use.value), channel_axis)
+        if key not in cache:
+            name = use.value.name
+            inputs = [
+                new_initializer(graph, f"{name}_quantized", q),
+                new_initializer(graph, f"{name}_scale", scale),
+                new_initializer(graph, f"{name}_zero_point", zp),
+            ]
+            attrs = {"axis": channel_axis} if axis is not None else {}
+            dq = ir.node("DequantizeLinear", inputs, attrs, name=f"{node.name}_weight_dequantize")
+            graph.insert_before(node, dq)
+            cache[key] = dq.outputs[0]
         old = use.value
-        node.replace_input_with(use.index, dq.outputs[0])
+        node.replace_input_with(use.index, cache[key])
         drop_if_unused(old)
         bias = node.inputs[2] if node.op_type in ("Conv", "Gemm") and len(node.inputs) > 2 else None
         bias_tensor = constant_tensor(bias)
@@ -384,7 +395,7 @@ class QuantizeInt8Pass(ir.passes.InPlacePass):
         scan = scan_weights(model, ("Gather",), self._allowed)
         cache: dict = {}
         return {use.label: round(quantize_gather(use, cache), 5) for use in scan.uses
-                if use.value.dtype == ir.DataType.FLOAT}
+                if constant_tensor(use.value).dtype == ir.DataType.FLOAT}
 
 
 def _float_activation(value: ir.Value | None) -> bool:

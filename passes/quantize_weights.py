@@ -14,10 +14,12 @@ calibration data (main-graph layers; layers inside subgraphs and Gather tables u
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes.common import NameFixPass
 
 from onnxopt import ops
 from onnxopt import quantization as qz
@@ -27,7 +29,7 @@ from onnxopt.errors import DataError
 from onnxopt.filters import NodeFilter
 from onnxopt.passes.quantize_dynamic import MS_DOMAIN, matmul_parts, replace_matmul
 from onnxopt.registry import register
-from onnxopt.weights import WeightUse, drop_if_unused, new_initializer, scan_weights
+from onnxopt.weights import WeightUse, constant_tensor, drop_if_unused, new_initializer, scan_weights
 
 BLOCKED_DQ_OPSET = 21
 INT4_TYPES = {True: ir.DataType.INT4, False: ir.DataType.UINT4}
@@ -108,8 +110,8 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         skipped = dict(scan.skipped)
         uses = []
         for use in scan.uses:
-            if use.value.dtype != ir.DataType.FLOAT:
-                skipped[use.label] = f"weight dtype {use.value.dtype} (only float32 is quantized)"
+            if constant_tensor(use.value).dtype != ir.DataType.FLOAT:
+                skipped[use.label] = f"weight dtype {constant_tensor(use.value).dtype} (only float32 is quantized)"
             else:
                 uses.append(use)
         grams, notes = self._hessians(model, uses)
@@ -119,10 +121,10 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             notes.append(f"default opset {model.opset_imports.get('')} -> {BLOCKED_DQ_OPSET} for blocked DequantizeLinear")
             version_converter.convert_version(model, BLOCKED_DQ_OPSET, fallback=True)
             uses = scan_weights(model, op_types, self.node_filter, self.min_elements).uses
-            uses = [u for u in uses if u.value.dtype == ir.DataType.FLOAT]
+            uses = [u for u in uses if constant_tensor(u.value).dtype == ir.DataType.FLOAT]
         weight_error, output_error = {}, {}
         self._factors: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        cache: dict[tuple[int, str], tuple[qz.BlockQuantized, float]] = {}
+        cache: dict[tuple, _Stored] = {}
         for use in uses:
             label = use.label
             gram = grams.get(use.activation.name) if use.activation is not None else None
@@ -139,6 +141,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         }
         if output_error:
             self.details["layer_output_relative_error"] = output_error
+        NameFixPass()(model)  # new values get names unique across the graph and its subgraphs
         return ir.passes.PassResult(model, bool(weight_error))
 
     def _hessians(self, model: ir.Model, uses: list[WeightUse]) -> tuple[dict, list[str]]:
@@ -163,36 +166,39 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
     def _rewrite(self, model, use: WeightUse, gram, cache, weight_error, output_error) -> str | None:
         node = use.node
         is_gather = node.op_type == "Gather"
-        key = (id(use.value), f"{node.op_type}{_attr(node, 'transB', 0)}")
+        # One quantization (and one stored copy) per tensor, orientation and graph: shared weights stay shared.
+        key = (id(use.value), f"{node.op_type}{_attr(node, 'transB', 0)}", id(use.graph))
         if key not in cache:
             # Gather tables are blocked along the hidden axis: quantize the transposed table.
             w = use.array().astype(np.float32).T if is_gather else use.matrix()
             blocks = self._quantize(w, gram)
             w_hat = blocks.dequantize()
-            cache[key] = (blocks, qz.relative_error(w, w_hat))
+            cache[key] = _Stored(blocks, qz.relative_error(w, w_hat))
             if gram is not None:
                 rtn = qz.quantize_blocks(w, self.bits, self.block_size, self.symmetric).dequantize()
                 output_error[use.label] = {
                     "gptq": round(_output_error(w, w_hat, gram.xtx), 5),
                     "rtn": round(_output_error(w, rtn, gram.xtx), 5),
                 }
-        blocks, error = cache[key]
+        stored = cache[key]
         if is_gather:
-            reason = self._replace_gather(model, use, blocks)
+            reason = self._replace_gather(model, use, stored)
         else:
-            reason = self._replace_matmul(model, use, blocks)
+            reason = self._replace_matmul(model, use, stored)
         if reason is None:
-            weight_error[use.label] = round(error, 5)
+            weight_error[use.label] = round(stored.error, 5)
         return reason
 
-    def _replace_matmul(self, model: ir.Model, use: WeightUse, blocks: qz.BlockQuantized) -> str | None:
-        node, graph = use.node, use.graph
+    def _replace_matmul(self, model: ir.Model, use: WeightUse, stored: _Stored) -> str | None:
+        node, graph, blocks = use.node, use.graph, stored.blocks
         if self.format == "onnx":
-            transposed = node.op_type == "Gemm" and bool(_attr(node, "transB", 0))
-            dq = self._blocked_dequantize(graph, use.value.name, blocks, transposed)
+            if stored.values is None:
+                transposed = node.op_type == "Gemm" and bool(_attr(node, "transB", 0))
+                dq = self._blocked_dequantize(graph, use.value.name, blocks, transposed)
+                graph.insert_before(node, dq)
+                stored.values = dq.outputs
             old = use.value
-            graph.insert_before(node, dq)
-            node.replace_input_with(use.index, dq.outputs[0])
+            node.replace_input_with(use.index, stored.values[0])
             drop_if_unused(old)
             return None
         k, n = blocks.codes.shape
@@ -202,7 +208,12 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         old_nodes, bias, extra_add = parts
         name = node.name or use.value.name
         if self.format == "ort":
-            new_node = self._matmul_nbits(graph, node.inputs[0], blocks, bias, name)
+            if stored.values is None:
+                stored.values = self._matmul_nbits_inputs(graph, blocks, use.value.name)
+            attrs = {"K": k, "N": n, "bits": self.bits, "block_size": self.block_size,
+                     "accuracy_level": self.accuracy_level}  # fmt: skip
+            inputs = [node.inputs[0], *stored.values, *([None, bias] if bias is not None else [])]
+            new_node = ir.node("MatMulNBits", inputs, attrs, domain=MS_DOMAIN, name=f"{name}_nbits")
             model.opset_imports.setdefault(MS_DOMAIN, 1)
         else:
             packed = ops.pack_quant_matmul(blocks.dequantize(), self.bits, self.block_size, self.symmetric)
@@ -231,46 +242,46 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             "DequantizeLinear", inputs, {"axis": axis, "block_size": self.block_size}, name=f"{name}_dequantize"
         )
 
-    def _matmul_nbits(self, graph, x, blocks: qz.BlockQuantized, bias, name) -> ir.Node:
+    def _matmul_nbits_inputs(self, graph, blocks: qz.BlockQuantized, name: str) -> list[ir.Value | None]:
+        """MatMulNBits' B (N, blocks, block bytes), scales (N * blocks) and packed zero points (or None)."""
         k, n = blocks.codes.shape
         nb = blocks.scales.shape[0]
         padded = np.zeros((nb * self.block_size, n), np.uint8)
         padded[:k] = blocks.unsigned_codes()
         per_column = padded.T.reshape(n, nb, self.block_size)
         packed = qz.pack_nibbles(per_column) if self.bits == 4 else per_column
-        inputs = [
-            x,
+        values = [
             new_initializer(graph, f"{name}_B", np.ascontiguousarray(packed)),
             new_initializer(graph, f"{name}_scales", np.ascontiguousarray(blocks.scales.T).reshape(-1)),
+            None,
         ]
         if blocks.zero_points is not None:
             zps = blocks.zero_points.T
             zps = qz.pack_nibbles(zps) if self.bits == 4 else zps
-            inputs.append(new_initializer(graph, f"{name}_zero_points", np.ascontiguousarray(zps).reshape(-1)))
-        else:
-            inputs.append(None)
-        if bias is not None:
-            inputs += [None, bias]
-        attrs = {"K": k, "N": n, "bits": self.bits, "block_size": self.block_size, "accuracy_level": self.accuracy_level}
-        return ir.node("MatMulNBits", inputs, attrs, domain=MS_DOMAIN, name=f"{name}_nbits")
+            values[2] = new_initializer(graph, f"{name}_zero_points", np.ascontiguousarray(zps).reshape(-1))
+        return values
 
-    def _replace_gather(self, model: ir.Model, use: WeightUse, blocks: qz.BlockQuantized) -> str | None:
-        node, graph = use.node, use.graph
+    def _replace_gather(self, model: ir.Model, use: WeightUse, stored: _Stored) -> str | None:
+        node, graph, blocks = use.node, use.graph, stored.blocks
         table = use.value
         if self.format == "onnx":
-            dq = self._blocked_dequantize(graph, table.name, blocks, transposed=True)
-            graph.insert_before(node, dq)
-            node.replace_input_with(0, dq.outputs[0])
+            if stored.values is None:
+                dq = self._blocked_dequantize(graph, table.name, blocks, transposed=True)
+                graph.insert_before(node, dq)
+                stored.values = dq.outputs
+            node.replace_input_with(0, stored.values[0])
             drop_if_unused(table)
             return None
-        codes = blocks.unsigned_codes().T  # (rows, hidden)
-        data = qz.pack_nibbles(codes) if self.bits == 4 else codes
-        inputs = [
-            new_initializer(graph, f"{table.name}_q{self.bits}", np.ascontiguousarray(data)),
-            node.inputs[1],
-            new_initializer(graph, f"{table.name}_scales", np.ascontiguousarray(blocks.scales.T)),
-            new_initializer(graph, f"{table.name}_zero_points", self._gather_zero_points(blocks)),
-        ]
+        if stored.values is None:
+            codes = blocks.unsigned_codes().T  # (rows, hidden)
+            data = qz.pack_nibbles(codes) if self.bits == 4 else codes
+            stored.values = [
+                new_initializer(graph, f"{table.name}_q{self.bits}", np.ascontiguousarray(data)),
+                new_initializer(graph, f"{table.name}_scales", np.ascontiguousarray(blocks.scales.T)),
+                new_initializer(graph, f"{table.name}_zero_points", self._gather_zero_points(blocks)),
+            ]
+        data, scales, zero_points = stored.values
+        inputs = [data, node.inputs[1], scales, zero_points]
         attrs = {"gather_axis": 0, "quantize_axis": 1, "block_size": self.block_size, "bits": self.bits}
         gather = ir.node("GatherBlockQuantized", inputs, attrs, domain=MS_DOMAIN, name=f"{node.name}_quantized")
         model.opset_imports.setdefault(MS_DOMAIN, 1)
@@ -283,6 +294,15 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
     def _gather_zero_points(self, blocks: qz.BlockQuantized) -> np.ndarray:
         zps = blocks.unsigned_zero_points().T  # (rows, blocks)
         return np.ascontiguousarray(qz.pack_nibbles(zps) if self.bits == 4 else zps)
+
+
+@dataclasses.dataclass
+class _Stored:
+    """A weight's quantization and, once written, the values that hold it in the graph."""
+
+    blocks: qz.BlockQuantized
+    error: float
+    values: list | None = None
 
 
 def _output_error(w: np.ndarray, w_hat: np.ndarray, xtx: np.ndarray) -> float:
