@@ -142,6 +142,35 @@ def to_bytes(model: ir.Model) -> bytes:
     return proto.SerializeToString()
 
 
+def structure_proto(model: ir.Model, max_inline_bytes: int = 1 << 16) -> onnx.ModelProto:
+    """The model as a proto for onnx's checker and shape inference, without the bulk of its weights.
+
+    Main-graph initializers over ``max_inline_bytes`` become graph inputs of the same type and shape
+    (their values do not matter to either check); smaller external ones are read in. Lazily loaded
+    weights are not read, so checking a large model costs little memory.
+    """
+    ir_version = model.ir_version
+    model.ir_version = _output_ir_version(model)
+    try:
+        proto = ir.to_proto(model)  # external tensors stay references here
+    finally:
+        model.ir_version = ir_version
+    graph = proto.graph
+    inputs = {i.name for i in graph.input}
+    keep = []
+    for tensor in graph.initializer:
+        value = model.graph.initializers.get(tensor.name)
+        if value is None or value.const_value is None or value.const_value.nbytes <= max_inline_bytes:
+            keep.append(tensor)
+        elif tensor.name not in inputs:
+            graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    _sparsify_initializers(graph, {name for name in _sparse_flagged(model) if any(t.name == name for t in keep)})
+    _inline_external(proto, model)
+    return proto
+
+
 def tensor_bytes(model: ir.Model) -> int:
     """Bytes held by initializers of all graphs (the bulk of a model's file size)."""
     total = 0
