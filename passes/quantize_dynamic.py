@@ -132,7 +132,7 @@ def matmul_parts(use: WeightUse, n: int) -> tuple[list[ir.Node], ir.Value | None
             return [node], None, None
         c, beta = node.inputs[2], float(_attr(node, "beta", 1.0))
         c_tensor = constant_tensor(c)
-        if c_tensor is not None and c_tensor.shape.numel() == n and c.dtype == ir.DataType.FLOAT:
+        if c_tensor is not None and c_tensor.size == n and c_tensor.dtype == ir.DataType.FLOAT:
             bias = beta * c_tensor.numpy().reshape(n).astype(np.float32)
             return [node], new_initializer(graph, f"{c.name}_bias", bias), None
         if beta == 1.0:
