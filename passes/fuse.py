@@ -11,11 +11,34 @@ from typing import Literal
 
 import onnx_ir as ir
 from onnxscript import rewriter
+from onnxscript.rewriter import _ir_utils, pattern
 from onnxscript.rewriter.rules import common as rules
 from onnxscript.rewriter.rules.fusion import _layer_norm
 
 from onnxopt.passes.cleanup import folding_hazard
 from onnxopt.registry import register
+
+
+class LayerNormAxesAttributeFusion(_layer_norm.LayerNormFusion):
+    """onnxscript's LayerNorm chain as written below opset 18, where ReduceMean takes ``axes`` as an
+    attribute; the exponent of ``Pow`` may be any one-element constant equal to 2."""
+
+    def pattern(self, op, x, scale, epsilon, exponent):
+        deviation = op.Sub(x, op.ReduceMean(x, axes=[-1], keepdims=1))
+        squared = pattern.OrValue([op.Mul(deviation, deviation), op.Pow(deviation, exponent)])
+        std_dev = op.Sqrt(op.Add(op.ReduceMean(squared, axes=[-1], keepdims=1), epsilon))
+        normalized = pattern.OrValue([op.Mul(deviation, op.Reciprocal(std_dev)), op.Div(deviation, std_dev)])
+        return op.Mul(normalized, scale)
+
+    def check(self, context, x, epsilon, exponent=None, **_):
+        if exponent is not None and _ir_utils.get_singleton_value(exponent) != 2:
+            return pattern.MatchResult().fail("Pow exponent is not 2.", exponent)
+        return super().check(context, x, epsilon)
+
+
+LAYER_NORM_RULES = pattern.RewriteRuleSet(
+    [LayerNormAxesAttributeFusion.rule(), *_layer_norm.layer_normalization_rules]
+)
 
 
 @register("fuse", lossless=True)
@@ -52,7 +75,7 @@ class FusePass(ir.passes.InPlacePass):
             ]
         counts["batchnorm/gemm"] = rewriter.RewriteRuleSet(ruleset).apply_to_model(model)
         if self.layer_norm and model.opset_imports.get("", 0) >= 17:
-            counts["layer_norm"] = _layer_norm.fuse_layer_normalization(model)
+            counts["layer_norm"] = LAYER_NORM_RULES.apply_to_model(model)
         hazard = folding_hazard(model) if self.target == "ort" else None
         if self.target == "ort" and not hazard:
             from onnxscript.rewriter import ort_fusions
