@@ -17,6 +17,7 @@ from onnxopt import calibration, io, pipeline, registry, runtime, stats, validat
 from onnxopt.errors import OnnxoptError
 
 EXIT_THRESHOLD, EXIT_USAGE = 1, 2
+LARGE_MODEL_BYTES = 256 * 2**20
 
 
 def _fail(message: str) -> None:
@@ -114,11 +115,10 @@ def optimize(model_path, output, pass_specs, recipe, data, report, on_error, che
     )
     io.save(model, out, external_data=external_data)
     after = stats.model_stats(model)
+    del model  # the sessions below hold their own copies of the weights
     if report:
         _write_report(rep, pathlib.Path(report))
-    sessions = [runtime.session(src, threads=threads), runtime.session(out, threads=threads)]
-    errors = validate.compare_outputs(reference, validate.run_all(sessions[1], feeds))
-    lat = validate.interleaved_latency_ms(sessions, feeds[0], rounds=3, repeat=10)
+    errors, lat = _measure_output(src, out, reference, feeds, threads, one_at_a_time=before.tensor_bytes > LARGE_MODEL_BYTES)
     size_in, size_out = _file_size(src), _file_size(out)
     worst = max(errors, key=lambda e: e.max_abs, default=None)
     click.echo(f"\n{'':<22}{'before':>14}{'after':>14}{'ratio':>9}")
@@ -130,6 +130,23 @@ def optimize(model_path, output, pass_specs, recipe, data, report, on_error, che
         click.echo(f"{'output max abs error':<22}{'':>14}{worst.max_abs:>14.3g}")
         click.echo(f"{'output cosine':<22}{'':>14}{min(e.cosine for e in errors):>14.6f}")
     click.echo(f"wrote {out}")
+
+
+def _measure_output(src, out, reference, feeds, threads, one_at_a_time: bool):
+    """Output errors of OUT and the latency of both models (interleaved, or one session at a time for
+    large models so that peak memory holds a single copy of the weights)."""
+    if one_at_a_time:
+        lat = []
+        for path in (src, out):
+            sess = runtime.session(path, threads=threads)
+            lat.append(validate.latency_ms(sess, feeds[0], warmup=1, repeat=5))
+            if path is out:
+                errors = validate.compare_outputs(reference, validate.run_all(sess, feeds))
+            del sess
+        return errors, lat
+    sessions = [runtime.session(src, threads=threads), runtime.session(out, threads=threads)]
+    errors = validate.compare_outputs(reference, validate.run_all(sessions[1], feeds))
+    return errors, validate.interleaved_latency_ms(sessions, feeds[0], rounds=3, repeat=10)
 
 
 def _file_size(path: pathlib.Path) -> int:

@@ -166,8 +166,7 @@ def structure_proto(model: ir.Model, max_inline_bytes: int = 1 << 16) -> onnx.Mo
             graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
     del graph.initializer[:]
     graph.initializer.extend(keep)
-    _sparsify_initializers(graph, {name for name in _sparse_flagged(model) if any(t.name == name for t in keep)})
-    _inline_external(proto, model)
+    _inline_external(proto, model)  # sparse-flagged weights stay dense: their structure is what is checked
     return proto
 
 
@@ -260,6 +259,9 @@ def _sparsify_initializers(graph: onnx.GraphProto, names: set[str]) -> None:
         graph.sparse_initializer.append(onnx.helper.make_sparse_tensor(values, indices, dense.shape))
     del graph.initializer[:]
     graph.initializer.extend(keep)
+    kept_info = [v for v in graph.value_info if v.name not in names]  # a sparse tensor is not a dense value
+    del graph.value_info[:]
+    graph.value_info.extend(kept_info)
 
 
 def _inline_external(proto: onnx.ModelProto, model: ir.Model) -> None:
@@ -282,3 +284,20 @@ def _external_tensors(model: ir.Model) -> dict[str, ir.ExternalTensor]:
         for name, value in graph.initializers.items()
         if isinstance(value.const_value, ir.ExternalTensor)
     }
+
+
+@contextlib.contextmanager
+def no_new_value_info(model: ir.Model):
+    """Drop shapes and types that a lossless pass inferred for intermediate values on its way.
+
+    Shape inference annotates every intermediate value; written out as ``value_info`` these make
+    the file bigger although the model is the same, and onnxruntime infers them again at load.
+    """
+    bare = {id(v) for node in ir.traversal.RecursiveGraphIterator(model.graph) for v in node.outputs
+            if v.type is None and v.shape is None}
+    yield
+    graph_outputs = {id(v) for v in model.graph.outputs}
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        for value in node.outputs:
+            if id(value) in bare and id(value) not in graph_outputs and not value.is_graph_output():
+                value.type, value.shape = None, None

@@ -98,9 +98,12 @@ class PassRecord:
 @dataclasses.dataclass
 class Report:
     records: list[PassRecord] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     def to_json(self) -> str:
-        return json.dumps({"passes": [dataclasses.asdict(r) for r in self.records]}, indent=2, default=str)
+        return json.dumps(
+            {"passes": [dataclasses.asdict(r) for r in self.records], "notes": self.notes}, indent=2, default=str
+        )
 
     def to_markdown(self) -> str:
         lines = [
@@ -126,6 +129,7 @@ class Report:
                     lines.append("op delta: " + ", ".join(f"{k} {v:+d}" for k, v in r.op_delta.items()))
                 for key, value in r.details.items():
                     lines.append(f"- {key}: {value}")
+        lines += [f"\nnote: {note}" for note in self.notes]
         return "\n".join(lines) + "\n"
 
 
@@ -167,9 +171,15 @@ def run_pipeline(
     specs = [PassSpec.parse(p) if isinstance(p, str) else p for p in passes]
     instances = [(s.name, s.create(data), registry.get(s.name).lossless) if isinstance(s, PassSpec) else
                  (type(s).__name__, s, False) for s in specs]
+    report = Report()
+    if check:
+        try:
+            structural_check(model)
+        except ValueError as exc:  # judge passes by what they change, not by what the input already had
+            check = False
+            report.notes.append(f"structural checks off: the input model already fails them ({exc})")
     feeds = validate.feeds_for(model, data) if numeric_check else []
     previous_outputs = _outputs(model, feeds) if numeric_check else {}
-    report = Report()
     for name, instance, lossless in instances:
         before = stats.model_stats(model)
         snapshot = model.clone() if (numeric_check or on_error == "skip") else None

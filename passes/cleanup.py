@@ -8,6 +8,7 @@ from onnx_ir.passes import common as common_passes
 from onnxscript import rewriter
 from onnxscript.optimizer import _constant_folding
 
+from onnxopt.io import no_new_value_info
 from onnxopt.registry import register
 from onnxopt.weights import constant_tensor
 
@@ -42,6 +43,10 @@ class CleanupPass(ir.passes.InPlacePass):
         return None
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        with no_new_value_info(model):
+            return self._call(model)
+
+    def _call(self, model: ir.Model) -> ir.passes.PassResult:
         steps = []
         self.details = {}
         unsafe = folding_hazard(model)

@@ -10,12 +10,14 @@ from __future__ import annotations
 from typing import Literal
 
 import onnx_ir as ir
+from onnx_ir.passes import common as common_passes
 from onnxscript import rewriter
 from onnxscript.rewriter import _ir_utils, pattern
 from onnxscript.rewriter.rules import common as rules
 from onnxscript.rewriter.rules.fusion import _layer_norm
 
 from onnxopt.passes.cleanup import folding_hazard
+from onnxopt.io import no_new_value_info
 from onnxopt.registry import register
 
 
@@ -60,6 +62,11 @@ class FusePass(ir.passes.InPlacePass):
         self.details: dict[str, int] = {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        with no_new_value_info(model):
+            return self._call(model)
+
+    def _call(self, model: ir.Model) -> ir.passes.PassResult:
+        common_passes.ShapeInferencePass()(model)  # the rules check dtypes of intermediate values
         counts = {}
         ruleset = [
             rules.fuse_batchnorm_into_conv_rule,

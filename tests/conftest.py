@@ -125,7 +125,9 @@ def pytest_terminal_summary(terminalreporter, config):
                 reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
                 outcomes[outcome].append((test_id, reason.removeprefix("Skipped: ")))
             elif outcome == "failed" and report.when == "call":
-                outcomes[outcome].append((test_id, str(report.longrepr.reprcrash.message).splitlines()[0][:200]))
+                crash = getattr(report.longrepr, "reprcrash", None)
+                message = str(crash.message if crash is not None else report.longrepr)
+                outcomes[outcome].append((test_id, (message.splitlines() or [""])[0][:200]))
             elif outcome == "passed" and report.when == "call":
                 outcomes[outcome].append((test_id, ""))
                 notes.update(value for key, value in report.user_properties if key == "corpus_note")

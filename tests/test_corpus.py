@@ -29,11 +29,6 @@ ATOL = 1e-7  # outputs that are exactly zero
 SIZE_SLACK = 1024
 _NODE_DIR = None if os.environ.get("ONNXOPT_CORPUS_NODE") == "0" else _corpus_data.ensure_node_tests()
 CORPUS = _corpus_data.collect(_NODE_DIR)
-KNOWN_FAILURES = {
-    "node/test_loop16_seq_none": "onnx_ir 1.1 ShapeInferencePass (run by onnxscript's optimize_for_ort in fuse) "
-    "retypes an untyped If output of type seq(tensor(float)) inside a Loop body as tensor(float); "
-    "onnxruntime then rejects the model",
-}
 
 
 def _session(source) -> ort.InferenceSession:
@@ -162,12 +157,7 @@ def _checker_accepts(proto: onnx.ModelProto) -> bool:
     return True
 
 
-@pytest.mark.parametrize(
-    "entry",
-    [pytest.param(e, marks=pytest.mark.xfail(reason=KNOWN_FAILURES[e.test_id], strict=True)) if e.test_id in KNOWN_FAILURES
-     else e for e in CORPUS],
-    ids=[e.test_id for e in CORPUS],
-)
+@pytest.mark.parametrize("entry", CORPUS, ids=[e.test_id for e in CORPUS])
 def test_cleanup_fuse_preserves_outputs(entry, record_property):
     original = entry.model_path.read_bytes()
     proto = onnx.load_from_string(original)
