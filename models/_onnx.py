@@ -110,19 +110,14 @@ def save_model(model: ir.Model | onnx.ModelProto, path: str | os.PathLike,
 
 
 def session(model, threads: int | None = None):
-    """onnxruntime session from a path / ModelProto / ready session (returned as is)."""
+    """onnxruntime session from a path / ModelProto / ready session (returned as is); onnxopt's
+    custom-op library is registered when the model uses it."""
     import onnxruntime as ort
+
+    from onnxopt import runtime
 
     if isinstance(model, ort.InferenceSession):
         return model
     if callable(model) and not isinstance(model, (str, os.PathLike)):
         return model()
-    so = ort.SessionOptions()
-    if threads is not None:
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-    if isinstance(model, onnx.ModelProto):
-        model = model.SerializeToString()
-    elif isinstance(model, os.PathLike):
-        model = os.fspath(model)
-    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+    return runtime.session(model, threads=threads)
