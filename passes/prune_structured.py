@@ -1,0 +1,697 @@
+"""``prune-structured``: remove whole output channels, neurons and attention heads, for a smaller dense model.
+
+A *channel group* is a producer layer (MatMul/Gemm/Conv with a constant weight) and every tensor its
+output channels flow into: per-channel bias ``Add``/``Mul`` constants, BatchNormalization, elementwise
+activations (GELU's Erf chain included), pooling, ``Flatten``/``Reshape`` to 2-D, up to the layers that
+contract over the channels (the next MatMul/Gemm's input rows, the next Conv's input channels; after an
+NCHW flatten, each channel is a block of H·W consecutive rows). Removing a channel slices the producer's
+output columns, every per-channel constant and the consumers' input rows, and updates Reshape constants
+that hard-code the width: only standard ONNX ops remain.
+
+Attention heads (``heads=true``): the MiniLM/BERT pattern ``x@Wq+bq → Reshape(0,0,H,d) → Transpose`` (and
+K, V) ``→ MatMul → scale/mask → Softmax → MatMul V → Transpose → Reshape(0,0,H·d) → @Wo`` loses whole
+heads: Q/K/V columns, biases, Wo rows and the Reshape head counts are sliced.
+
+A group whose channels reach a graph output, a residual ``Add``/``Concat`` with another tensor, a shared
+weight, a subgraph, or any op that cannot be sliced is refused with a message and left as is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxopt.activations import Gram, layer_input_rows
+from onnxopt.calibration import Dataset, capture, capture_many
+from onnxopt.compression import gemm_alpha, relative_error, solve_masked
+from onnxopt.filters import NodeFilter
+from onnxopt.passes.prune import name_layers
+from onnxopt.passes.recover import require_data
+from onnxopt.registry import register
+from onnxopt.weights import WeightUse, constant_array, constant_tensor, scan_weights, set_weight
+
+UNARY_OPS = {
+    "Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Gelu", "Erf", "Sigmoid", "HardSigmoid", "HardSwish",
+    "Tanh", "Softplus", "Softsign", "Mish", "Clip", "Neg", "Abs", "Exp", "Log", "Sqrt", "Reciprocal", "Sin",
+    "Cos", "Identity", "Dropout", "Cast", "ThresholdedRelu", "Shrink", "Floor", "Ceil", "Round", "Sign",
+}
+BINARY_OPS = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min"}
+POOL_OPS = {"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"}
+PRODUCER_OPS = ("MatMul", "Gemm", "Conv")
+
+
+class Refused(Exception):
+    """A channel group that cannot be sliced safely; the message says why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where the channels sit in a tensor: negative ``axis``; ``flat`` when each channel is a block of
+    consecutive entries of the last axis (after an NCHW Flatten)."""
+
+    axis: int
+    rank: int | None
+    flat: bool = False
+
+    @property
+    def is_axis1(self) -> bool:
+        return self.rank is not None and self.axis == 1 - self.rank
+
+
+@dataclasses.dataclass
+class Consumer:
+    """A layer contracting over the channels: its weight's input rows (or Conv input channels) are sliced."""
+
+    use: WeightUse
+    group: int  # consecutive input rows per channel (H·W after a flatten, else 1)
+
+
+@dataclasses.dataclass
+class ChannelGroup:
+    """A producer's channels, the constants sliced with them and the layers contracting over them."""
+
+    label: str
+    channels: int
+    producers: list[tuple[WeightUse, int]]  # (use, channels per unit): output columns of each producer
+    constants: list[tuple[ir.Node, int, int, int]] = dataclasses.field(default_factory=list)
+    consumers: list[Consumer] = dataclasses.field(default_factory=list)
+    reshapes: list[tuple[ir.Node, int, int]] = dataclasses.field(default_factory=list)
+    region: dict[ir.Value, Layout] = dataclasses.field(default_factory=dict)
+    unshaped: list[ir.Value] = dataclasses.field(default_factory=list)  # shapes forgotten after slicing
+    # constants: (node, input, axis, channels per unit); reshapes: (node, shape position, entries per unit)
+
+
+# --------------------------------------------------------------------------- tracing a channel group
+
+
+def _out_columns(use: WeightUse) -> int:
+    return use.matrix().shape[1]
+
+
+def _in_rows(use: WeightUse) -> int:
+    return use.matrix().shape[0] if use.node.op_type != "Conv" else use.array().shape[1]
+
+
+def _attr(node: ir.Node, name: str, default):
+    attr = node.attributes.get(name)
+    return default if attr is None else attr.value
+
+
+def _check_value(value: ir.Value, graph: ir.Graph) -> None:
+    if value.is_graph_output():
+        raise Refused(f"channels reach the graph output '{value.name}'")
+    for node, _ in value.uses():
+        if node.graph is not graph:
+            raise Refused(f"channels are read inside a subgraph (by '{node.name or node.op_type}')")
+
+
+def _extra_outputs_unused(node: ir.Node) -> None:
+    for out in node.outputs[1:]:
+        if out.uses() or out.is_graph_output():
+            raise Refused(f"{node.op_type} '{node.name}' output '{out.name}' is used")
+
+
+def trace_group(use: WeightUse) -> ChannelGroup:
+    """The channel group of producer ``use``; raises :class:`Refused` when a consumer can't be sliced."""
+    node, graph = use.node, use.graph
+    if use.shared:
+        raise Refused("producer weight is shared by several nodes")
+    channels = _out_columns(use)
+    if node.op_type == "Conv":
+        rank = use.array().ndim
+        layout = Layout(1 - rank, rank)
+    else:
+        shape = node.outputs[0].shape
+        layout = Layout(-1, 2 if node.op_type == "Gemm" else (len(shape) if shape is not None else None))
+    group = ChannelGroup(use.label, channels, [(use, 1)])
+    if node.op_type in ("Gemm", "Conv") and len(node.inputs) > 2 and node.inputs[2] is not None:
+        _add_constant(group, node, 2, Layout(-1, 1))  # Gemm C / Conv B
+    group.region[node.outputs[0]] = layout
+    _check_value(node.outputs[0], graph)
+    nodes = list(graph)
+    for later in nodes[nodes.index(node) + 1 :]:  # graph order: both inputs of a binary op are known
+        hits = [i for i, v in enumerate(later.inputs) if v is not None and v in group.region]
+        if hits:
+            _visit(group, later, hits, graph)
+    return group
+
+
+def _add_constant(group: ChannelGroup, node: ir.Node, index: int, layout: Layout) -> None:
+    """Record a per-channel constant input (slice it) or accept a broadcast one; refuse anything else."""
+    value = node.inputs[index]
+    tensor = constant_tensor(value)
+    if tensor is None:
+        raise Refused(f"{node.op_type} '{node.name}' mixes the channels with the non-constant tensor "
+                      f"'{value.name}' (residual or other branch not pruned with them)")
+    shape = tuple(tensor.shape)
+    if len(shape) < -layout.axis or shape[layout.axis] == 1:
+        return
+    if layout.flat or shape[layout.axis] != group.channels:
+        raise Refused(f"{node.op_type} '{node.name}' constant '{value.name}' of shape {shape} is not per channel")
+    group.constants.append((node, index, layout.axis, 1))
+
+
+def _visit(group: ChannelGroup, node: ir.Node, hits: list[int], graph: ir.Graph) -> None:
+    layout = group.region[node.inputs[hits[0]]]
+    op = node.op_type
+    where = f"{op} '{node.name}'"
+    if node.domain not in ("", "ai.onnx"):
+        raise Refused(f"{where} of domain {node.domain} cannot be sliced")
+    out = None
+    if op in UNARY_OPS and hits == [0]:
+        for index in range(1, len(node.inputs)):
+            if node.inputs[index] is not None:
+                _add_constant(group, node, index, layout)  # Clip bounds, PRelu slope, Dropout ratio
+        _extra_outputs_unused(node)
+        out = layout
+    elif op in BINARY_OPS:
+        if any(group.region[node.inputs[i]] != layout for i in hits):
+            raise Refused(f"{where} combines the channels in two different layouts")
+        for index, value in enumerate(node.inputs):
+            if index not in hits:
+                _add_constant(group, node, index, layout)
+        out = layout
+        constant_ranks = [len(constant_tensor(v).shape) for i, v in enumerate(node.inputs) if i not in hits]
+        if layout.rank is not None:
+            out = dataclasses.replace(layout, rank=max([layout.rank, *constant_ranks]))
+    elif op == "BatchNormalization" and hits == [0] and layout.is_axis1 and not layout.flat:
+        for index in range(1, 5):
+            _add_constant(group, node, index, Layout(-1, 1))
+        _extra_outputs_unused(node)
+        out = layout
+    elif op in POOL_OPS and hits == [0] and layout.is_axis1:
+        _extra_outputs_unused(node)
+        out = layout
+    elif op == "Flatten" and hits == [0] and layout.is_axis1 and not layout.flat and _attr(node, "axis", 1) == 1:
+        out = Layout(-1, 2, flat=layout.rank > 2)
+    elif op == "Reshape" and hits == [0]:
+        out = _flatten_reshape(group, node, layout)
+    elif op in ("MatMul", "Gemm", "Conv") and hits == [0]:
+        _add_consumer(group, node, layout)
+    else:
+        raise Refused(f"{where} consumes the channels (input {hits[0]}) and cannot be sliced")
+    if out is not None:
+        _check_value(node.outputs[0], graph)
+        group.region[node.outputs[0]] = out
+
+
+def _flatten_reshape(group: ChannelGroup, node: ir.Node, layout: Layout) -> Layout:
+    """A Reshape of NC... to (N, C·rest): the channels become blocks of the last axis."""
+    shape = constant_tensor(node.inputs[1])
+    target = None if shape is None else shape.numpy().tolist()
+    flattening = (
+        target is not None and len(target) == 2 and layout.is_axis1 and not layout.flat
+        and _attr(node, "allowzero", 0) == 0
+        and (target[0] == 0 or (target[0] > 0 and target[1] == -1) or (target[0] == -1 and target[1] > 0))
+    )
+    if not flattening:
+        raise Refused(f"Reshape '{node.name}' to {target} splits or moves the channel axis"
+                      " (attention heads: use heads=true)")
+    if target[1] > 0:
+        if target[1] % group.channels:
+            raise Refused(f"Reshape '{node.name}' width {target[1]} is not a multiple of {group.channels} channels")
+        group.reshapes.append((node, 1, target[1] // group.channels))
+    return Layout(-1, 2, flat=True)
+
+
+def _add_consumer(group: ChannelGroup, node: ir.Node, layout: Layout) -> None:
+    where = f"{node.op_type} '{node.name}'"
+    use = WeightUse(node, 1)
+    if len(node.inputs) < 2 or constant_tensor(node.inputs[1]) is None:
+        raise Refused(f"{where} multiplies the channels by a non-constant tensor")
+    if use.shared:
+        raise Refused(f"{where} weight '{use.value.name}' is shared by several nodes")
+    weight = use.array()
+    if node.op_type == "Conv":
+        if not layout.is_axis1 or layout.flat or _attr(node, "group", 1) != 1:
+            raise Refused(f"{where}: channels are not its input channels (or grouped convolution)")
+        rows, per = weight.shape[1], 1
+    else:
+        if weight.ndim != 2 or layout.axis != -1 or (node.op_type == "Gemm" and _attr(node, "transA", 0)):
+            raise Refused(f"{where}: channels are not the contracted axis of a 2-D weight")
+        rows = _in_rows(use)
+        per = rows // group.channels if layout.flat else 1
+    if rows != per * group.channels:
+        raise Refused(f"{where}: {rows} input rows do not match {group.channels} channels")
+    group.consumers.append(Consumer(use, per))
+
+
+# --------------------------------------------------------------------------- attention heads
+
+
+def _only_use(value: ir.Value, values: list[ir.Value]) -> None:
+    """Refuse unless ``value`` is read once (by the pattern) and is no graph output; remember it."""
+    if len(value.uses()) != 1 or value.is_graph_output():
+        raise Refused(f"'{value.name}' is read outside the attention pattern")
+    values.append(value)
+
+
+def _producer(value: ir.Value, op_type: str, values: list[ir.Value]) -> ir.Node:
+    node = value.producer()
+    if node is None or node.op_type != op_type:
+        raise Refused(f"'{value.name}' is not produced by {op_type}")
+    _only_use(value, values)
+    return node
+
+
+def _perm(transpose: ir.Node) -> list[int] | None:
+    perm = _attr(transpose, "perm", None)
+    return None if perm is None else list(perm)
+
+
+def _scalar_input(node: ir.Node) -> int | None:
+    """Index of a one-element constant input of a binary node, None without one."""
+    for index, value in enumerate(node.inputs):
+        tensor = constant_tensor(value)
+        if tensor is not None and tensor.size == 1:
+            return index
+    return None
+
+
+def _skip_scalar_ops(value: ir.Value, values: list[ir.Value]) -> ir.Value:
+    """Walk back through Mul/Div by scalar constants (attention scaling)."""
+    while (node := value.producer()) is not None and node.op_type in ("Mul", "Div") and _scalar_input(node) == 1:
+        _only_use(value, values)
+        value = node.inputs[0]
+    return value
+
+
+def _is_one_along(value: ir.Value, axis: int) -> bool:
+    """Whether ``value`` statically has size 1 (or no dimension) along negative ``axis`` (mask broadcast)."""
+    tensor = constant_tensor(value)
+    if tensor is not None:
+        return len(tensor.shape) < -axis or tensor.shape[axis] == 1
+    if value.shape is not None:
+        return len(value.shape) < -axis or value.shape[axis] == 1
+    node = value.producer()
+    if node is None:
+        return False
+    if node.op_type == "Unsqueeze" and len(node.inputs) > 1 and node.inputs[0].shape is not None:
+        axes = constant_tensor(node.inputs[1])
+        if axes is None:
+            return False
+        rank = len(node.inputs[0].shape) + axes.size
+        position = rank + axis
+        inserted = {a % rank for a in axes.numpy().tolist()}
+        return position < 0 or position in inserted
+    if node.op_type in BINARY_OPS | {"Cast", "Neg", "Not", "Where"}:
+        return all(_is_one_along(v, axis) for v in node.inputs if v is not None)
+    return False
+
+
+@dataclasses.dataclass
+class HeadGroup:
+    """One attention block: Q/K/V projections (output columns), their biases, Reshapes, and Wo."""
+
+    label: str
+    heads: int
+    head_dim: int
+    projections: list[WeightUse]
+    biases: list[tuple[ir.Node, int]]
+    split_reshapes: list[ir.Node]
+    merge_reshape: ir.Node
+    output: WeightUse
+    values: list[ir.Value]
+
+    def as_channel_group(self) -> ChannelGroup:
+        """The same slicing expressed per head: units of ``head_dim`` channels."""
+        group = ChannelGroup(self.label, self.heads, [(u, self.head_dim) for u in self.projections])
+        group.constants = [(node, index, -1, self.head_dim) for node, index in self.biases]
+        group.reshapes = [(node, 2, 1) for node in self.split_reshapes] + [(self.merge_reshape, 2, self.head_dim)]
+        group.consumers = [Consumer(self.output, self.head_dim)]
+        group.unshaped = self.values
+        return group
+
+
+def trace_heads(output: WeightUse) -> HeadGroup:
+    """Match the attention pattern ending at output projection ``output``; :class:`Refused` otherwise."""
+    values: list[ir.Value] = []
+    merge = _producer(output.activation, "Reshape", values)
+    merge_shape = constant_tensor(merge.inputs[1])
+    transpose = _producer(merge.inputs[0], "Transpose", values)
+    if merge_shape is None or merge_shape.size != 3 or _perm(transpose) != [0, 2, 1, 3]:
+        raise Refused("context is not Transpose(0,2,1,3) then Reshape to 3-D")
+    context = _producer(transpose.inputs[0], "MatMul", values)
+    softmax = _producer(context.inputs[0], "Softmax", values)
+    if _attr(softmax, "axis", -1) not in (-1, 3):
+        raise Refused("Softmax is not over the key axis")
+    scores = softmax.inputs[0]
+    while (node := scores.producer()) is not None and node.op_type in ("Add", "Mul", "Div"):
+        if node.op_type == "Add":  # attention mask: must be the same for every head
+            path = 1 if _is_one_along(node.inputs[0], -3) and not _is_one_along(node.inputs[1], -3) else 0
+            if not _is_one_along(node.inputs[1 - path], -3):
+                raise Refused(f"attention mask added by '{node.name}' is not broadcast over heads")
+        elif _scalar_input(node) != 1:
+            raise Refused(f"scores scaled by '{node.name}' with a non-scalar")
+        else:
+            path = 0
+        _only_use(scores, values)
+        scores = node.inputs[path]
+    product = _producer(scores, "MatMul", values)
+    branches = {"q": (_skip_scalar_ops(product.inputs[0], values), [0, 2, 1, 3]),
+                "k": (_skip_scalar_ops(product.inputs[1], values), [0, 2, 3, 1]),
+                "v": (context.inputs[1], [0, 2, 1, 3])}
+    projections, biases, reshapes, split = [], [], [], None
+    for name, (value, perm) in branches.items():
+        node = _producer(value, "Transpose", values)
+        if _perm(node) != perm:
+            raise Refused(f"{name} Transpose perm {_perm(node)} is not {perm}")
+        reshape = _producer(node.inputs[0], "Reshape", values)
+        shape = constant_tensor(reshape.inputs[1])
+        if shape is None or shape.size != 4 or min(shape.numpy()[2:]) < 1:
+            raise Refused(f"{name} Reshape does not split into (.., .., heads, head_dim) with constants")
+        split = split or tuple(shape.numpy()[2:].tolist())
+        if tuple(shape.numpy()[2:].tolist()) != split:
+            raise Refused("Q/K/V split into different head shapes")
+        reshapes.append(reshape)
+        value = reshape.inputs[0]
+        if (add := value.producer()) is not None and add.op_type == "Add":
+            bias_index = 1 if constant_tensor(add.inputs[1]) is not None else 0
+            _producer(value, "Add", values)
+            biases.append((add, bias_index))
+            value = add.inputs[1 - bias_index]
+        matmul = _producer(value, "MatMul", values)
+        use = WeightUse(matmul, 1)
+        if constant_tensor(use.value) is None or use.shared or use.array().ndim != 2:
+            raise Refused(f"{name} projection '{matmul.name}' has no unshared constant 2-D weight")
+        projections.append(use)
+    heads, head_dim = split
+    width = heads * head_dim
+    if any(_out_columns(u) != width for u in projections) or merge_shape.numpy()[-1] != width:
+        raise Refused(f"projection widths do not equal heads × head_dim = {width}")
+    if any(constant_tensor(node.inputs[index]) is None or constant_tensor(node.inputs[index]).size != width
+           for node, index in biases):
+        raise Refused("a Q/K/V bias is not a per-channel constant")
+    if output.shared or _in_rows(output) != width:
+        raise Refused("output projection weight is shared or does not match heads × head_dim")
+    return HeadGroup(output.label, heads, head_dim, projections, biases, reshapes, merge, output, values)
+
+
+# --------------------------------------------------------------------------- slicing
+
+
+def _unit_index(keep: np.ndarray, per: int) -> np.ndarray:
+    """Entries kept when each kept unit spans ``per`` consecutive entries."""
+    return (keep[:, None] * per + np.arange(per)).reshape(-1)
+
+
+def _slice_input(node: ir.Node, index: int, axis: int, entries: np.ndarray, suffix: str) -> None:
+    array = constant_array(node.inputs[index])
+    set_weight(WeightUse(node, index), np.take(array, entries, axis=axis), suffix)
+
+
+def apply_group(group: ChannelGroup, keep: np.ndarray) -> dict[ir.Node, np.ndarray]:
+    """Slice everything in ``group`` to the kept channel (or head) indices ``keep`` (sorted).
+
+    Returns the kept output columns of each producer node.
+    """
+    kept_outputs = {}
+    for use, per in group.producers:
+        entries = _unit_index(keep, per)
+        transposed = use.node.op_type == "Conv" or (use.node.op_type == "Gemm" and _attr(use.node, "transB", 0))
+        _slice_input(use.node, use.index, 0 if transposed else 1, entries, "pruned")
+        kept_outputs[use.node] = entries
+    for node, index, axis, per in group.constants:
+        _slice_input(node, index, axis, _unit_index(keep, per), "pruned")
+    for consumer in group.consumers:
+        use, entries = consumer.use, _unit_index(keep, consumer.group)
+        transposed = use.node.op_type == "Gemm" and _attr(use.node, "transB", 0)
+        axis = 1 if use.node.op_type == "Conv" or transposed else 0
+        _slice_input(use.node, use.index, axis, entries, "pruned")
+    for node, position, per in group.reshapes:
+        shape = constant_array(node.inputs[1]).copy()
+        shape[position] = len(keep) * per
+        set_weight(WeightUse(node, 1), shape, "pruned")
+    for value, layout in group.region.items():
+        _resize(value, layout.axis, group.channels, len(keep))
+    for value in group.unshaped:
+        value.shape = None
+    return kept_outputs
+
+
+def _resize(value: ir.Value, axis: int, old: int, new: int) -> None:
+    """Keep a recorded static shape consistent after the channel count changed from ``old`` to ``new``."""
+    shape = value.shape
+    if shape is None or len(shape) < -axis:
+        return
+    dims = list(shape.dims)
+    dims[axis] = dims[axis] * new // old if isinstance(dims[axis], int) else None
+    value.shape = ir.Shape(dims)
+
+
+# --------------------------------------------------------------------------- the pass
+
+
+def _kept_count(channels: int, ratio: float, min_channels: int, round_to: int) -> int:
+    keep = max(channels - int(round(ratio * channels)), min(min_channels, channels), 1)
+    return min(channels, math.ceil(keep / round_to) * round_to)
+
+
+def _unit_norms(matrix: np.ndarray, per: int, axis: int, order: int) -> np.ndarray:
+    """Norm of each block of ``per`` consecutive entries along ``axis`` of ``matrix`` (other axes summed)."""
+    moved = np.moveaxis(np.abs(matrix.astype(np.float64)), axis, 0)
+    blocks = moved.reshape(-1, per, *moved.shape[1:]).reshape(moved.shape[0] // per, -1)
+    return blocks.sum(axis=1) if order == 1 else np.sqrt((blocks**2).sum(axis=1))
+
+
+def _consumer_row_norms(consumer: Consumer, order: int) -> np.ndarray:
+    use = consumer.use
+    if use.node.op_type == "Conv":
+        return _unit_norms(use.array(), consumer.group, 1, order)
+    return _unit_norms(use.matrix(), consumer.group, 0, order)
+
+
+@register("prune-structured", lossless=False)
+class PruneStructuredPass(ir.passes.InPlacePass):
+    """Remove whole channels, neurons or attention heads and shrink every consumer (a smaller dense model).
+
+    Args:
+        ratio: Fraction of the channels (or heads) removed in each channel group.
+        op_types: Producer layers whose output channels are pruned (MatMul, Gemm, Conv; empty: none).
+        heads: Also remove whole attention heads (Q/K/V columns, Wo rows, Reshape head counts).
+        importance: ``l1``/``l2``: norm of the producer's output column (Q/K/V/Wo weights of a head);
+            ``activation``: Σ over consumers of ‖X_c‖·‖W_next rows of c‖ from calibration data.
+        min_channels: Never keep fewer channels than this in a group.
+        round_to: Keep channel counts a multiple of this (kernel-friendly widths).
+        recover: Re-fit each consumer's weight (and bias) by least squares to the original model's
+            consumer outputs on calibration data.
+        samples: Calibration samples for ``importance=activation`` and ``recover``.
+        damping: Ridge term of the recovery, as a fraction of the mean diagonal of XᵀX/rows.
+    """
+
+    def __init__(
+        self,
+        ratio: float = 0.25,
+        op_types: list[str] = ["MatMul", "Gemm", "Conv"],  # noqa: B006 - read only
+        heads: bool = False,
+        importance: Literal["l1", "l2", "activation"] = "l2",
+        min_channels: int = 1,
+        round_to: int = 1,
+        recover: bool = False,
+        samples: int = 128,
+        damping: float = 1e-4,
+        data: Dataset | None = None,
+        node_filter: NodeFilter | None = None,
+    ):
+        super().__init__()
+        if not 0.0 <= ratio < 1.0:
+            raise ValueError(f"ratio must be in [0, 1), got {ratio}")
+        unknown = set(op_types) - set(PRODUCER_OPS)
+        if unknown:
+            raise ValueError(f"op_types may only hold MatMul, Gemm and Conv (got {sorted(unknown)})")
+        if min_channels < 1 or round_to < 1 or samples < 1 or damping < 0:
+            raise ValueError("min_channels, round_to and samples must be >= 1 and damping >= 0")
+        self.ratio = ratio
+        self.op_types = tuple(op_types)
+        self.heads = heads
+        self.importance = importance
+        self.min_channels = min_channels
+        self.round_to = round_to
+        self.recover = recover
+        self.samples = samples
+        self.damping = damping
+        self.data = data
+        self.node_filter = node_filter
+        self.details: dict = {}
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        if self.importance == "activation" or self.recover:
+            require_data(self.data, "prune-structured with importance=activation or recover=true")
+        scan = scan_weights(model, PRODUCER_OPS, self.node_filter)
+        name_layers(scan.uses)
+        groups, refused = self._groups(scan.uses)
+        original = model.clone() if self.recover else None
+        norms = self._activation_norms(model, groups) if self.importance == "activation" else {}
+        layers, kept_outputs, params_before = {}, {}, _parameters(model)
+        for group in groups:
+            unit = "heads" if group.producers[0][1] > 1 else "channels"
+            kept = self._kept(group)
+            if kept == group.channels:
+                layers[group.label] = f"{unit} {group.channels} (unchanged)"
+                continue
+            scores = self._scores(group, norms.get(group.label))
+            keep = np.sort(np.argsort(-scores, kind="stable")[:kept])
+            removed = 1 - float(scores[keep].sum() / max(scores.sum(), 1e-30))
+            how = self.importance if group.label in norms or self.importance != "activation" else "l2: not observable"
+            kept_outputs.update(apply_group(group, keep))
+            layers[group.label] = f"{unit} {group.channels} -> {kept}, importance removed {removed:.4f} ({how})"
+        params_after = _parameters(model)
+        self.details.update(layers=layers, refused=refused, parameters=f"{params_before} -> {params_after}")
+        changed = params_after != params_before
+        if self.recover and changed:
+            self.details["recover"] = self._recover(original, model, groups, kept_outputs)
+        return ir.passes.PassResult(model, changed)
+
+    def _groups(self, uses: list[WeightUse]) -> tuple[list[ChannelGroup], dict[str, str]]:
+        groups, refused, claimed = [], {}, set()
+        if self.heads:
+            for use in uses:
+                if use.node.op_type != "MatMul":
+                    continue
+                try:
+                    head_group = trace_heads(use)
+                except Refused:
+                    continue  # not an output projection
+                groups.append(head_group.as_channel_group())
+                claimed.update(u.node for u in head_group.projections)
+                claimed.add(use.node)
+        for use in uses:
+            if use.node.op_type not in self.op_types or use.node in claimed:
+                continue
+            try:
+                groups.append(trace_group(use))
+            except Refused as exc:
+                refused[use.label] = str(exc)
+        return groups, refused
+
+    def _kept(self, group: ChannelGroup) -> int:
+        per = group.producers[0][1]
+        if per > 1:  # heads: at least ceil(min_channels / head_dim), one at the least
+            return _kept_count(group.channels, self.ratio, -(-self.min_channels // per), 1)
+        return _kept_count(group.channels, self.ratio, self.min_channels, self.round_to)
+
+    def _scores(self, group: ChannelGroup, activation: list[np.ndarray] | None) -> np.ndarray:
+        """Importance of each channel (head) of ``group``; ``activation``: Σx² per consumer input entry."""
+        if activation is not None:
+            return sum(np.sqrt(_block_sums(sums, group.channels)) * _consumer_row_norms(consumer, 2)
+                       for sums, consumer in zip(activation, group.consumers))
+        order = 1 if self.importance == "l1" else 2
+        score = sum(_unit_norms(u.matrix(), per, 1, order) ** order for u, per in group.producers)
+        if group.producers[0][1] > 1:  # heads: the output projection's rows count too
+            score = score + sum(_consumer_row_norms(c, order) ** order for c in group.consumers)
+        return score ** (1 / order)
+
+    def _activation_norms(self, model: ir.Model, groups: list[ChannelGroup]) -> dict[str, list[np.ndarray]]:
+        """Per group of the main graph, Σx² per entry of the channel axis of each consumer's input."""
+        observable = [g for g in groups if g.producers[0][0].graph is model.graph]
+        sums = {g.label: [0.0] * len(g.consumers) for g in observable}
+
+        def on_batch(outputs: dict[str, np.ndarray]) -> None:
+            for group in observable:
+                for i, consumer in enumerate(group.consumers):
+                    axis = 1 if consumer.use.node.op_type == "Conv" else -1
+                    x = np.moveaxis(outputs[consumer.use.activation.name].astype(np.float64), axis, -1)
+                    sums[group.label][i] = sums[group.label][i] + (x.reshape(-1, x.shape[-1]) ** 2).sum(axis=0)
+
+        names = [c.use.activation.name for g in observable for c in g.consumers]
+        if names:
+            capture(model, names, self.data.batches(model, 8, self.samples), on_batch)
+        return sums
+
+    def _recover(self, original: ir.Model, model: ir.Model, groups: list[ChannelGroup],
+                 kept_outputs: dict[ir.Node, np.ndarray]) -> dict[str, dict]:
+        """Re-fit each consumer (front to back) to the original model's output of that layer."""
+        reference = {u.node.name: u for u in scan_weights(original, PRODUCER_OPS).uses}
+        consumers = {c.use.node for g in groups for c in g.consumers}
+        results = {}
+        for node in list(model.graph):
+            if node in consumers:
+                results[node.name] = _refit(original, reference[node.name], model, WeightUse(node, 1),
+                                            kept_outputs.get(node), self.data, self.samples, self.damping)
+        for node in consumers - set(model.graph):
+            results[node.name] = {"kind": "skipped", "reason": "inside a subgraph: not observable"}
+        return results
+
+
+def _block_sums(sums: np.ndarray, channels: int) -> np.ndarray:
+    return sums.reshape(channels, -1).sum(axis=1)
+
+
+def _parameters(model: ir.Model) -> int:
+    """Elements of the distinct constant tensors read by nodes of all graphs."""
+    seen = {}
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        for value in node.inputs:
+            tensor = constant_tensor(value)
+            if tensor is not None:
+                seen[id(value)] = tensor.size
+    return sum(seen.values())
+
+
+# --------------------------------------------------------------------------- recovery
+
+
+def _bias_slot(node: ir.Node) -> tuple[ir.Node, int] | None:
+    """Where the layer's (N,) output bias lives: Gemm C, Conv B, or the constant of a following Add."""
+    node_columns = WeightUse(node, 1).array().shape[0 if node.op_type == "Conv" or _attr(node, "transB", 0) else 1]
+    if node.op_type in ("Gemm", "Conv"):
+        bias = constant_tensor(node.inputs[2]) if len(node.inputs) > 2 else None
+        return (node, 2) if bias is not None and bias.size == node_columns else None
+    uses = node.outputs[0].uses()
+    if len(uses) == 1 and uses[0][0].op_type == "Add" and not node.outputs[0].is_graph_output():
+        add = uses[0][0]
+        other = 1 - uses[0][1]
+        tensor = constant_tensor(add.inputs[other])
+        if tensor is not None and len(tensor.shape) == 1 and tensor.size == node_columns:
+            return add, other
+    return None
+
+
+def _refit(original: ir.Model, orig_use: WeightUse, model: ir.Model, use: WeightUse, kept_columns: np.ndarray | None,
+           data: Dataset, samples: int, damping: float) -> dict:
+    """Least squares of the layer's kept input rows (plus its bias) on the original layer output.
+
+    ``kept_columns``: the layer's own output columns that survived (when it is also a pruned producer).
+    """
+    alpha_o, alpha = gemm_alpha(orig_use.node), gemm_alpha(use.node)
+    w_orig = orig_use.matrix() * np.float32(alpha_o)
+    if kept_columns is not None:
+        w_orig = w_orig[:, kept_columns]
+    slot = _bias_slot(use.node)
+    gram: Gram | None = None
+    yty = 0.0
+
+    def on_batch(outs):
+        nonlocal gram, yty
+        target = layer_input_rows(orig_use, outs[0][orig_use.activation.name]) @ w_orig
+        rows = layer_input_rows(use, outs[1][use.activation.name])
+        if slot is not None:
+            rows = np.hstack([rows, np.ones((rows.shape[0], 1), rows.dtype)])
+        if gram is None:
+            gram = Gram.empty(rows.shape[1], target.shape[1])
+        gram.update(rows, target)
+        yty += float(np.sum(target.astype(np.float64) ** 2))
+
+    capture_many([(original, [orig_use.activation.name]), (model, [use.activation.name])],
+                 data.batches(original, 8, samples), on_batch)
+    current = use.matrix().astype(np.float64) * alpha
+    if slot is not None:
+        current = np.vstack([current, np.zeros((1, current.shape[1]))])  # the bias is unchanged so far
+    fitted = solve_masked(gram.xtx, gram.xty, gram.rows, np.ones(current.shape, bool), damping)
+    before, after = relative_error(gram.xtx, gram.xty, yty, current), relative_error(gram.xtx, gram.xty, yty, fitted)
+    applied = after < before
+    if applied:
+        weights = fitted[:-1] if slot is not None else fitted
+        set_weight(use, use.from_matrix((weights / alpha).astype(np.float32)), "recovered")
+        if slot is not None:
+            node, index = slot
+            bias = constant_array(node.inputs[index])
+            shift = fitted[-1] / (_attr(node, "beta", 1.0) if node.op_type == "Gemm" else 1.0)
+            new_bias = (bias.astype(np.float64) + np.broadcast_to(shift, (bias.size,)).reshape(bias.shape))
+            set_weight(WeightUse(node, index), new_bias.astype(bias.dtype), "recovered")
+    return {"error_before": round(before, 6), "error_after": round(after if applied else before, 6),
+            "applied": applied, "bias": slot is not None}
