@@ -535,7 +535,7 @@ class PruneStructuredPass(ir.passes.InPlacePass):
                 continue
             scores = self._scores(group, norms.get(group.label))
             keep = np.sort(np.argsort(-scores, kind="stable")[:kept])
-            removed = 1 - float(scores[keep].sum() / max(scores.sum(), 1e-30))
+            removed = float(np.delete(scores, keep).sum() / max(scores.sum(), 1e-30))
             how = self.importance if group.label in norms or self.importance != "activation" else "l2: not observable"
             kept_outputs.update(apply_group(group, keep))
             layers[group.label] = f"{unit} {group.channels} -> {kept}, importance removed {removed:.4f} ({how})"
