@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Literal
 
 import numpy as np
@@ -264,43 +264,66 @@ class RangeCalibrator:
         index = np.minimum((magnitude / width).astype(np.int64), self.hist.size - 1)
         self.hist += np.bincount(index, minlength=self.hist.size)
 
-    def range(self) -> tuple[float, float]:
-        """The calibrated (low, high) range; raises ValueError when nothing finite was seen."""
+    def range(self, levels: int = 256, symmetric: bool = True) -> tuple[float, float]:
+        """The calibrated (low, high) range; raises ValueError when nothing finite was seen.
+
+        ``levels`` (integer values of the target type) and ``symmetric`` describe the quantization the
+        range is for: clipping methods weigh rounding noise with the step the range will really get.
+        """
         if self.count == 0:
             raise ValueError("no finite values observed")
         if self.method == "minmax" or self.edge == 0.0:
             return self.minimum, self.maximum
-        threshold = min(self._threshold(), self.absmax)
+        threshold = min(self._threshold(levels, symmetric), self.absmax)
         return max(self.minimum, -threshold), min(self.maximum, threshold)
 
-    def _threshold(self) -> float:
+    def _levels_below(self, threshold: float, levels: int, symmetric: bool) -> float:
+        """Quantization steps covering ``[0, threshold]`` of |x| when the range is clipped at ``threshold``.
+
+        Symmetric: half of them. Asymmetric: the share of ``[low, high]`` that ``[0, threshold]`` is, so a
+        one-sided tensor (a ReLU output) gets all of them.
+        """
+        if symmetric:
+            return levels / 2
+        span = min(self.maximum, threshold) + min(-min(self.minimum, 0.0), threshold)
+        return (levels - 1) * threshold / max(span, threshold)
+
+    def _threshold(self, levels: int, symmetric: bool) -> float:
         width = self.edge / self.hist.size
         if self.method == "percentile":
             cumulative = (self.zeros + np.cumsum(self.hist)) / (self.zeros + self.hist.sum())
             return float(np.searchsorted(cumulative, self.percentile / 100.0) + 1) * width
+        steps = lambda keep: self._levels_below(keep * width, levels, symmetric)  # noqa: E731
         if self.method == "entropy":
-            return float(_entropy_threshold_bins(self.hist)) * width
-        return float(_mse_threshold_bins(self.hist)) * width
+            return float(_entropy_threshold_bins(self.hist, steps)) * width
+        return float(_mse_threshold_bins(self.hist, steps)) * width
 
 
-def _entropy_threshold_bins(hist: np.ndarray, levels: int = 128, stride: int = 8) -> int:
+def _threshold_candidates(hist: np.ndarray, first: int, stride: int) -> list[int]:
+    """Bin counts to try as the clipping threshold: from ``first`` up to the last non-empty bin."""
+    occupied = np.flatnonzero(hist)
+    top = int(occupied[-1]) + 1 if occupied.size else hist.size
+    return [*range(min(first, top), top, stride), top]
+
+
+def _entropy_threshold_bins(hist: np.ndarray, steps: Callable[[int], float], stride: int = 8) -> int:
     """Number of bins to keep minimizing KL(P || Q) (TensorRT's method).
 
     P is the histogram clipped at the candidate threshold (the clipped mass piled into its last bin);
-    Q is the part below the threshold merged into ``levels`` levels and spread back over P's nonzero
-    bins, so mass that clipping moves shows up as divergence.
+    Q is the part below the threshold merged into the ``steps(keep)`` quantization levels it gets and
+    spread back over P's nonzero bins, so mass that clipping moves shows up as divergence.
     """
     hist = hist.astype(np.float64)
     best, best_kl = hist.size, np.inf
-    for keep in range(levels, hist.size + 1, stride):
-        inside = hist[:keep]
-        p = inside.copy()
+    for keep in _threshold_candidates(hist, 128, stride):
+        levels = int(min(keep, max(1, round(steps(keep)))))
+        p = hist[:keep].copy()
         p[-1] += hist[keep:].sum()
-        q = np.zeros(keep)
-        for idx in np.array_split(np.arange(keep), levels):
-            nonzero = p[idx] != 0
-            if nonzero.any():
-                q[idx[nonzero]] = inside[idx].sum() / nonzero.sum()
+        support = p > 0
+        level = np.arange(keep) * levels // keep
+        mass = np.bincount(level, hist[:keep], levels)
+        spread = np.bincount(level, support, levels)
+        q = np.where(support, mass[level] / np.maximum(spread[level], 1), 0.0)
         kl = _kl(p, q)
         if kl < best_kl:
             best, best_kl = keep, kl
@@ -308,25 +331,24 @@ def _entropy_threshold_bins(hist: np.ndarray, levels: int = 128, stride: int = 8
 
 
 def _kl(p: np.ndarray, q: np.ndarray, eps: float = 1e-4) -> float:
-    """KL divergence of two histograms, with empty bins of Q smoothed to ``eps`` of the mass."""
+    """KL divergence of two histograms over P's support; bins Q lost (clipped mass) count as ``eps``.
+
+    Bins empty in both do not matter: smoothing them would penalize wide ranges (many empty bins).
+    """
     if q.sum() == 0:
         return np.inf
     p, q = p / p.sum(), q / q.sum()
-    empty = q == 0
-    if empty.all():
-        return np.inf
-    q = np.where(empty, eps, q * (1 - eps * empty.sum()))
-    mask = p > 0
-    return float(np.sum(p[mask] * np.log(p[mask] / q[mask])))
+    support = p > 0
+    return float(np.sum(p[support] * np.log(p[support] / np.maximum(q[support], eps))))
 
 
-def _mse_threshold_bins(hist: np.ndarray, levels: int = 127, stride: int = 4) -> int:
+def _mse_threshold_bins(hist: np.ndarray, steps: Callable[[int], float], stride: int = 4) -> int:
     """Number of bins to keep minimizing the expected squared error (rounding noise + clipping)."""
     hist = hist.astype(np.float64)
     centers = np.arange(hist.size) + 0.5
     best, best_err = hist.size, np.inf
-    for keep in range(stride, hist.size + 1, stride):
-        step = keep / levels
+    for keep in _threshold_candidates(hist, stride, stride):
+        step = keep / steps(keep)
         inside = hist[:keep].sum() * step * step / 12.0
         clipped = np.sum(hist[keep:] * (centers[keep:] - keep) ** 2)
         if inside + clipped < best_err:

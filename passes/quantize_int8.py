@@ -301,7 +301,8 @@ class QuantizeInt8Pass(ir.passes.InPlacePass):
             if reason:
                 kept_float[value] = reason
                 continue
-            low, high = calibrators[name].range()
+            qmin, qmax = qz.int_range(self.activation_type)
+            low, high = calibrators[name].range(qmax - qmin + 1, self.symmetric_activations)
             if value in plan.relu_floor:
                 low = max(low, 0.0)
             params[value] = qz.scale_zero_point(low, high, self.activation_type, self.symmetric_activations)

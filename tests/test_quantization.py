@@ -117,6 +117,18 @@ def test_clipping_calibrators_cut_outliers(method):
     assert 1.0 < high < 15.0 and -15.0 < low < -1.0
 
 
+def test_entropy_keeps_a_range_that_quantizes_exactly():
+    """256 values k/255 with decaying counts (a ReLU output of 8-bit data): uint8 over [0, 1] gives each
+    value its own level, so any clipping loses information and the optimal threshold is the maximum.
+    (128 levels, the symmetric-int8 assumption, merged value pairs and clipped at 0.72.)"""
+    k = np.arange(256)
+    x = np.repeat((k / 255).astype(np.float32), (20000 * np.exp(-k / 40)).astype(int) + 1)
+    cal = qz.RangeCalibrator("entropy")
+    for batch in np.array_split(RNG.permutation(x), 4):
+        cal.update(batch)
+    assert cal.range(256, symmetric=False) == (0.0, 1.0)
+
+
 def test_calibrator_counts_nonfinite_and_huge_values():
     cal = qz.RangeCalibrator("entropy")
     cal.update(np.array([0.0, -np.inf, 1.0, np.nan], np.float32))

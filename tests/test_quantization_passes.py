@@ -60,7 +60,7 @@ def cnn_model() -> ir.Model:
 # ------------------------------------------------------------------ quantize-int8
 
 
-@pytest.mark.parametrize("calibration", ["minmax", "percentile", "mse"])
+@pytest.mark.parametrize("calibration", ["minmax", "percentile", "mse", "entropy"])
 def test_int8_cnn_runs_integer_kernels_and_keeps_accuracy(tmp_path, mnist, calibration):
     model = cnn_model()
     fp32 = mnist.mnist_accuracy(io.to_bytes(model))
