@@ -76,13 +76,14 @@ class ChannelGroup:
 
     label: str
     channels: int
-    producers: list[tuple[WeightUse, int]]  # (use, channels per unit): output columns of each producer
-    constants: list[tuple[ir.Node, int, int, int]] = dataclasses.field(default_factory=list)
+    # A unit (channel or head) spans ``per`` consecutive entries of the sliced axis.
+    producers: list[tuple[WeightUse, int]]  # (use, per): output columns
+    constants: list[tuple[ir.Node, int, int, int]] = dataclasses.field(default_factory=list)  # (node, input, axis, per)
     consumers: list[Consumer] = dataclasses.field(default_factory=list)
-    reshapes: list[tuple[ir.Node, int, int]] = dataclasses.field(default_factory=list)
+    reshapes: list[tuple[ir.Node, int, int]] = dataclasses.field(default_factory=list)  # (node, shape position, per)
     region: dict[ir.Value, Layout] = dataclasses.field(default_factory=dict)
     unshaped: list[ir.Value] = dataclasses.field(default_factory=list)  # shapes forgotten after slicing
-    # constants: (node, input, axis, channels per unit); reshapes: (node, shape position, entries per unit)
+    unit: str = "channels"
 
 
 # --------------------------------------------------------------------------- tracing a channel group
@@ -200,16 +201,24 @@ def _visit(group: ChannelGroup, node: ir.Node, hits: list[int], graph: ir.Graph)
 
 
 def _flatten_reshape(group: ChannelGroup, node: ir.Node, layout: Layout) -> Layout:
-    """A Reshape of NC... to (N, C·rest): the channels become blocks of the last axis."""
+    """A Reshape of N×C×... to (N, C·rest): the channels become blocks of the last axis.
+
+    Accepted targets: ``[0, -1]``, ``[0, K]``, and ``[-1, K]`` when the input's static shape shows that
+    K is C·rest (so the first axis stays the batch).
+    """
     shape = constant_tensor(node.inputs[1])
     target = None if shape is None else shape.numpy().tolist()
+    dims = node.inputs[0].shape
+    rest = None
+    if dims is not None and all(isinstance(d, int) for d in dims.dims[1:]):
+        rest = int(np.prod(dims.dims[1:]))
     flattening = (
         target is not None and len(target) == 2 and layout.is_axis1 and not layout.flat
         and _attr(node, "allowzero", 0) == 0
-        and (target[0] == 0 or (target[0] > 0 and target[1] == -1) or (target[0] == -1 and target[1] > 0))
+        and ((target[0] == 0 and (target[1] == -1 or target[1] > 0)) or (target[0] == -1 and target[1] == rest))
     )
     if not flattening:
-        raise Refused(f"Reshape '{node.name}' to {target} splits or moves the channel axis"
+        raise Refused(f"Reshape '{node.name}' to {target} is not a proven (batch, C·rest) flatten of the channels"
                       " (attention heads: use heads=true)")
     if target[1] > 0:
         if target[1] % group.channels:
@@ -324,6 +333,7 @@ class HeadGroup:
         group.reshapes = [(node, 2, 1) for node in self.split_reshapes] + [(self.merge_reshape, 2, self.head_dim)]
         group.consumers = [Consumer(self.output, self.head_dim)]
         group.unshaped = self.values
+        group.unit = "heads"
         return group
 
 
@@ -528,7 +538,7 @@ class PruneStructuredPass(ir.passes.InPlacePass):
         norms = self._activation_norms(model, groups) if self.importance == "activation" else {}
         layers, kept_outputs, params_before = {}, {}, _parameters(model)
         for group in groups:
-            unit = "heads" if group.producers[0][1] > 1 else "channels"
+            unit = group.unit
             kept = self._kept(group)
             if kept == group.channels:
                 layers[group.label] = f"{unit} {group.channels} (unchanged)"
@@ -570,7 +580,7 @@ class PruneStructuredPass(ir.passes.InPlacePass):
 
     def _kept(self, group: ChannelGroup) -> int:
         per = group.producers[0][1]
-        if per > 1:  # heads: at least ceil(min_channels / head_dim), one at the least
+        if group.unit == "heads":  # at least ceil(min_channels / head_dim) heads
             return _kept_count(group.channels, self.ratio, -(-self.min_channels // per), 1)
         return _kept_count(group.channels, self.ratio, self.min_channels, self.round_to)
 
@@ -581,7 +591,7 @@ class PruneStructuredPass(ir.passes.InPlacePass):
                        for sums, consumer in zip(activation, group.consumers))
         order = 1 if self.importance == "l1" else 2
         score = sum(_unit_norms(u.matrix(), per, 1, order) ** order for u, per in group.producers)
-        if group.producers[0][1] > 1:  # heads: the output projection's rows count too
+        if group.unit == "heads":  # the output projection's rows count too
             score = score + sum(_consumer_row_norms(c, order) ** order for c in group.consumers)
         return score ** (1 / order)
 
@@ -693,5 +703,6 @@ def _refit(original: ir.Model, orig_use: WeightUse, model: ir.Model, use: Weight
             shift = fitted[-1] / (_attr(node, "beta", 1.0) if node.op_type == "Gemm" else 1.0)
             new_bias = (bias.astype(np.float64) + np.broadcast_to(shift, (bias.size,)).reshape(bias.shape))
             set_weight(WeightUse(node, index), new_bias.astype(bias.dtype), "recovered")
+    # In-sample errors: with fewer rows than inputs the fit is underdetermined and the "after" error optimistic.
     return {"error_before": round(before, 6), "error_after": round(after if applied else before, 6),
-            "applied": applied, "bias": slot is not None}
+            "applied": applied, "bias": slot is not None, "rows": gram.rows, "inputs": current.shape[0]}

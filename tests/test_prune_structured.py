@@ -5,9 +5,10 @@ from __future__ import annotations
 import pathlib
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import pytest
-from compression_graphs import load, mixed_model, run
+from compression_graphs import conv_model, load, mixed_model, run
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxopt import io, registry
@@ -76,7 +77,8 @@ def test_cnn_shrinks_through_batchnorm_pool_and_flatten(tmp_path, ratio):
 
 
 def test_ratio_zero_reproduces_outputs():
-    for path, feeds in (("mlp.onnx", MLP_FEEDS), ("cnn_mnist.onnx", CNN_FEEDS), ("transformer_block.onnx", BLOCK_FEEDS)):
+    cases = (("mlp.onnx", MLP_FEEDS), ("cnn_mnist.onnx", CNN_FEEDS), ("transformer_block.onnx", BLOCK_FEEDS))
+    for path, feeds in cases:
         model = load(MODELS / path)
         expected = run(model, feeds)[0]
         details = prune(model, ratio=0.0, heads=True)
@@ -109,7 +111,7 @@ def test_pruning_dead_channels_is_exact_mlp(importance):
 
 def test_pruning_dead_channels_is_exact_cnn():
     model = load(MODELS / "cnn_mnist.onnx")
-    dead1, dead2, dead_fc = RNG.choice(16, 4, replace=False), RNG.choice(32, 8, replace=False), RNG.choice(512, 128, replace=False)
+    dead1, dead2, dead_fc = (RNG.choice(n, n // 4, replace=False) for n in (16, 32, 512))
     for conv, bn, dead in (("features.0", "features.1", dead1), ("features.4", "features.5", dead2)):
         for name in (f"{conv}.weight", f"{conv}.bias", f"{bn}.weight", f"{bn}.bias"):  # BN: gamma = beta = 0
             _zero(model, name, dead, 0)
@@ -149,13 +151,18 @@ def test_heads_and_ffn_together_run():
     assert run(model, BLOCK_FEEDS)[0].shape == (4, 16, 64)
 
 
+def _to_ir(graph):
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    return ir.serde.deserialize_model(proto)
+
+
 def _graph_model(nodes, inits, outputs):
     graph = helper.make_graph(
         nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 16])],
         [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs],
         [numpy_helper.from_array(RNG.standard_normal(s).astype(np.float32), n) for n, s in inits.items()],
     )
-    return ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10))
+    return _to_ir(graph)
 
 
 @pytest.mark.parametrize(
@@ -168,12 +175,15 @@ def _graph_model(nodes, inits, outputs):
           helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2")],
          {"w1": (16, 32), "w2": (32, 4)}, ("y", "r"), "graph output"),
         ([helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"), helper.make_node("Relu", ["h"], ["r"]),
-          helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2"), helper.make_node("MatMul", ["r", "w2"], ["z"], name="fc3")],
+          helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2"),
+          helper.make_node("MatMul", ["r", "w2"], ["z"], name="fc3")],
          {"w1": (16, 32), "w2": (32, 4)}, ("y", "z"), "shared"),
-        ([helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"), helper.make_node("MatMul", ["x", "w1"], ["h2"], name="fc1b"),
+        ([helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+          helper.make_node("MatMul", ["x", "w1"], ["h2"], name="fc1b"),
           helper.make_node("Add", ["h", "h2"], ["s"]), helper.make_node("MatMul", ["s", "w2"], ["y"], name="fc2")],
          {"w1": (16, 32), "w2": (32, 4)}, ("y",), "shared"),
-        ([helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"), helper.make_node("Concat", ["h", "x"], ["c"], axis=-1),
+        ([helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+          helper.make_node("Concat", ["h", "x"], ["c"], axis=-1),
           helper.make_node("MatMul", ["c", "w2"], ["y"], name="fc2")],
          {"w1": (16, 32), "w2": (48, 4)}, ("y",), "cannot be sliced"),
     ],
@@ -225,3 +235,51 @@ def test_bad_options_and_missing_data():
         registry.get("prune-structured").create({"op_types": "Gather"})
     with pytest.raises(DataError):
         prune(load(MODELS / "mlp.onnx"), importance="activation")
+
+
+def test_channels_read_inside_a_subgraph_are_refused():
+    branch = helper.make_graph(
+        [helper.make_node("MatMul", ["r", "w_sub"], ["t"], name="sub_fc")], "then", [],
+        [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(RNG.standard_normal((32, 4)).astype(np.float32), "w_sub")],
+    )
+    other = helper.make_graph(
+        [helper.make_node("Identity", ["zeros"], ["e"])], "else", [],
+        [helper.make_tensor_value_info("e", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.zeros((8, 4), np.float32), "zeros")],
+    )
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
+             helper.make_node("Greater", ["s", "zero"], ["cond"]),
+             helper.make_node("If", ["cond"], ["y"], then_branch=branch, else_branch=other)]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(RNG.standard_normal((16, 32)).astype(np.float32), "w1"),
+         numpy_helper.from_array(np.array(-1e9, np.float32), "zero")],
+    )
+    model = _to_ir(graph)
+    feeds = {"x": RNG.standard_normal((8, 16)).astype(np.float32)}
+    expected = run(model, feeds)[0]
+    details = prune(model, ratio=0.5)
+    assert "subgraph" in details["refused"]["fc1"]
+    np.testing.assert_array_equal(run(model, feeds)[0], expected)
+
+
+def test_reshape_flatten_with_hardcoded_width_is_updated(tmp_path):
+    path, feeds = conv_model(tmp_path)  # conv1 -> BN -> Relu -> conv2 (8 channels, 10x10) -> Flatten -> Gemm
+    proto = onnx.load(path)
+    flatten = next(n for n in proto.graph.node if n.op_type == "Flatten")
+    flatten.op_type = "Reshape"
+    flatten.input.append("flat_shape")
+    proto.graph.initializer.append(numpy_helper.from_array(np.array([0, 800], np.int64), "flat_shape"))
+    model = ir.serde.deserialize_model(proto)
+    for name, dead in (("w1", [1, 5, 7, 12]), ("cb1", [1, 5, 7, 12]), ("g", [1, 5, 7, 12]), ("beta", [1, 5, 7, 12]),
+                       ("w2", [2, 6])):
+        _zero(model, name, dead, 0)
+    expected = run(model, feeds)[0]
+    details = prune(model, ratio=0.25)
+    assert details["layers"]["conv2"].startswith("channels 8 -> 6, importance removed 0.0000")
+    assert initializer(model, "flat_shape").tolist() == [0, 600]
+    assert initializer(model, "wf").shape == (600, 10)
+    np.testing.assert_allclose(run(model, feeds)[0], expected, rtol=1e-5, atol=1e-5)
