@@ -309,7 +309,12 @@ def test_fp16_transformer_block_keeps_sensitive_ops_fp32():
     assert out.dtype == np.float32 and relative(reference, out) < 5e-3
 
 
-def test_fp16_mask_clamped_overflow_reported_no_nan():
+@pytest.mark.parametrize("chunk", [1, 128])
+def test_fp16_mask_clamped_overflow_reported_no_nan(monkeypatch, chunk):
+    """Overflows are found whether the check captures the tensors one at a time or all at once."""
+    from onnxopt.passes import convert_precision
+
+    monkeypatch.setattr(convert_precision, "OVERFLOW_CHECK_VALUES", chunk)
     model = mask_model()
     mask = np.ones((4, 1, 8), np.int64)
     mask[:, :, 6:] = 0
