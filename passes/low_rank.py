@@ -10,6 +10,8 @@ covariance before the SVD (minimizing ``‖X(W − UV)‖`` instead of ``‖W �
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 import onnx_ir as ir
 
@@ -29,7 +31,10 @@ class LowRankPass(ir.passes.InPlacePass):
 
     Args:
         rank: Fixed rank r for every layer (overrides ``ratio`` and ``energy``).
-        ratio: Fraction of each layer's K·N parameters kept: r = floor(ratio·K·N / (K+N)).
+        ratio: Fraction of each layer's K·N parameters kept: r = floor(ratio·K·N / (K+N)); with
+            ``allocation=global``, the fraction of all selected layers' parameters kept.
+        allocation: ``uniform`` gives every layer the ``ratio``; ``global`` distributes the ratio's
+            parameter budget across layers by relative error reduction per parameter.
         energy: Keep the smallest rank whose singular values hold this fraction of the squared sum.
         activation_aware: Whiten by the Cholesky factor of the calibration inputs' covariance.
         min_elements: Layers with fewer weights are left alone.
@@ -43,6 +48,7 @@ class LowRankPass(ir.passes.InPlacePass):
         rank: int | None = None,
         ratio: float | None = 0.5,
         energy: float | None = None,
+        allocation: Literal["uniform", "global"] = "uniform",
         activation_aware: bool = False,
         min_elements: int = 4096,
         recover: bool = False,
@@ -60,7 +66,10 @@ class LowRankPass(ir.passes.InPlacePass):
             raise ValueError(f"energy must be in (0, 1], got {energy}")
         if rank is None and ratio is None and energy is None:
             raise ValueError("give one of rank, ratio or energy")
+        if allocation == "global" and (rank is not None or energy is not None or ratio is None):
+            raise ValueError("allocation=global distributes a ratio budget: give ratio, not rank or energy")
         self.rank, self.ratio, self.energy = rank, ratio, energy
+        self.allocation = allocation
         self.activation_aware = activation_aware
         self.min_elements = min_elements
         self.recover = recover
@@ -85,21 +94,26 @@ class LowRankPass(ir.passes.InPlacePass):
         name_layers(scan.uses)
         original = model.clone() if self.recover else None
         grams = input_grams(model, scan.uses, self.data, self.samples) if self.activation_aware else {}
-        layers, factored = dict(scan.skipped), set()
+        factors = []
         for use in scan.uses:
             w = use.matrix().astype(np.float64)
-            k, n = w.shape
             gram = grams.get(use.activation.name)
             chol = whitening(gram.xtx, gram.rows, self.damping) if gram is not None else None
-            u, v, sigma = factorize(w, min(k, n), chol)
-            r = self._choose_rank(k, n, sigma)
+            factors.append((use, *factorize(w, min(w.shape), chol), chol is not None))
+        if self.allocation == "global":
+            ranks = allocate_ranks([(u.matrix().shape, sigma) for u, _, _, sigma, _ in factors], self.ratio)
+        else:
+            ranks = [self._choose_rank(*u.matrix().shape, sigma) for u, _, _, sigma, _ in factors]
+        layers, factored = dict(scan.skipped), set()
+        for (use, u, v, _, aware), r in zip(factors, ranks):
+            k, n = use.matrix().shape
             if r * (k + n) >= k * n:
                 layers[use.label] = f"kept dense (rank {r}: {r * (k + n)} >= {k * n} parameters)"
                 continue
             self._split(use, u[:, :r], v[:r])
             factored.add(use.node.name)
-            aware = "activation-aware" if chol is not None else "plain SVD"
-            layers[use.label] = f"rank {r} of {min(k, n)} ({aware}), parameters {r * (k + n) / (k * n):.3f}"
+            how = "activation-aware" if aware else "plain SVD"
+            layers[use.label] = f"rank {r} of {min(k, n)} ({how}), parameters {r * (k + n) / (k * n):.3f}"
         if self.recover and factored:
             self.details["recover"] = recover_layers(original, model, self.data, factored, self.samples, self.damping)
         self.details["layers"] = layers
@@ -119,3 +133,28 @@ class LowRankPass(ir.passes.InPlacePass):
         node.replace_input_with(0, u_node.outputs[0])
         node.replace_input_with(use.index, v_value)
         drop_if_unused(old)
+
+
+def allocate_ranks(layers: list[tuple[tuple[int, int], np.ndarray]], ratio: float) -> list[int]:
+    """Ranks of layers ``[((K, N), singular values)]`` keeping ``ratio`` of their total K·N parameters.
+
+    Greedy on the relative error each rank removes (σ_r² / Σσ²) per parameter it costs (K + N); since σ
+    decreases within a layer, taking candidates in that order always extends a layer's prefix. A layer
+    never gets a rank at which factoring stops paying (r(K+N) >= KN); every layer gets at least rank 1.
+    """
+    budget = ratio * sum(k * n for (k, n), _ in layers)
+    candidates = []
+    for index, ((k, n), sigma) in enumerate(layers):
+        energy = sigma.astype(np.float64) ** 2
+        gain = energy / max(float(energy.sum()), 1e-30) / (k + n)
+        useful = max(1, min(len(sigma), -(-k * n // (k + n)) - 1))
+        candidates += [(-g, index) for g in gain[1:useful]]
+    ranks = [1] * len(layers)
+    spent = sum(k + n for (k, n), _ in layers)
+    for _, index in sorted(candidates):
+        (k, n), _ = layers[index]
+        if spent + k + n > budget:
+            continue
+        ranks[index] += 1
+        spent += k + n
+    return ranks

@@ -81,8 +81,13 @@ class _Masked(_GramLayer):
         mask = self.current() != 0
         return solve_masked(self.gram.xtx, self.gram.xty, self.gram.rows, mask, damping)
 
+    def keep_pattern(self, w: np.ndarray) -> np.ndarray:
+        """``w`` with the stored pattern kept even where the re-fit lands on exactly zero (dead inputs)."""
+        return np.where((self.current() != 0) & (w == 0), np.float32(np.finfo(np.float32).tiny), w)
+
     def apply(self, w: np.ndarray) -> None:
         use = WeightUse(self.node, 1)
+        w = self.keep_pattern(w.astype(np.float32))
         mark_sparse_storage(set_weight(use, use.from_matrix(w / gemm_alpha(self.node)), "recovered"))
 
 
@@ -98,10 +103,7 @@ class _Sparse(_Masked):
     def apply(self, w: np.ndarray) -> None:
         old = packed_from_node(self.node)
         value_dtype = str(old.inputs["values"].dtype)
-        mask = self.current() != 0
-        # Keep the stored pattern even where the re-fit lands on exactly zero.
-        w = np.where(mask & (w == 0), np.float32(np.finfo(np.float32).tiny), w)
-        _replace_packed_inputs(self.node, ops.pack_sparse_matmul(w.astype(np.float32), value_dtype))
+        _replace_packed_inputs(self.node, ops.pack_sparse_matmul(self.keep_pattern(w.astype(np.float32)), value_dtype))
 
 
 class _LowRank(_GramLayer):

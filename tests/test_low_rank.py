@@ -12,6 +12,7 @@ from onnxopt.calibration import Dataset
 from onnxopt.compression import factorize
 from onnxopt.errors import PassOptionError
 from onnxopt.filters import NodeFilter
+from onnxopt.passes.low_rank import allocate_ranks
 
 
 def low_rank(model, data=None, **options):
@@ -100,3 +101,21 @@ def test_bad_options():
     for options in ({"ratio": "0"}, {"rank": "0"}, {"energy": "2"}):
         with pytest.raises(PassOptionError):
             registry.get("low-rank").create(options)
+
+
+def test_global_allocation_keeps_budget_and_favors_slow_spectra():
+    flat = np.ones(64)  # every rank equally useful
+    steep = np.r_[np.ones(3), np.full(61, 1e-3)]  # three ranks hold all the energy
+    ranks = allocate_ranks([((64, 64), flat), ((64, 64), steep)], 0.25)
+    assert sum(r * 128 for r in ranks) <= 0.25 * 2 * 64 * 64
+    assert ranks == [13, 3]  # uniform would give both 0.25·64·64/128 = 8
+    with pytest.raises(PassOptionError):
+        registry.get("low-rank").create({"allocation": "global", "rank": "4"})
+
+
+def test_global_allocation_runs_on_a_model(tmp_path):
+    path, feeds = mixed_model(tmp_path, k=32, hidden=48, n=24)
+    model = load(path)
+    details = low_rank(model, ratio=0.3, allocation="global", min_elements=1).details
+    assert any(v.startswith("rank") for v in details["layers"].values())
+    assert run(model, feeds)[0].shape == (64, 24)

@@ -11,6 +11,7 @@ from onnxopt import io, ops, registry
 from onnxopt.calibration import Dataset
 from onnxopt.compression import keep_mask, nm_mask, packed_from_node
 from onnxopt.errors import DataError, PassOptionError, RuntimeLibraryError
+from onnxopt.passes.prune import sparse_break_even
 from onnxopt.weights import scan_weights
 
 
@@ -135,3 +136,14 @@ def test_bad_options():
     for options in ({"sparsity": "1.5"}, {"pattern": "4:2"}, {"op_types": "Gather"}, {"scope": "row"}):
         with pytest.raises(PassOptionError):
             registry.get("prune").create(options)
+
+
+def test_default_break_even_depends_on_weight_size(tmp_path):
+    assert sparse_break_even(4096, 4096) == 0.6  # 64 MiB: streamed from DRAM
+    assert sparse_break_even(1568, 512) == 0.85  # 3 MiB: cache-resident
+    assert sparse_break_even(512, 10) > 1  # 20 KiB: never
+    path = chain_model(tmp_path, (1024, 512, 10))  # fc0 2 MiB (cached), fc1 20 KiB (tiny)
+    for sparsity, fc0 in ((0.8, "dense (below break-even)"), (0.9, "SparseMatMul")):
+        details = prune(load(path), sparsity=sparsity).details
+        assert details["layers"]["fc0"].endswith(fc0), details["layers"]
+        assert details["layers"]["fc1"].endswith("dense (below break-even)")
