@@ -72,7 +72,7 @@ def perturb(arrs: dict, seed: int) -> dict:
     rng = _rng(1000 + seed)
     out = {}
     for k, a in arrs.items():
-        if k in ("block_ptr", "indices"):
+        if k in ("col_ptr", "indices"):
             out[k] = a.copy()
         elif a.dtype == np.uint8 or a.dtype == np.uint32 or a.dtype == np.uint64 or a.dtype == np.int8:
             out[k] = rng.integers(0, 256, size=a.nbytes, dtype=np.uint8).view(a.dtype).reshape(a.shape) if a.dtype != np.int8 \
@@ -171,7 +171,7 @@ def build_specs(quick: bool):
         for dt in dts:
             p = ops.pack_sparse_matmul(ws.astype(np.float32), dt)
             specs.append(Spec(f"SparseMatMul {int(s * 100)}% {dt}", "SparseMatMul", ops.DOMAIN,
-                              ["values", "indices", "block_ptr", "scales"], p.inputs, p.attributes))
+                              list(ops._INPUT_NAMES["SparseMatMul"][:-1]), p.inputs, p.attributes))
     return specs, w, nb, q
 
 

@@ -17,13 +17,12 @@ Weight layouts (all arrays are C-contiguous, little-endian; padding bits/bytes a
     ``W[64*w + j, 8*c + l] >= 0``. Activations are binarized per row on the fly:
     ``xa = (x >= 0)``, ``beta = mean(|x|)`` over K; ``Y = beta * alpha * (K - 2*popcount(xa ^ wb))``.
 
-``SparseMatMul``  inputs ``X, values, indices, block_ptr, scales[, bias]``;
-    attributes ``K, N, k_block`` (k_block <= 256, packers use 256).
-    Column-major blocked CSR of ``W``: for output column ``n`` and K-block ``b``
-    (``nb = ceil(K/k_block)``), segment ``s = n*nb + b`` holds entries
-    ``block_ptr[s] : block_ptr[s+1]``; entry ``j`` is ``W[b*k_block + indices[j], n] =
-    values[j] * scales[n]``. ``block_ptr`` int32 ``(N*nb + 1,)``, ``indices`` uint8 ``(nnz,)``,
-    ``values`` float32 / float16 / int8 ``(nnz,)``, ``scales`` float32 ``(N,)`` (ones unless int8).
+``SparseMatMul``  inputs ``X, values, indices, col_ptr, scales[, bias]``; attributes ``K, N``.
+    Compressed sparse columns (CSC) of ``W``: column ``n`` holds entries
+    ``col_ptr[n] : col_ptr[n+1]``; entry ``j`` is ``W[indices[j], n] = values[j] * scales[n]``
+    (absolute row indices, ascending within a column). ``col_ptr`` int32 ``(N + 1,)``,
+    ``indices`` uint16 ``(nnz,)`` when ``K <= 65536`` else uint32, ``values`` float32 / float16 /
+    int8 ``(nnz,)``, ``scales`` float32 ``(N,)`` (ones unless int8).
 
 ``QuantMatMul``  inputs ``X, weights, scales[, zero_points][, bias]``;
     attributes ``K, N, bits (4|8), block_size (32|64|128)``.
@@ -73,11 +72,12 @@ OP_TYPES = ("BinaryMatMul", "XnorMatMul", "SparseMatMul", "QuantMatMul")
 _INPUT_NAMES: dict[str, tuple[str, ...]] = {
     "BinaryMatMul": ("bits", "alpha", "bias"),
     "XnorMatMul": ("bits", "alpha", "bias"),
-    "SparseMatMul": ("values", "indices", "block_ptr", "scales", "bias"),
+    "SparseMatMul": ("values", "indices", "col_ptr", "scales", "bias"),
     "QuantMatMul": ("weights", "scales", "zero_points", "bias"),
 }
 
-SPARSE_K_BLOCK = 256
+# Largest K whose row indices fit uint16 (else the packer emits uint32 indices).
+SPARSE_UINT16_MAX_K = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -188,20 +188,16 @@ def pack_sparse_matmul(w: np.ndarray, value_dtype: str = "float32") -> PackedWei
     """
     w = _as_weight(w)
     K, N = w.shape
-    kb = SPARSE_K_BLOCK
-    nb = _ceil(K, kb)
     if value_dtype not in ("float32", "float16", "int8"):
         raise ValueError(f"value_dtype must be float32, float16 or int8, got {value_dtype!r}")
     wt = w.T  # (N, K)
-    nz_n, nz_k = np.nonzero(wt)  # sorted by n then k (row-major order)
+    nz_n, nz_k = np.nonzero(wt)  # sorted by column n, then row k
     vals = wt[nz_n, nz_k]
-    seg = nz_n.astype(np.int64) * nb + nz_k // kb
-    counts = np.bincount(seg, minlength=N * nb)
-    block_ptr = np.zeros(N * nb + 1, dtype=np.int64)
-    np.cumsum(counts, out=block_ptr[1:])
-    if block_ptr[-1] > np.iinfo(np.int32).max:
-        raise ValueError("too many nonzeros for int32 block_ptr")
-    indices = (nz_k % kb).astype(np.uint8)
+    col_ptr = np.zeros(N + 1, dtype=np.int64)
+    np.cumsum(np.bincount(nz_n, minlength=N), out=col_ptr[1:])
+    if col_ptr[-1] > np.iinfo(np.int32).max:
+        raise ValueError("too many nonzeros for int32 col_ptr")
+    indices = nz_k.astype(np.uint16 if K <= SPARSE_UINT16_MAX_K else np.uint32)
     scales = np.ones(N, dtype=np.float32)
     if value_dtype == "float32":
         values = vals.astype(np.float32)
@@ -216,10 +212,10 @@ def pack_sparse_matmul(w: np.ndarray, value_dtype: str = "float32") -> PackedWei
         {
             "values": np.ascontiguousarray(values),
             "indices": np.ascontiguousarray(indices),
-            "block_ptr": block_ptr.astype(np.int32),
+            "col_ptr": col_ptr.astype(np.int32),
             "scales": scales,
         },
-        {"K": K, "N": N, "k_block": kb},
+        {"K": K, "N": N},
         True,
     )
 
@@ -331,16 +327,10 @@ def dense_weight(packed: PackedWeight) -> np.ndarray:
         s = _unpack_sign_bits(packed.inputs["bits"], K, N, wb)
         return (s * packed.inputs["alpha"][None, :]).astype(np.float32)
     if op == "SparseMatMul":
-        kb = int(packed.attributes["k_block"])
-        nb = _ceil(K, kb)
-        bp = packed.inputs["block_ptr"].astype(np.int64)
-        counts = np.diff(bp)
-        seg = np.repeat(np.arange(N * nb), counts)
-        n = seg // nb
-        k = (seg % nb) * kb + packed.inputs["indices"].astype(np.int64)
+        n = np.repeat(np.arange(N), np.diff(packed.inputs["col_ptr"].astype(np.int64)))
+        k = packed.inputs["indices"].astype(np.int64)
         out = np.zeros((K, N), dtype=np.float32)
-        v = packed.inputs["values"].astype(np.float32) * packed.inputs["scales"][n]
-        out[k, n] = v
+        out[k, n] = packed.inputs["values"].astype(np.float32) * packed.inputs["scales"][n]
         return out
     if op == "QuantMatMul":
         bs = int(packed.attributes["block_size"])
@@ -534,14 +524,14 @@ def _schemas():
     )
     yield _schema(
         "SparseMatMul",
-        "Y = X @ W, W column-major blocked CSR (see onnxopt.ops).",
+        "Y = X @ W, W in compressed sparse columns (see onnxopt.ops).",
         [("X", "T", "float32 (..., K)", False), ("values", "TV", "nonzero values (nnz,)", False),
-         ("indices", "TI", "uint8 in-block row indices (nnz,)", False),
-         ("block_ptr", "TP", "int32 (N*ceil(K/k_block)+1,)", False),
+         ("indices", "TI", "uint16 (K <= 65536) or uint32 row indices (nnz,)", False),
+         ("col_ptr", "TP", "int32 (N+1,)", False),
          ("scales", "T", "float32 per-column scale (N,)", False), bias],
-        [*KN, ("k_block", "K block size (<= 256)", False, 256)],
+        KN,
         [("TV", ["tensor(float)", "tensor(float16)", "tensor(int8)"], ""),
-         ("TI", ["tensor(uint8)"], ""), ("TP", ["tensor(int32)"], "")],
+         ("TI", ["tensor(uint16)", "tensor(uint32)"], ""), ("TP", ["tensor(int32)"], "")],
     )
     yield _schema(
         "QuantMatMul",

@@ -273,43 +273,70 @@ def test_bad_packed_sizes(any_isa):
     _expect_error(_raw_model("QuantMatMul", qi, q.attributes), x, r"'bias' must have shape \(17,\)")
 
 
-def test_bad_csr(any_isa):
+def test_bad_csc(any_isa):
     rng = np.random.default_rng(7)
     w = rng.standard_normal((300, 5)).astype(np.float32) * (rng.random((300, 5)) < 0.5)
     x = rng.standard_normal((2, 300)).astype(np.float32)
     s = ops.pack_sparse_matmul(w)
-    v, idx, bp = s.inputs["values"], s.inputs["indices"], s.inputs["block_ptr"]
+    idx, cp = s.inputs["indices"], s.inputs["col_ptr"]
     a = s.attributes
 
     def run(pattern, **kw):
         _expect_error(_raw_model("SparseMatMul", _inputs(s, **kw), a), x, pattern)
 
     run(r"'indices' must have shape", indices=idx[:-1])
-    run(r"'block_ptr' must have shape", block_ptr=bp[:-1])
+    run(r"'indices' must be uint16 or uint32, got uint8", indices=idx.astype(np.uint8))
+    run(r"'indices' must be uint16 or uint32, got int32", indices=idx.astype(np.int32))
+    run(r"'col_ptr' must have shape \(6,\)", col_ptr=cp[:-1])
     run(r"'scales' must have shape", scales=s.inputs["scales"][:2])
-    bad = bp.copy()
+    bad = cp.copy()
     bad[-1] += 1
-    run(r"block_ptr\[-1\]=.* must equal the number of values", block_ptr=bad)
-    bad = bp.copy()
-    bad[3], bad[4] = bad[4], bad[3]
-    if bad[3] != bad[4]:
-        run(r"segment .* has length", block_ptr=bad)
-    bad = bp.copy()
+    run(r"col_ptr\[-1\]=.* must equal the number of values", col_ptr=bad)
+    bad = cp.copy()
+    bad[2], bad[3] = bad[3], bad[2]
+    run(r"col_ptr is not a valid column table", col_ptr=bad)
+    bad = cp.copy()
     bad[0] = 1
-    run(r"block_ptr\[0\] must be 0", block_ptr=bad)
-    bad = bp.copy()
+    run(r"col_ptr\[0\] must be 0", col_ptr=bad)
+    bad = cp.copy()
     bad[2] = -(2**31)
-    run(r"segment .* has length", block_ptr=bad)
-    # an index beyond K in the last K block (K=300: last block holds rows 256..299)
-    col0_last = slice(int(bp[1]), int(bp[2]))
-    assert col0_last.stop > col0_last.start
+    run(r"col_ptr is not a valid column table", col_ptr=bad)
+    # a row index >= K (column 3), with uint16 and uint32 indices
     bi = idx.copy()
-    bi[col0_last.start] = 200
-    run(r"out of range: row 456 >= K=300", indices=bi)
-    # k_block smaller than 256: every index is checked
-    s64 = ops.PackedWeight("SparseMatMul", dict(s.inputs), {**a, "k_block": 64})
-    _expect_error(_raw_model("SparseMatMul", _inputs(s64), s64.attributes), x, r"block_ptr|out of range")
-    _expect_error(_raw_model("SparseMatMul", _inputs(s), {**a, "k_block": 300}), x, r"k_block must be in \[1, 256\]")
+    bi[int(cp[3])] = 300
+    run(r"indices\[\d+\]=300 \(column 3\) is out of range: row must be < K=300", indices=bi)
+    run(r"indices\[\d+\]=70000 \(column 3\) is out of range", indices=np.where(bi == 300, 70000, bi.astype(np.uint32)).astype(np.uint32))
+    # the same malformed weights fed as graph inputs (not constants) are checked on every call
+    names = ["X", "values", "indices", "col_ptr", "scales"]
+    node = helper.make_node("SparseMatMul", names, ["Y"], domain=ops.DOMAIN, **a)
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["m", 300]),
+                                        helper.make_tensor_value_info("values", TensorProto.FLOAT, ["nnz"]),
+                                        helper.make_tensor_value_info("indices", TensorProto.UINT16, ["nnz"]),
+                                        helper.make_tensor_value_info("col_ptr", TensorProto.INT32, [6]),
+                                        helper.make_tensor_value_info("scales", TensorProto.FLOAT, [5])],
+                          [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(ops.DOMAIN, 1)],
+                          ir_version=10)
+    sess = _session(m.SerializeToString())
+    feed = {"X": x, "values": s.inputs["values"], "indices": idx, "col_ptr": cp, "scales": s.inputs["scales"]}
+    np.testing.assert_allclose(sess.run(None, feed)[0], ops.reference(s, x), rtol=1e-4, atol=1e-4)
+    with pytest.raises(Exception, match=r"out of range: row must be < K=300"):
+        sess.run(None, {**feed, "indices": bi})
+
+
+@pytest.mark.parametrize("M", [1, 3, 20])
+def test_sparse_uint32_indices_for_large_k(M):
+    rng = np.random.default_rng(11)
+    K, N = 70_000, 5
+    w = np.where(rng.random((K, N)) < 0.01, rng.standard_normal((K, N)), 0).astype(np.float32)
+    w[K - 1, 0] = 1.0  # a row above 65535
+    packed = ops.pack_sparse_matmul(w)
+    assert packed.inputs["indices"].dtype == np.uint32
+    assert ops.pack_sparse_matmul(w[:65536]).inputs["indices"].dtype == np.uint16
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    y = _session(_model(packed, None)).run(None, {"X": x})[0]
+    _check(y, ops.reference(packed, x), f"K={K} M={M}")
+    np.testing.assert_allclose(ops.dense_weight(packed), w)
 
 
 def test_threads_give_identical_results():

@@ -30,20 +30,23 @@ struct XnorParams {
 };
 
 // ---------------------------------------------------------------- SparseMatMul
+// CSC: column n holds entries col_ptr[n]:col_ptr[n+1]; entry j is W[indices[j], n] =
+// values[j] * scales[n]. Indices are absolute rows (uint16 when K <= 65536, else uint32),
+// validated < K before any kernel runs.
 enum class ValType : int { F32 = 0, F16 = 1, I8 = 2 };
 struct SparseParams {
-  int64_t M, K, N, kb, nb;    // nb = ceil(K/kb)
+  int64_t M, K, N;
   ValType vt;
-  const void* values;
-  const uint8_t* indices;
-  const int32_t* block_ptr;   // [N*nb+1]
+  bool idx32;                 // indices are uint32 (else uint16)
+  const void* values;         // [nnz]
+  const void* indices;        // [nnz]
+  const int32_t* col_ptr;     // [N+1]
   const float* scales;        // [N]
-  const float* bias;
-  const float* x;             // [M][K] (row path) ; rows are padded? no: see xpad
-  const float* xpad;          // [M][nb*kb+256] zero padded copy (row path)
-  const float* xt;            // [ceil(M/32)][nb*kb+256][32] transposed groups of 32 rows, zero padded
-  int64_t Mp;
-  float* y;
+  const float* bias;          // [N] or null
+  const float* x;             // [M][K] (row path)
+  const float* xt;            // [ceil(M/32)][K][32]: X transposed in groups of 32 rows, zero padded,
+                              // 64-byte aligned (each 32-float row is two cache lines)
+  float* y;                   // [M][N]
 };
 
 // ---------------------------------------------------------------- QuantMatMul

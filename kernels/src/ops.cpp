@@ -5,6 +5,7 @@
 #undef ORT_API_MANUAL_INIT
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <exception>
 #include <mutex>
@@ -50,6 +51,7 @@ const char* TypeName(ONNXTensorElementDataType t) {
     case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: return "float16";
     case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8: return "int8";
     case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8: return "uint8";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT16: return "uint16";
     case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32: return "int32";
     case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT32: return "uint32";
     case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64: return "int64";
@@ -164,9 +166,14 @@ T* Buf(std::vector<T>& v, size_t n) {
   return v.data();
 }
 
+// n floats starting at a 64-byte boundary inside v.
+float* AlignedBuf(std::vector<float>& v, size_t n) {
+  float* b = Buf(v, n + 16);
+  return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(b) + 63) & ~uintptr_t(63));
+}
+
 thread_local std::vector<float> tls_f;
 thread_local std::vector<uint64_t> tls_u64;
-thread_local std::vector<float> tls_f2;
 thread_local std::vector<int8_t> tls_i8;
 thread_local std::vector<int32_t> tls_i32;
 
@@ -262,16 +269,44 @@ struct XnorKernel : KernelBase {
 
 struct SparseKernel : KernelBase {
   static constexpr const char* kName = "SparseMatMul";
-  int64_t kb;
+  // Constant (initializer) indices/col_ptr are validated once, on the first call that sees them.
+  const void* const_indices = nullptr;
+  const void* const_col_ptr = nullptr;
+  std::atomic<bool> const_checked{false};
   explicit SparseKernel(const OrtKernelInfo* info) : KernelBase(info, kName) {
-    kb = GetInt(Ort::ConstKernelInfo(info), kName, "k_block", 256);
-    if (kb < 1 || kb > 256) Fail(kName, "attribute k_block must be in [1, 256], got ", kb);
+    Ort::ConstKernelInfo ki(info);
+    const_indices = ConstantInputData(ki, 2);
+    const_col_ptr = ConstantInputData(ki, 3);
   }
+  static const void* ConstantInputData(const Ort::ConstKernelInfo& ki, size_t i) {
+    int is_const = 0;
+    Ort::ConstValue v = ki.GetTensorConstantInput(i, &is_const);
+    return is_const && v ? v.GetTensorRawData() : nullptr;
+  }
+
+  // col_ptr: 0 = cp[0] <= cp[1] <= ... <= cp[N] = nnz; every index < K.
+  template <class IT>
+  void CheckStructure(const int32_t* cp, const IT* idx, int64_t nnz) const {
+    if (cp[0] != 0) Fail(kName, "col_ptr[0] must be 0, got ", cp[0]);
+    if (cp[N] != nnz) Fail(kName, "col_ptr[-1]=", cp[N], " must equal the number of values (", nnz, ")");
+    for (int64_t n = 0; n < N; ++n)
+      if (cp[n + 1] < cp[n] || cp[n + 1] > nnz)
+        Fail(kName, "col_ptr is not a valid column table: col_ptr[", n + 1, "]=", cp[n + 1], " after col_ptr[", n,
+             "]=", cp[n], " (must be non-decreasing and <= nnz=", nnz, ")");
+    IT mx = 0;
+    for (int64_t j = 0; j < nnz; ++j) mx = std::max(mx, idx[j]);
+    if (nnz > 0 && (int64_t)mx >= K) {
+      int64_t j = 0;
+      while ((int64_t)idx[j] < K) ++j;
+      const int64_t n = std::upper_bound(cp, cp + N + 1, (int32_t)j) - cp - 1;
+      Fail(kName, "indices[", j, "]=", (int64_t)idx[j], " (column ", n, ") is out of range: row must be < K=", K);
+    }
+  }
+
   void Compute(OrtKernelContext* context) {
     Ort::KernelContext ctx(context);
-    const int64_t nb = Ceil(K, kb);
     XInfo xi = CheckX(kName, GetIn(ctx, 0), K, N);
-    In values = GetIn(ctx, 1), indices = GetIn(ctx, 2), bptr = GetIn(ctx, 3), scales = GetIn(ctx, 4);
+    In values = GetIn(ctx, 1), indices = GetIn(ctx, 2), cptr = GetIn(ctx, 3), scales = GetIn(ctx, 4);
     if (!values.present) Fail(kName, "input 'values' is required");
     ValType vt;
     switch (values.type) {
@@ -282,50 +317,27 @@ struct SparseKernel : KernelBase {
     }
     if (values.shape.size() != 1) Fail(kName, "input 'values' must be 1-D, got shape ", ShapeStr(values.shape));
     const int64_t nnz = values.numel;
-    Expect(kName, indices, "indices", ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, {nnz});
-    Expect(kName, bptr, "block_ptr", ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32, {N * nb + 1});
+    if (!indices.present) Fail(kName, "input 'indices' is required");
+    if (indices.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT16 && indices.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT32)
+      Fail(kName, "input 'indices' must be uint16 or uint32, got ", TypeName(indices.type));
+    const bool idx32 = indices.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT32;
+    Expect(kName, indices, "indices", indices.type, {nnz});
+    Expect(kName, cptr, "col_ptr", ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32, {N + 1});
     Expect(kName, scales, "scales", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, {N});
     const float* bias = CheckBias(kName, GetIn(ctx, 5), N);
-    // block_ptr: 0 = bp[0] <= bp[1] <= ... <= bp[N*nb] = nnz, segments no longer than k_block
-    const int32_t* bp = bptr.as<int32_t>();
-    if (bp[0] != 0) Fail(kName, "block_ptr[0] must be 0, got ", bp[0]);
-    for (int64_t s = 0; s < N * nb; ++s) {
-      const int64_t len = (int64_t)bp[s + 1] - bp[s];
-      if (len < 0 || len > kb)
-        Fail(kName, "block_ptr is not a valid segment table: segment ", s, " (column ", s / nb, ", K block ", s % nb,
-             ") has length ", len, " (must be in [0, k_block=", kb, "])");
-    }
-    if (bp[N * nb] != nnz) Fail(kName, "block_ptr[-1]=", bp[N * nb], " must equal the number of values (", nnz, ")");
-    // indices: < k_block everywhere (checked in full only when k_block < 256: uint8 can't exceed
-    // 255), and < K - (nb-1)*k_block in the last K block.
-    const uint8_t* idx = indices.as<uint8_t>();
-    if (kb < 256) {
-      for (int64_t j = 0; j < nnz; ++j)
-        if (idx[j] >= kb) Fail(kName, "indices[", j, "]=", (int)idx[j], " out of range for k_block=", kb);
-    }
-    const int64_t klast = K - (nb - 1) * kb;
-    if (klast < kb) {
-      for (int64_t n = 0; n < N; ++n) {
-        const int64_t s = n * nb + nb - 1;
-        for (int64_t j = bp[s]; j < bp[s + 1]; ++j)
-          if (idx[j] >= klast)
-            Fail(kName, "indices[", j, "]=", (int)idx[j], " (column ", n, ", last K block) is out of range: row ",
-                 (nb - 1) * kb + idx[j], " >= K=", K);
-      }
+    const int32_t* cp = cptr.as<int32_t>();
+    const bool constant = indices.data == const_indices && cptr.data == const_col_ptr && const_indices;
+    if (!constant || !const_checked.load(std::memory_order_acquire)) {
+      if (idx32) CheckStructure(cp, indices.as<uint32_t>(), nnz);
+      else CheckStructure(cp, indices.as<uint16_t>(), nnz);
+      if (constant) const_checked.store(true, std::memory_order_release);
     }
     auto out = ctx.GetOutput(0, xi.out_shape);
     float* y = out.GetTensorMutableData<float>();
     const int64_t M = xi.M;
     if (M == 0) return;
-    const int64_t KP = nb * kb + 256;  // padded K so that any uint8 index stays in bounds
-    SparseParams p{M, K, N, kb, nb, vt, values.data, idx, bp, scales.as<float>(), bias, xi.x, nullptr, nullptr, 0, y};
+    SparseParams p{M, K, N, vt, idx32, values.data, indices.data, cp, scales.as<float>(), bias, xi.x, nullptr, y};
     if (M < 16) {
-      float* xpad = Buf(tls_f, (size_t)(M * KP));
-      for (int64_t m = 0; m < M; ++m) {
-        std::memcpy(xpad + m * KP, xi.x + m * K, sizeof(float) * K);
-        std::fill(xpad + m * KP + K, xpad + (m + 1) * KP, 0.0f);
-      }
-      p.xpad = xpad;
       const int64_t ncols = std::max<int64_t>(1, std::min<int64_t>(N, 32));
       const int64_t chunk = Ceil(N, ncols);
       auto run = [&](int64_t t) {
@@ -334,30 +346,31 @@ struct SparseKernel : KernelBase {
       };
       Parallel(ctx, Ceil(N, chunk), run);
     } else {
-      const int64_t T = Ceil(M, 32);  // groups of 32 rows, layout [T][KP][32]
-      float* xt = Buf(tls_f, (size_t)(T * KP * 32));
-      auto tr = [&](int64_t i) {  // transpose 64 K rows of every group per task
-        const int64_t k0 = i * 64, k1 = std::min(KP, k0 + 64);
-        for (int64_t t = 0; t < T; ++t) {
-          for (int64_t k = k0; k < k1; ++k) {
-            float* d = xt + (t * KP + k) * 32;
-            for (int64_t r = 0; r < 32; ++r) {
-              const int64_t m = t * 32 + r;
-              d[r] = (k < K && m < M) ? xi.x[m * K + k] : 0.0f;
-            }
+      const int64_t T = Ceil(M, 32);  // groups of 32 rows, layout [T][K][32]
+      float* xt = AlignedBuf(tls_f, (size_t)(T * K * 32));
+      auto tr = [&](int64_t i) {  // one (group, 64 K rows) tile per task
+        const int64_t t = i % T, k0 = (i / T) * 64, k1 = std::min(K, k0 + 64);
+        float* d = xt + (t * K + k0) * 32;
+        for (int64_t r = 0; r < 32; ++r) {
+          const int64_t m = t * 32 + r;
+          if (m < M) {
+            const float* xr = xi.x + m * K;
+            for (int64_t k = k0; k < k1; ++k) d[(k - k0) * 32 + r] = xr[k];
+          } else {
+            for (int64_t k = k0; k < k1; ++k) d[(k - k0) * 32 + r] = 0.0f;
           }
         }
       };
-      Parallel(ctx, Ceil(KP, 64), tr);
+      Parallel(ctx, T * Ceil(K, 64), tr);
       p.xt = xt;
-      p.Mp = T * 32;
-      const int64_t ncols = std::max<int64_t>(1, std::min<int64_t>(N, 64));
-      const int64_t chunk = Ceil(N, ncols);
-      auto run = [&](int64_t t) {
-        const int64_t n0 = t * chunk, n1 = std::min(N, n0 + chunk);
-        if (n0 < n1) tbl->sparse_xt(p, 0, T, n0, n1);
+      // tasks ordered group-major, so consecutive tasks reuse one group's X^T (K*128 bytes) from L2
+      const int64_t ncols = std::max<int64_t>(1, std::min<int64_t>(N, 32));
+      const int64_t chunk = Ceil(N, ncols), nchunks = Ceil(N, chunk);
+      auto run = [&](int64_t i) {
+        const int64_t t = i / nchunks, n0 = (i % nchunks) * chunk, n1 = std::min(N, n0 + chunk);
+        if (n0 < n1) tbl->sparse_xt(p, t, t + 1, n0, n1);
       };
-      Parallel(ctx, Ceil(N, chunk), run);
+      Parallel(ctx, T * nchunks, run);
     }
   }
 };
@@ -480,7 +493,7 @@ Op<XnorKernel>& XnorOp() {
 Op<SparseKernel>& SparseOp() {
   static Op<SparseKernel> op({{F32, false},
                               {ANY, false},
-                              {ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, false},
+                              {ANY, false},
                               {ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32, false},
                               {F32, false},
                               {F32, true}});
