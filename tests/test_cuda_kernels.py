@@ -24,7 +24,7 @@ OP_CODES = {"BinaryMatMul": 0, "XnorMatMul": 1, "SparseMatMul": 2, "QuantMatMul"
 WEIGHT_INPUTS = {
     "BinaryMatMul": ("bits", "alpha"),
     "XnorMatMul": ("bits", "alpha"),
-    "SparseMatMul": ("values", "indices", "block_ptr", "scales"),
+    "SparseMatMul": ("values", "indices", "col_ptr", "scales"),
     "QuantMatMul": ("weights", "scales", "zero_points"),
 }
 DTYPE_CODES = {
@@ -35,6 +35,7 @@ DTYPE_CODES = {
     np.dtype(np.int32): 4,
     np.dtype(np.uint32): 5,
     np.dtype(np.uint64): 6,
+    np.dtype(np.uint16): 7,
 }
 
 
@@ -83,8 +84,8 @@ def call_args(op_type: str, attrs: dict, x: np.ndarray, weights: dict, bias: np.
     ranks = (ctypes.c_int * n)(*[-1 if a is None else a.ndim for a in arrays])
     flat = [d for a in arrays if a is not None for d in a.shape]
     dims = (ctypes.c_int64 * max(1, len(flat)))(*flat)
-    at = (ctypes.c_int64 * 5)(int(attrs["K"]), int(attrs["N"]), int(attrs.get("k_block", 256)),
-                              int(attrs.get("bits", 4)), int(attrs.get("block_size", 32)))
+    at = (ctypes.c_int64 * 4)(int(attrs["K"]), int(attrs["N"]), int(attrs.get("bits", 4)),
+                              int(attrs.get("block_size", 32)))
     return (OP_CODES[op_type], at, n, data, dtypes, ranks, dims), arrays
 
 
@@ -156,6 +157,18 @@ def test_matches_reference(variant):
     assert not failures, f"{variant}: " + "; ".join(failures)
 
 
+def test_sparse_uint32_indices_for_large_k():
+    rng = np.random.default_rng(3)
+    K, N = 70_000, 5
+    w = np.where(rng.random((K, N)) < 0.01, rng.standard_normal((K, N)), 0).astype(np.float32)
+    w[K - 1, 0] = 1.0  # a row index above 65535
+    packed = ops.pack_sparse_matmul(w)
+    assert packed.inputs["indices"].dtype == np.uint32
+    for M in (1, 20):
+        x = rng.standard_normal((M, K)).astype(np.float32)
+        np.testing.assert_allclose(run_packed(_LIB, packed, x), ops.reference(packed, x), rtol=1e-4, atol=1e-4)
+
+
 def test_leading_dims_and_empty_rows():
     packed, _, _ = make_case("quant-int4-bs32-sym-float32", 1, 65, 17, 0)
     x = np.random.default_rng(1).standard_normal((2, 3, 65)).astype(np.float32)
@@ -186,19 +199,18 @@ def test_bad_inputs_fail_cleanly():
 
     s = ops.pack_sparse_matmul(np.where(rng.random((300, 21)) < 0.5, w.repeat(3, 0), 0))
     x3 = rng.standard_normal((2, 300)).astype(np.float32)
-    bad = dict(s.inputs, block_ptr=s.inputs["block_ptr"][:-1])
-    assert "'block_ptr' must have shape" in _bad(_LIB, "SparseMatMul", s.attributes, x3, bad)
+    bad = dict(s.inputs, col_ptr=s.inputs["col_ptr"][:-1])
+    assert "'col_ptr' must have shape" in _bad(_LIB, "SparseMatMul", s.attributes, x3, bad)
     bad = dict(s.inputs, indices=s.inputs["indices"][:-1])
     assert "'indices' must have shape" in _bad(_LIB, "SparseMatMul", s.attributes, x3, bad)
+    bad = dict(s.inputs, indices=s.inputs["indices"].astype(np.uint8))
+    assert "must be uint16 or uint32" in _bad(_LIB, "SparseMatMul", s.attributes, x3, bad)
     idx = s.inputs["indices"].copy()
-    last = int(s.inputs["block_ptr"][-2])  # first entry of the last segment (rows 256..299)
-    idx[last] = 200
+    idx[int(s.inputs["col_ptr"][-2])] = 300  # first entry of the last column: row 300 >= K
     assert "indices[" in _bad(_LIB, "SparseMatMul", s.attributes, x3, dict(s.inputs, indices=idx))
-    bp = s.inputs["block_ptr"].copy()
-    bp[5], bp[6] = bp[6] + 1, bp[5]
-    assert "non-decreasing" in _bad(_LIB, "SparseMatMul", s.attributes, x3, dict(s.inputs, block_ptr=bp))
-    assert "k_block must be in [1, 256]" in _bad(_LIB, "SparseMatMul", dict(s.attributes, k_block=512), x3,
-                                                 s.inputs)
+    cp = s.inputs["col_ptr"].copy()
+    cp[5], cp[6] = cp[6] + 1, cp[5]
+    assert "non-decreasing" in _bad(_LIB, "SparseMatMul", s.attributes, x3, dict(s.inputs, col_ptr=cp))
 
     q = ops.pack_quant_matmul(w, 4, 32)
     assert "bits must be 4 or 8" in _bad(_LIB, "QuantMatMul", dict(q.attributes, bits=3), x, q.inputs)

@@ -5,9 +5,10 @@
 //                staged in shared memory. The 8 warps of a block split K (GEMV) or columns (GEMM).
 //  XnorMatMul    prologue binarizes X with warp ballots (bits + beta = mean|x| per row); the main
 //                kernel is XOR + __popcll over 64-bit words, lanes = 8 columns x 4 word rows.
-//  SparseMatMul  small M: one warp per output column, lanes stride the CSR entries and gather X.
-//                larger M: X is transposed (K x M) into scratch; per K block, a slab of it sits in
-//                shared memory and each warp walks the CSR entries of 4 columns, lanes = rows.
+//  SparseMatMul  small M: one warp per output column, lanes stride the CSC entries and gather X.
+//                larger M: X is transposed (K x M) into scratch (L2-resident); each warp walks the
+//                CSC entries of 4 columns (broadcast by shuffles), lanes = rows, X^T rows read
+//                coalesced from global memory.
 //  QuantMatMul   prologue quantizes X to int8 per row and K block (as ops.reference does); the
 //                main kernel unpacks int4/int8 codes in registers and accumulates with dp4a,
 //                lanes = 4 columns x 8 K blocks, 16-byte weight loads, integer sums per block.
@@ -288,13 +289,13 @@ __device__ __forceinline__ int Clamp(int v, int lo, int hi) { return min(max(v, 
 constexpr int kSparseRowPathMax = 8;
 
 // Small M: one warp per output column; lanes stride the column's entries and gather X (L1).
-template <int MR, typename V>
+template <int MR, typename V, typename IT>
 __global__ void __launch_bounds__(kThreads) SparseRowsKernel(const float* __restrict__ x, const V* __restrict__ values,
-                                                             const uint8_t* __restrict__ indices,
-                                                             const int* __restrict__ block_ptr,
+                                                             const IT* __restrict__ indices,
+                                                             const int* __restrict__ col_ptr,
                                                              const float* __restrict__ scales,
                                                              const float* __restrict__ bias, float* __restrict__ y,
-                                                             int M, int K, int N, int kb, int nb, int nnz) {
+                                                             int M, int K, int N, int nnz) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int n = blockIdx.x * kWarps + warp;
   if (n >= N) return;
@@ -306,21 +307,16 @@ __global__ void __launch_bounds__(kThreads) SparseRowsKernel(const float* __rest
     acc[r] = 0.f;
     xr[r] = x + (size_t)min(m0 + r, M - 1) * K;
   }
-  const size_t s0 = (size_t)n * nb;
-  int start = Clamp(__ldg(block_ptr + s0), 0, nnz);
-  for (int b = 0; b < nb; ++b) {
-    const int end = Clamp(__ldg(block_ptr + s0 + b + 1), start, nnz);
-    const int kbase = b * kb;
+  const int start = Clamp(__ldg(col_ptr + n), 0, nnz);
+  const int end = Clamp(__ldg(col_ptr + n + 1), start, nnz);
 #pragma unroll 4
-    for (int j = start + lane; j < end; j += 32) {
-      const int kk = __ldg(indices + j);
-      if (kk < kb && kbase + kk < K) {
-        const float v = ToFloat(values[j]);
+  for (int j = start + lane; j < end; j += 32) {
+    const unsigned kk = __ldg(indices + j);
+    if (kk < (unsigned)K) {  // malformed entries (rejected by CheckSparseStructure) never read out of bounds
+      const float v = ToFloat(values[j]);
 #pragma unroll
-        for (int r = 0; r < MR; ++r) acc[r] = fmaf(v, __ldg(xr[r] + kbase + kk), acc[r]);
-      }
+      for (int r = 0; r < MR; ++r) acc[r] = fmaf(v, __ldg(xr[r] + kk), acc[r]);
     }
-    start = end;
   }
   const float sc = scales[n], bi = bias ? bias[n] : 0.f;
 #pragma unroll
@@ -364,105 +360,85 @@ struct VecOf<4> {
   }
 };
 
-constexpr int kSlabColsPerWarp = 4;
-constexpr int kSlabCols = kWarps * kSlabColsPerWarp;
+constexpr int kColsPerWarp = 4;
+constexpr int kColsPerBlock = kWarps * kColsPerWarp;
 
-// Larger M: per K block, xt rows [b*kb, b*kb+kb) x 32*VW columns of M sit in shared memory;
-// each warp walks the CSR entries of its columns (entries broadcast by shuffles), lanes = rows.
-template <int VW, typename V>
-__global__ void __launch_bounds__(kThreads) SparseSlabKernel(const float* __restrict__ xt, const V* __restrict__ values,
-                                                             const uint8_t* __restrict__ indices,
-                                                             const int* __restrict__ block_ptr,
+// Larger M: each warp walks the CSC entries of its columns (entries broadcast by shuffles);
+// lanes = rows (VW consecutive rows per lane), X^T rows read from global memory (L2-resident).
+template <int VW, typename V, typename IT>
+__global__ void __launch_bounds__(kThreads) SparseColsKernel(const float* __restrict__ xt, const V* __restrict__ values,
+                                                             const IT* __restrict__ indices,
+                                                             const int* __restrict__ col_ptr,
                                                              const float* __restrict__ scales,
                                                              const float* __restrict__ bias, float* __restrict__ y,
-                                                             int M, int K, int N, int kb, int nb, int nnz, int Mp) {
+                                                             int M, int K, int N, int nnz, int Mp) {
   using Vec = typename VecOf<VW>::T;
-  extern __shared__ __align__(16) unsigned char slab_raw[];
-  Vec* slab = reinterpret_cast<Vec*>(slab_raw);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int mc = blockIdx.y;
-  const Vec* xtv = reinterpret_cast<const Vec*>(xt);
+  const Vec* xtv = reinterpret_cast<const Vec*>(xt) + mc * 32 + lane;
   const int row_vecs = Mp / VW;
-  float acc[kSlabColsPerWarp][VW];
+#pragma unroll 1
+  for (int ci = 0; ci < kColsPerWarp; ++ci) {
+    const int n = blockIdx.x * kColsPerBlock + warp * kColsPerWarp + ci;
+    if (n >= N) break;
+    float acc[VW];
 #pragma unroll
-  for (int ci = 0; ci < kSlabColsPerWarp; ++ci)
-#pragma unroll
-    for (int t = 0; t < VW; ++t) acc[ci][t] = 0.f;
-
-  for (int b = 0; b < nb; ++b) {
-    __syncthreads();
-    for (int i = threadIdx.x; i < kb * 32; i += kThreads)
-      slab[i] = xtv[(size_t)(b * kb + i / 32) * row_vecs + mc * 32 + (i % 32)];
-    __syncthreads();
-    const int kvalid = min(kb, K - b * kb);
-#pragma unroll
-    for (int ci = 0; ci < kSlabColsPerWarp; ++ci) {
-      const int n = blockIdx.x * kSlabCols + warp * kSlabColsPerWarp + ci;
-      if (n >= N) continue;
-      const size_t s = (size_t)n * nb + b;
-      const int start = Clamp(__ldg(block_ptr + s), 0, nnz);
-      const int end = Clamp(__ldg(block_ptr + s + 1), start, nnz);
-      for (int j0 = start; j0 < end; j0 += 32) {
-        const int j = j0 + lane;
-        int kk = 0;
-        float v = 0.f;
-        if (j < end) {
-          kk = __ldg(indices + j);
-          v = ToFloat(values[j]);
-          if (kk >= kvalid) kk = 0, v = 0.f;  // malformed entry (rejected by CheckSparseStructure)
-        }
-        const int count = min(32, end - j0);
-        // Branch-free body so that unrolled iterations overlap their shuffles and shared loads.
+    for (int t = 0; t < VW; ++t) acc[t] = 0.f;
+    const int start = Clamp(__ldg(col_ptr + n), 0, nnz);
+    const int end = Clamp(__ldg(col_ptr + n + 1), start, nnz);
+    for (int j0 = start; j0 < end; j0 += 32) {
+      const int j = j0 + lane;
+      unsigned kk = 0;
+      float v = 0.f;
+      if (j < end) {
+        kk = __ldg(indices + j);
+        v = ToFloat(values[j]);
+        if (kk >= (unsigned)K) kk = 0, v = 0.f;  // malformed entry (rejected by CheckSparseStructure)
+      }
+      const int count = min(32, end - j0);
 #pragma unroll 4
-        for (int e = 0; e < count; ++e) {
-          const int ke = __shfl_sync(kFull, kk, e);
-          const float ve = __shfl_sync(kFull, v, e);
-          const Vec xv = slab[ke * 32 + lane];
+      for (int e = 0; e < count; ++e) {
+        const int ke = __shfl_sync(kFull, (int)kk, e);
+        const float ve = __shfl_sync(kFull, v, e);
+        const Vec xv = __ldg(xtv + (size_t)ke * row_vecs);
 #pragma unroll
-          for (int t = 0; t < VW; ++t) acc[ci][t] = fmaf(ve, VecOf<VW>::get(xv, t), acc[ci][t]);
-        }
+        for (int t = 0; t < VW; ++t) acc[t] = fmaf(ve, VecOf<VW>::get(xv, t), acc[t]);
       }
     }
-  }
-#pragma unroll
-  for (int ci = 0; ci < kSlabColsPerWarp; ++ci) {
-    const int n = blockIdx.x * kSlabCols + warp * kSlabColsPerWarp + ci;
-    if (n >= N) continue;
     const float sc = scales[n], bi = bias ? bias[n] : 0.f;
 #pragma unroll
     for (int t = 0; t < VW; ++t) {
       const int m = (mc * 32 + lane) * VW + t;
-      if (m < M) y[(size_t)m * N + n] = acc[ci][t] * sc + bi;
+      if (m < M) y[(size_t)m * N + n] = acc[t] * sc + bi;
     }
   }
 }
 
 struct SparseGeometry {
-  int vw;       // rows per lane in the slab path
+  int vw;       // rows per lane in the column path
   int64_t Mp;   // padded rows of xt
-  int64_t Kp;   // nb * k_block
+  int64_t Kp;   // K rounded up to the transpose tile (32)
 };
 
 SparseGeometry SparseGeom(const Problem& p) {
   const int vw = p.M <= 32 ? 1 : p.M <= 64 ? 2 : 4;
-  const int64_t nb = CeilDiv(p.attrs.K, p.attrs.k_block);
-  return {vw, CeilDiv(p.M, 32 * vw) * 32 * vw, nb * p.attrs.k_block};
+  return {vw, CeilDiv(p.M, 32 * vw) * 32 * vw, CeilDiv(p.attrs.K, 32) * 32};
 }
 
 size_t SparseWorkspaceBytes(const Problem& p) {
   if (p.M <= kSparseRowPathMax) return 0;
   const SparseGeometry g = SparseGeom(p);
-  return Align256(CeilDiv(g.Kp, 32) * 32 * g.Mp * sizeof(float));
+  return Align256(g.Kp * g.Mp * sizeof(float));
 }
 
-template <typename V>
+template <typename V, typename IT>
 void LaunchSparseT(const Problem& p, float* y, void* ws, cudaStream_t st) {
-  const int K = (int)p.attrs.K, N = (int)p.attrs.N, kb = (int)p.attrs.k_block, nb = (int)CeilDiv(K, kb);
+  const int K = (int)p.attrs.K, N = (int)p.attrs.N;
   const int nnz = (int)p.inputs[1].shape[0];
   const auto* x = static_cast<const float*>(p.inputs[0].data);
   const auto* values = static_cast<const V*>(p.inputs[1].data);
-  const auto* indices = static_cast<const uint8_t*>(p.inputs[2].data);
-  const auto* bp = static_cast<const int*>(p.inputs[3].data);
+  const auto* indices = static_cast<const IT*>(p.inputs[2].data);
+  const auto* cp = static_cast<const int*>(p.inputs[3].data);
   const auto* scales = static_cast<const float*>(p.inputs[4].data);
   const float* bias = p.inputs[5].present ? static_cast<const float*>(p.inputs[5].data) : nullptr;
   const int M = (int)p.M;
@@ -470,7 +446,7 @@ void LaunchSparseT(const Problem& p, float* y, void* ws, cudaStream_t st) {
     const int mr = RowTile(p.M, kSparseRowPathMax);
     const dim3 grid((unsigned)CeilDiv(N, kWarps), (unsigned)CeilDiv(p.M, mr));
 #define ONNXOPT_ROWS(MR) \
-  SparseRowsKernel<MR, V><<<grid, kThreads, 0, st>>>(x, values, indices, bp, scales, bias, y, M, K, N, kb, nb, nnz)
+  SparseRowsKernel<MR, V, IT><<<grid, kThreads, 0, st>>>(x, values, indices, cp, scales, bias, y, M, K, N, nnz)
     switch (mr) {
       case 1: ONNXOPT_ROWS(1); break;
       case 2: ONNXOPT_ROWS(2); break;
@@ -483,58 +459,55 @@ void LaunchSparseT(const Problem& p, float* y, void* ws, cudaStream_t st) {
   }
   const SparseGeometry g = SparseGeom(p);
   float* xt = static_cast<float*>(ws);
-  TransposeX<<<dim3((unsigned)CeilDiv(g.Kp, 32), (unsigned)(g.Mp / 32)), dim3(32, 8), 0, st>>>(x, xt, M, K,
-                                                                                            (int)g.Mp);
+  TransposeX<<<dim3((unsigned)(g.Kp / 32), (unsigned)(g.Mp / 32)), dim3(32, 8), 0, st>>>(x, xt, M, K, (int)g.Mp);
   CheckLaunch("SparseMatMul transpose launch");
-  const dim3 grid((unsigned)CeilDiv(N, kSlabCols), (unsigned)(g.Mp / (32 * g.vw)));
-#define ONNXOPT_SLAB(VW)                                                                                   \
-  {                                                                                                        \
-    const size_t smem = (size_t)kb * 32 * VW * sizeof(float);                                              \
-    CheckCuda(cudaFuncSetAttribute(SparseSlabKernel<VW, V>, cudaFuncAttributeMaxDynamicSharedMemorySize, \
-                                   (int)smem),                                                             \
-              "SparseMatMul shared memory");                                                               \
-    SparseSlabKernel<VW, V><<<grid, kThreads, smem, st>>>(xt, values, indices, bp, scales, bias, y, M, K, N, kb, \
-                                                          nb, nnz, (int)g.Mp);                             \
-  }
+  const dim3 grid((unsigned)CeilDiv(N, kColsPerBlock), (unsigned)(g.Mp / (32 * g.vw)));
+#define ONNXOPT_COLS(VW) \
+  SparseColsKernel<VW, V, IT><<<grid, kThreads, 0, st>>>(xt, values, indices, cp, scales, bias, y, M, K, N, nnz, (int)g.Mp)
   switch (g.vw) {
-    case 1: ONNXOPT_SLAB(1); break;
-    case 2: ONNXOPT_SLAB(2); break;
-    default: ONNXOPT_SLAB(4); break;
+    case 1: ONNXOPT_COLS(1); break;
+    case 2: ONNXOPT_COLS(2); break;
+    default: ONNXOPT_COLS(4); break;
   }
-#undef ONNXOPT_SLAB
+#undef ONNXOPT_COLS
   CheckLaunch("SparseMatMul launch");
+}
+
+template <typename V>
+void LaunchSparseV(const Problem& p, float* y, void* ws, cudaStream_t st) {
+  if (p.inputs[2].dtype == DType::U32) return LaunchSparseT<V, uint32_t>(p, y, ws, st);
+  return LaunchSparseT<V, uint16_t>(p, y, ws, st);
 }
 
 void LaunchSparse(const Problem& p, float* y, void* ws, cudaStream_t st) {
   switch (p.inputs[1].dtype) {
-    case DType::F16: return LaunchSparseT<__half>(p, y, ws, st);
-    case DType::I8: return LaunchSparseT<int8_t>(p, y, ws, st);
-    default: return LaunchSparseT<float>(p, y, ws, st);
+    case DType::F16: return LaunchSparseV<__half>(p, y, ws, st);
+    case DType::I8: return LaunchSparseV<int8_t>(p, y, ws, st);
+    default: return LaunchSparseV<float>(p, y, ws, st);
   }
 }
 
-// Error codes of the structure check, written once (first failure wins).
-__global__ void CheckSparseKernel(const int* __restrict__ bp, const uint8_t* __restrict__ indices, int segments,
-                                  int nb, int kb, int K, int nnz,
+// Error codes of the structure check, written once (first failure wins). Thread n checks
+// col_ptr[n] and the indices of column n; thread N checks col_ptr[N] == nnz.
+template <typename IT>
+__global__ void CheckSparseKernel(const int* __restrict__ cp, const IT* __restrict__ indices, int N, int K, int nnz,
                                   unsigned long long* __restrict__ err) {
-  const int s = blockIdx.x * blockDim.x + threadIdx.x;
-  if (s > segments) return;
+  const int n = blockIdx.x * blockDim.x + threadIdx.x;
+  if (n > N) return;
   auto fail = [&](unsigned long long code, unsigned long long where) { atomicCAS(err, 0ULL, (code << 40) | where); };
-  const int a = bp[s];
-  if (s == 0 && a != 0) fail(1, 0);
-  if (s == segments) {
-    if (a != nnz) fail(3, s);
+  const int a = cp[n];
+  if (n == 0 && a != 0) fail(1, 0);
+  if (n == N) {
+    if (a != nnz) fail(3, n);
     return;
   }
-  const int e = bp[s + 1];
+  const int e = cp[n + 1];
   if (e < a || a < 0 || e > nnz) {
-    fail(2, s);
+    fail(2, n);
     return;
   }
-  const int kbase = (s % nb) * kb;
   for (int j = a; j < e; ++j) {
-    const int kk = indices[j];
-    if (kk >= kb || kbase + kk >= K) {
+    if (indices[j] >= (unsigned)K) {
       fail(4, j);
       return;
     }
@@ -778,17 +751,21 @@ void Launch(const Problem& p, float* y, void* workspace, cudaStream_t stream) {
 
 void CheckSparseStructure(const Problem& p, cudaStream_t stream) {
   if (p.op != Op::Sparse) return;
-  const int K = (int)p.attrs.K, N = (int)p.attrs.N, kb = (int)p.attrs.k_block, nb = (int)CeilDiv(K, kb);
+  const int K = (int)p.attrs.K, N = (int)p.attrs.N;
   const int nnz = (int)p.inputs[1].shape[0];
-  const int segments = N * nb;
   unsigned long long* err = nullptr;
   CheckCuda(cudaMallocAsync(reinterpret_cast<void**>(&err), sizeof(*err), stream), "SparseMatMul check alloc");
   unsigned long long host = 0;
   cudaError_t e = cudaMemsetAsync(err, 0, sizeof(host), stream);
   if (e == cudaSuccess) {
-    CheckSparseKernel<<<(unsigned)CeilDiv(segments + 1, kThreads), kThreads, 0, stream>>>(
-        static_cast<const int*>(p.inputs[3].data), static_cast<const uint8_t*>(p.inputs[2].data), segments, nb, kb, K,
-        nnz, err);
+    const unsigned blocks = (unsigned)CeilDiv(N + 1, kThreads);
+    const auto* cp = static_cast<const int*>(p.inputs[3].data);
+    if (p.inputs[2].dtype == DType::U32)
+      CheckSparseKernel<<<blocks, kThreads, 0, stream>>>(cp, static_cast<const uint32_t*>(p.inputs[2].data), N, K,
+                                                         nnz, err);
+    else
+      CheckSparseKernel<<<blocks, kThreads, 0, stream>>>(cp, static_cast<const uint16_t*>(p.inputs[2].data), N, K,
+                                                         nnz, err);
     e = cudaGetLastError();
   }
   if (e == cudaSuccess) e = cudaMemcpyAsync(&host, err, sizeof(host), cudaMemcpyDeviceToHost, stream);
@@ -799,12 +776,10 @@ void CheckSparseStructure(const Problem& p, cudaStream_t stream) {
   const unsigned long long code = host >> 40, where = host & ((1ULL << 40) - 1);
   std::string msg = "SparseMatMul (CUDA): ";
   switch (code) {
-    case 1: msg += "block_ptr[0] must be 0"; break;
-    case 2: msg += "block_ptr must be non-decreasing within [0, nnz]; segment " + std::to_string(where) + " is not"; break;
-    case 3: msg += "block_ptr[-1] must equal nnz=" + std::to_string(nnz); break;
-    default:
-      msg += "indices[" + std::to_string(where) + "] is out of range (row >= K=" + std::to_string(K) +
-             " or index >= k_block=" + std::to_string(kb) + ")";
+    case 1: msg += "col_ptr[0] must be 0"; break;
+    case 2: msg += "col_ptr must be non-decreasing within [0, nnz]; column " + std::to_string(where) + " is not"; break;
+    case 3: msg += "col_ptr[-1] must equal nnz=" + std::to_string(nnz); break;
+    default: msg += "indices[" + std::to_string(where) + "] is out of range (row >= K=" + std::to_string(K) + ")";
   }
   throw Error(msg);
 }

@@ -21,7 +21,7 @@ class Error : public std::runtime_error {
 };
 
 enum class Op : int { Binary = 0, Xnor = 1, Sparse = 2, Quant = 3 };
-enum class DType : int { F32 = 0, F16 = 1, I8 = 2, U8 = 3, I32 = 4, U32 = 5, U64 = 6 };
+enum class DType : int { F32 = 0, F16 = 1, I8 = 2, U8 = 3, I32 = 4, U32 = 5, U64 = 6, U16 = 7 };
 
 const char* OpName(Op op);
 const char* DTypeName(DType t);
@@ -35,13 +35,13 @@ struct Tensor {
   int64_t size() const;
 };
 
-// Node attributes (k_block: SparseMatMul; bits, block_size: QuantMatMul).
+// Node attributes (bits, block_size: QuantMatMul).
 struct Attrs {
-  int64_t K = 0, N = 0, k_block = 256, bits = 4, block_size = 32;
+  int64_t K = 0, N = 0, bits = 4, block_size = 32;
 };
 
 // Number of inputs of `op` including X and bias; inputs are in the ops.py order:
-//   Binary/Xnor: X, bits, alpha, bias?        Sparse: X, values, indices, block_ptr, scales, bias?
+//   Binary/Xnor: X, bits, alpha, bias?        Sparse: X, values, indices, col_ptr, scales, bias?
 //   Quant: X, weights, scales, zero_points?, bias?
 int InputCount(Op op);
 bool InputOptional(Op op, int index);
@@ -64,11 +64,11 @@ std::vector<int64_t> OutputShape(const Problem& p);
 size_t WorkspaceBytes(const Problem& p);
 
 // Enqueues the kernels on `stream`; y: device float32 [M, N]; workspace: WorkspaceBytes(p) bytes.
-// Memory-safe for any weight contents (CSR offsets and indices are clamped in the kernels).
+// Memory-safe for any weight contents (CSC offsets and indices are clamped in the kernels).
 void Launch(const Problem& p, float* y, void* workspace, cudaStream_t stream);
 
-// SparseMatMul only: checks block_ptr (starts at 0, non-decreasing, ends at nnz) and indices
-// (row b*k_block + index < K) on the device, synchronizing `stream`; throws Error on failure.
+// SparseMatMul only: checks col_ptr (starts at 0, non-decreasing, ends at nnz) and indices
+// (row < K) on the device, synchronizing `stream`; throws Error on failure.
 void CheckSparseStructure(const Problem& p, cudaStream_t stream);
 
 // Throws Error with `what` and the CUDA error string when `err` is not cudaSuccess.

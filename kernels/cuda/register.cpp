@@ -27,6 +27,7 @@ DType FromOrt(ONNXTensorElementDataType t, Op op, size_t index) {
     case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: return DType::F16;
     case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8: return DType::I8;
     case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8: return DType::U8;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT16: return DType::U16;
     case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32: return DType::I32;
     case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT32: return DType::U32;
     case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT64: return DType::U64;
@@ -41,7 +42,6 @@ struct CudaKernel {
     Ort::ConstKernelInfo ki(info);
     attrs_.K = ki.GetAttribute<int64_t>("K");
     attrs_.N = ki.GetAttribute<int64_t>("N");
-    if (op == Op::Sparse) attrs_.k_block = OptionalInt(ki, "k_block", 256);
     if (op == Op::Quant) {
       attrs_.bits = OptionalInt(ki, "bits", 4);
       attrs_.block_size = OptionalInt(ki, "block_size", 32);
@@ -98,7 +98,7 @@ struct CudaKernel {
     if (ws) cuda::CheckCuda(cudaFreeAsync(ws, stream), "workspace release");
   }
 
-  // CSR contents are checked on the device once per distinct weight buffers (initializers keep
+  // CSC contents are checked on the device once per distinct weight buffers (initializers keep
   // their addresses, so this runs on the first call only); the kernels clamp offsets regardless.
   void CheckSparseOnce(const cuda::Problem& p, cudaStream_t stream) {
     const auto key = std::make_tuple(p.inputs[1].data, p.inputs[2].data, p.inputs[3].data, p.inputs[1].shape[0]);
@@ -134,8 +134,7 @@ struct CudaOp : Ort::CustomOpBase<CudaOp<OP>, CudaKernel, /*WithStatus=*/true> {
       case Op::Binary: return index == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT32 : F32;
       case Op::Xnor: return index == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT64 : F32;
       case Op::Sparse: {
-        static const ONNXTensorElementDataType types[] = {F32, ANY, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8,
-                                                          ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32, F32};
+        static const ONNXTensorElementDataType types[] = {F32, ANY, ANY, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32, F32};
         return types[index];
       }
       case Op::Quant: return index == 2 ? ANY : ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;

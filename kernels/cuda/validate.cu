@@ -56,6 +56,7 @@ const char* DTypeName(DType t) {
     case DType::F16: return "float16";
     case DType::I8: return "int8";
     case DType::U8: return "uint8";
+    case DType::U16: return "uint16";
     case DType::I32: return "int32";
     case DType::U32: return "uint32";
     case DType::U64: return "uint64";
@@ -81,7 +82,7 @@ int InputCount(Op op) {
 
 const char* InputName(Op op, int index) {
   static const char* binary[] = {"X", "bits", "alpha", "bias"};
-  static const char* sparse[] = {"X", "values", "indices", "block_ptr", "scales", "bias"};
+  static const char* sparse[] = {"X", "values", "indices", "col_ptr", "scales", "bias"};
   static const char* quant[] = {"X", "weights", "scales", "zero_points", "bias"};
   if (index < 0 || index >= InputCount(op)) return "?";
   switch (op) {
@@ -143,19 +144,16 @@ Problem Validate(Op op, const Attrs& a, const std::vector<Tensor>& inputs) {
       break;
     }
     case Op::Sparse: {
-      const int64_t kb = a.k_block;
-      if (kb < 1 || kb > 256) Fail(op, "attribute k_block must be in [1, 256], got " + std::to_string(kb));
-      const int64_t nb = CeilDiv(K, kb);
-      if (N * nb >= (int64_t(1) << 31) - 1) Fail(op, "N * ceil(K/k_block) too large for int32 block_ptr");
-      const Tensor &values = inputs[1], &indices = inputs[2], &block_ptr = inputs[3], &scales = inputs[4];
+      if (N >= (int64_t(1) << 31) - 1) Fail(op, "N too large for int32 col_ptr");
+      const Tensor &values = inputs[1], &indices = inputs[2], &col_ptr = inputs[3], &scales = inputs[4];
       ExpectDType(op, 1, values, {DType::F32, DType::F16, DType::I8});
       if (values.shape.size() != 1) Fail(op, "input 'values' must be 1-D, got shape " + ShapeStr(values.shape));
       const int64_t nnz = values.shape[0];
-      if (nnz > (int64_t(1) << 31) - 1) Fail(op, "too many nonzeros for int32 block_ptr");
-      ExpectDType(op, 2, indices, {DType::U8});
+      if (nnz > (int64_t(1) << 31) - 1) Fail(op, "too many nonzeros for int32 col_ptr");
+      ExpectDType(op, 2, indices, {DType::U16, DType::U32});
       ExpectShape(op, 2, indices, {nnz});
-      ExpectDType(op, 3, block_ptr, {DType::I32});
-      ExpectShape(op, 3, block_ptr, {N * nb + 1});
+      ExpectDType(op, 3, col_ptr, {DType::I32});
+      ExpectShape(op, 3, col_ptr, {N + 1});
       ExpectDType(op, 4, scales, {DType::F32});
       ExpectShape(op, 4, scales, {N});
       break;

@@ -35,7 +35,8 @@ struct DeviceBuffer {
 
 size_t ElementBytes(DType t) {
   switch (t) {
-    case DType::F16: return 2;
+    case DType::F16:
+    case DType::U16: return 2;
     case DType::I8:
     case DType::U8: return 1;
     case DType::U64: return 8;
@@ -66,7 +67,7 @@ std::vector<Tensor> HostTensors(int n_inputs, const void* const* data, const int
   return t;
 }
 
-Attrs MakeAttrs(const int64_t* a) { return Attrs{a[0], a[1], a[2], a[3], a[4]}; }
+Attrs MakeAttrs(const int64_t* a) { return Attrs{a[0], a[1], a[2], a[3]}; }
 
 // Uploads the tensors; Tensor::data is replaced by the device pointer.
 std::vector<DeviceBuffer> Upload(std::vector<Tensor>& t) {
@@ -97,8 +98,8 @@ int onnxopt_cuda_device_name(char* out, int len) {
   return 0;
 }
 
-// Validates (shapes on the host, CSR structure on the device), runs `op` once and copies Y back.
-// attrs: K, N, k_block, bits, block_size. Returns 0, or 1 with the error message in err.
+// Validates (shapes on the host, CSC structure on the device), runs `op` once and copies Y back.
+// attrs: K, N, bits, block_size. Returns 0, or 1 with the error message in err.
 int onnxopt_cuda_run_host(int op, const int64_t* attrs, int n_inputs, const void* const* data, const int* dtypes,
                           const int* ranks, const int64_t* dims, float* y, int64_t y_size, char* err, int errlen) {
   try {
