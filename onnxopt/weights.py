@@ -65,7 +65,7 @@ class WeightUse:
         """The weight as a float32 (K, N) matrix of ``y = x @ W``."""
         w = self.array().astype(np.float32)
         op = self.node.op_type
-        if op == "Gemm" and _attr(self.node, "transB", 0):
+        if op == "Gemm" and self.node.attributes.get_int("transB", 0):
             return np.ascontiguousarray(w.T)
         if op == "Conv":
             return np.ascontiguousarray(w.reshape(w.shape[0], -1).T)
@@ -75,7 +75,7 @@ class WeightUse:
         """Inverse of :meth:`matrix`: back to the op's own layout and the weight's dtype."""
         original = self.array()
         op = self.node.op_type
-        if op == "Gemm" and _attr(self.node, "transB", 0):
+        if op == "Gemm" and self.node.attributes.get_int("transB", 0):
             matrix = matrix.T
         elif op == "Conv":
             matrix = matrix.T.reshape(original.shape)
@@ -136,11 +136,11 @@ def _unsupported_reason(use: WeightUse) -> str | None:
         return "both inputs are constant"
     rank = len(constant_tensor(value).shape)
     expected = 4 if node.op_type == "Conv" else 2
-    if node.op_type == "Conv" and _attr(node, "group", 1) != 1:
+    if node.op_type == "Conv" and node.attributes.get_int("group", 1) != 1:
         return "grouped convolution"
-    if node.op_type == "Gemm" and _attr(node, "transA", 0):
+    if node.op_type == "Gemm" and node.attributes.get_int("transA", 0):
         return "Gemm with transA"
-    if node.op_type == "Gather" and _attr(node, "axis", 0) != 0:
+    if node.op_type == "Gather" and node.attributes.get_int("axis", 0) != 0:
         return "Gather on an axis other than 0"
     if rank != expected:
         return f"weight of rank {rank}"
@@ -201,8 +201,3 @@ def _names_in(graph: ir.Graph) -> set[str]:
         names.update(v.name for v in node.outputs if v.name)
     names.update(v.name for v in graph.inputs if v.name)
     return names
-
-
-def _attr(node: ir.Node, name: str, default):
-    attr = node.attributes.get(name)
-    return default if attr is None else attr.value

@@ -97,10 +97,6 @@ def _in_rows(use: WeightUse) -> int:
     return use.matrix().shape[0] if use.node.op_type != "Conv" else use.array().shape[1]
 
 
-def _attr(node: ir.Node, name: str, default):
-    attr = node.attributes.get(name)
-    return default if attr is None else attr.value
-
 
 def _check_value(value: ir.Value, graph: ir.Graph) -> None:
     if value.is_graph_output():
@@ -187,7 +183,7 @@ def _visit(group: ChannelGroup, node: ir.Node, hits: list[int], graph: ir.Graph)
     elif op in POOL_OPS and hits == [0] and layout.is_axis1:
         _extra_outputs_unused(node)
         out = layout
-    elif op == "Flatten" and hits == [0] and layout.is_axis1 and not layout.flat and _attr(node, "axis", 1) == 1:
+    elif op == "Flatten" and hits == [0] and layout.is_axis1 and not layout.flat and node.attributes.get_int("axis", 1) == 1:
         out = Layout(-1, 2, flat=layout.rank > 2)
     elif op == "Reshape" and hits == [0]:
         out = _flatten_reshape(group, node, layout)
@@ -214,7 +210,7 @@ def _flatten_reshape(group: ChannelGroup, node: ir.Node, layout: Layout) -> Layo
         rest = int(np.prod(dims.dims[1:]))
     flattening = (
         target is not None and len(target) == 2 and layout.is_axis1 and not layout.flat
-        and _attr(node, "allowzero", 0) == 0
+        and node.attributes.get_int("allowzero", 0) == 0
         and ((target[0] == 0 and (target[1] == -1 or target[1] > 0)) or (target[0] == -1 and target[1] == rest))
     )
     if not flattening:
@@ -236,11 +232,11 @@ def _add_consumer(group: ChannelGroup, node: ir.Node, layout: Layout) -> None:
         raise Refused(f"{where} weight '{use.value.name}' is shared by several nodes")
     weight = use.array()
     if node.op_type == "Conv":
-        if not layout.is_axis1 or layout.flat or _attr(node, "group", 1) != 1:
+        if not layout.is_axis1 or layout.flat or node.attributes.get_int("group", 1) != 1:
             raise Refused(f"{where}: channels are not its input channels (or grouped convolution)")
         rows, per = weight.shape[1], 1
     else:
-        if weight.ndim != 2 or layout.axis != -1 or (node.op_type == "Gemm" and _attr(node, "transA", 0)):
+        if weight.ndim != 2 or layout.axis != -1 or (node.op_type == "Gemm" and node.attributes.get_int("transA", 0)):
             raise Refused(f"{where}: channels are not the contracted axis of a 2-D weight")
         rows = _in_rows(use)
         per = rows // group.channels if layout.flat else 1
@@ -268,7 +264,7 @@ def _producer(value: ir.Value, op_type: str, values: list[ir.Value]) -> ir.Node:
 
 
 def _perm(transpose: ir.Node) -> list[int] | None:
-    perm = _attr(transpose, "perm", None)
+    perm = transpose.attributes.get_ints("perm", None)
     return None if perm is None else list(perm)
 
 
@@ -347,7 +343,7 @@ def trace_heads(output: WeightUse) -> HeadGroup:
         raise Refused("context is not Transpose(0,2,1,3) then Reshape to 3-D")
     context = _producer(transpose.inputs[0], "MatMul", values)
     softmax = _producer(context.inputs[0], "Softmax", values)
-    if _attr(softmax, "axis", -1) not in (-1, 3):
+    if softmax.attributes.get_int("axis", -1) not in (-1, 3):
         raise Refused("Softmax is not over the key axis")
     scores = softmax.inputs[0]
     while (node := scores.producer()) is not None and node.op_type in ("Add", "Mul", "Div"):
@@ -422,14 +418,14 @@ def apply_group(group: ChannelGroup, keep: np.ndarray) -> dict[ir.Node, np.ndarr
     kept_outputs = {}
     for use, per in group.producers:
         entries = _unit_index(keep, per)
-        transposed = use.node.op_type == "Conv" or (use.node.op_type == "Gemm" and _attr(use.node, "transB", 0))
+        transposed = use.node.op_type == "Conv" or (use.node.op_type == "Gemm" and use.node.attributes.get_int("transB", 0))
         _slice_input(use.node, use.index, 0 if transposed else 1, entries, "pruned")
         kept_outputs[use.node] = entries
     for node, index, axis, per in group.constants:
         _slice_input(node, index, axis, _unit_index(keep, per), "pruned")
     for consumer in group.consumers:
         use, entries = consumer.use, _unit_index(keep, consumer.group)
-        transposed = use.node.op_type == "Gemm" and _attr(use.node, "transB", 0)
+        transposed = use.node.op_type == "Gemm" and use.node.attributes.get_int("transB", 0)
         axis = 1 if use.node.op_type == "Conv" or transposed else 0
         _slice_input(use.node, use.index, axis, entries, "pruned")
     for node, position, per in group.reshapes:
@@ -647,7 +643,7 @@ def _parameters(model: ir.Model) -> int:
 
 def _bias_slot(node: ir.Node) -> tuple[ir.Node, int] | None:
     """Where the layer's (N,) output bias lives: Gemm C, Conv B, or the constant of a following Add."""
-    node_columns = WeightUse(node, 1).array().shape[0 if node.op_type == "Conv" or _attr(node, "transB", 0) else 1]
+    node_columns = WeightUse(node, 1).array().shape[0 if node.op_type == "Conv" or node.attributes.get_int("transB", 0) else 1]
     if node.op_type in ("Gemm", "Conv"):
         bias = constant_tensor(node.inputs[2]) if len(node.inputs) > 2 else None
         return (node, 2) if bias is not None and bias.size == node_columns else None
@@ -700,7 +696,7 @@ def _refit(original: ir.Model, orig_use: WeightUse, model: ir.Model, use: Weight
         if slot is not None:
             node, index = slot
             bias = constant_array(node.inputs[index])
-            shift = fitted[-1] / (_attr(node, "beta", 1.0) if node.op_type == "Gemm" else 1.0)
+            shift = fitted[-1] / (node.attributes.get_float("beta", 1.0) if node.op_type == "Gemm" else 1.0)
             new_bias = (bias.astype(np.float64) + np.broadcast_to(shift, (bias.size,)).reshape(bias.shape))
             set_weight(WeightUse(node, index), new_bias.astype(bias.dtype), "recovered")
     # Errors are in-sample; with fewer rows than inputs the (ridge, minimum-norm) fit interpolates the
