@@ -285,9 +285,8 @@ def test_sequential_gptq_takes_hessians_from_the_quantized_prefix():
     errors = {}
     for sequential in (False, True):
         model = io.load(MODELS / "transformer_block.onnx")
-        details = run_pass(
-            "quantize-weights", model, data, algorithm="gptq", block_size=16, sequential=sequential, calibration_samples=32
-        )
+        options = {"algorithm": "gptq", "block_size": 16, "calibration_samples": 32, "sequential": sequential}
+        details = run_pass("quantize-weights", model, data, **options)
         errors[sequential] = {k: e["gptq"] for k, e in details["layer_output_relative_error"].items()}
         assert details["quantized"] == 6  # every weight (the attention MatMuls have none)
         assert relative(reference, outputs(model, feeds)[0]) < 0.1
