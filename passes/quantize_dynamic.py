@@ -22,10 +22,6 @@ from onnxopt.weights import WeightUse, constant_tensor, drop_if_unused, new_init
 MS_DOMAIN = "com.microsoft"
 
 
-def _attr(node: ir.Node, name: str, default):
-    attr = node.attributes.get(name)
-    return default if attr is None else attr.value
-
 
 class DynamicRewriter:
     """Replaces MatMul/Gemm weight uses by dynamically quantized integer matmuls.
@@ -46,7 +42,7 @@ class DynamicRewriter:
         node, graph = use.node, use.graph
         if node.op_type == "Gather":
             return quantize_gather(use, self._cache)
-        transposed = node.op_type == "Gemm" and bool(_attr(node, "transB", 0))
+        transposed = node.op_type == "Gemm" and bool(node.attributes.get_int("transB", 0))
         parts = matmul_parts(use, constant_tensor(use.value).shape[0 if transposed else 1])
         if isinstance(parts, str):
             return parts
@@ -126,11 +122,11 @@ def matmul_parts(use: WeightUse, n: int) -> tuple[list[ir.Node], ir.Value | None
     """
     node, graph = use.node, use.graph
     if node.op_type == "Gemm":
-        if float(_attr(node, "alpha", 1.0)) != 1.0:
+        if float(node.attributes.get_float("alpha", 1.0)) != 1.0:
             return "Gemm with alpha != 1"
         if len(node.inputs) < 3 or node.inputs[2] is None:
             return [node], None, None
-        c, beta = node.inputs[2], float(_attr(node, "beta", 1.0))
+        c, beta = node.inputs[2], float(node.attributes.get_float("beta", 1.0))
         c_tensor = constant_tensor(c)
         if c_tensor is not None and c_tensor.size == n and c_tensor.dtype == ir.DataType.FLOAT:
             bias = beta * c_tensor.numpy().reshape(n).astype(np.float32)

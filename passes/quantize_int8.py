@@ -43,10 +43,6 @@ SHARED_SCALE_OPS = {"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Un
 DEFAULT_OP_TYPES = ["MatMul", "Gemm", "Conv", "Relu", "MaxPool", "AveragePool", "GlobalAveragePool", "Flatten", "Reshape"]
 
 
-def _attr(node: ir.Node, name: str, default):
-    attr = node.attributes.get(name)
-    return default if attr is None else attr.value
-
 
 @dataclasses.dataclass
 class _Plan:
@@ -353,7 +349,7 @@ class QuantizeInt8Pass(ir.passes.InPlacePass):
         """
         node, graph = use.node, use.graph
         w = use.array().astype(np.float32)
-        if node.op_type == "Conv" or (node.op_type == "Gemm" and _attr(node, "transB", 0)):
+        if node.op_type == "Conv" or (node.op_type == "Gemm" and node.attributes.get_int("transB", 0)):
             channel_axis = 0
         else:
             channel_axis = 1
@@ -377,7 +373,7 @@ class QuantizeInt8Pass(ir.passes.InPlacePass):
         bias = node.inputs[2] if node.op_type in ("Conv", "Gemm") and len(node.inputs) > 2 else None
         bias_tensor = constant_tensor(bias)
         channels = w.shape[channel_axis]
-        if bias_tensor is not None and tuple(bias_tensor.shape) == (channels,) and _attr(node, "beta", 1.0) == 1.0:
+        if bias_tensor is not None and tuple(bias_tensor.shape) == (channels,) and node.attributes.get_float("beta", 1.0) == 1.0:
             bias_scale = (np.asarray(x_params[0], np.float64) * np.broadcast_to(scale, (channels,))).astype(np.float32)
             b_q = np.rint(bias_tensor.numpy().astype(np.float64) / bias_scale)
             b_q = np.clip(b_q, np.iinfo(np.int32).min, np.iinfo(np.int32).max).astype(np.int32)

@@ -39,10 +39,6 @@ BLOCKED_DQ_OPSET = 21
 INT4_TYPES = {True: ir.DataType.INT4, False: ir.DataType.UINT4}
 
 
-def _attr(node: ir.Node, name: str, default):
-    attr = node.attributes.get(name)
-    return default if attr is None else attr.value
-
 
 def _initializer(graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.DataType | None = None) -> ir.Value:
     """Like :func:`new_initializer`, storing ``array`` as ``dtype`` (int4/uint4) when given."""
@@ -223,7 +219,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         node, graph, blocks = use.node, use.graph, stored.blocks
         if self.format == "onnx":
             if stored.values is None:
-                transposed = node.op_type == "Gemm" and bool(_attr(node, "transB", 0))
+                transposed = node.op_type == "Gemm" and bool(node.attributes.get_int("transB", 0))
                 dq = self._blocked_dequantize(graph, use.value.name, blocks, transposed)
                 graph.insert_before(node, dq)
                 stored.values = dq.outputs
@@ -338,7 +334,7 @@ class _Stored:
 
 def _key(use: WeightUse) -> tuple:
     """One quantization (and one stored copy) per tensor, orientation and graph: shared weights stay shared."""
-    return id(use.value), f"{use.node.op_type}{_attr(use.node, 'transB', 0)}", id(use.graph)
+    return id(use.value), f"{use.node.op_type}{use.node.attributes.get_int('transB', 0)}", id(use.graph)
 
 
 def _layers_by_depth(graph: ir.Graph, uses: list[WeightUse]) -> list[list[WeightUse]]:
