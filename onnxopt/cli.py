@@ -7,6 +7,7 @@ Exit codes: 0 ok, 1 validation threshold exceeded, 2 bad input or usage. Errors 
 from __future__ import annotations
 
 import functools
+import gc
 import json
 import os
 import pathlib
@@ -80,7 +81,7 @@ def _load_data(path: str | None) -> calibration.Dataset | None:
 @click.option("--check/--no-check", default=True, show_default=True, help="onnx checker + shape inference after each pass.")
 @click.option("--numeric-check/--no-numeric-check", default=True, show_default=True,
               help="Compare outputs with onnxruntime after each pass.")
-@click.option("--external-data/--no-external-data", default=None, help="Force (or forbid) external data; default: over 2 GB.")
+@click.option("--external-data/--no-external-data", default=None, help="Force (or forbid) external data; default: as the input, or over 2 GB.")
 @click.option("--threads", type=int, default=None, help="intra-op threads for the latency measurement.")
 @handle_errors
 def optimize(model_path, output, pass_specs, recipe, data, report, on_error, check, numeric_check, external_data, threads):
@@ -115,7 +116,8 @@ def optimize(model_path, output, pass_specs, recipe, data, report, on_error, che
     )
     io.save(model, out, external_data=external_data)
     after = stats.model_stats(model)
-    del model  # the sessions below hold their own copies of the weights
+    del model  # the sessions below hold their own copies of the weights: unmap ours first
+    gc.collect()
     if report:
         _write_report(rep, pathlib.Path(report))
     errors, lat = _measure_output(src, out, reference, feeds, threads, one_at_a_time=before.tensor_bytes > LARGE_MODEL_BYTES)

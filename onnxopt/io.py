@@ -78,7 +78,8 @@ def save(
     external_data: bool | None = None,
     external_threshold: int = TWO_GB,
 ) -> pathlib.Path:
-    """Atomically save ``model``; external data (``<name>.data``) when asked or over ``external_threshold``.
+    """Atomically save ``model``; external data (``<name>.data``) when asked, when the model was loaded
+    with external data (unless ``external_data=False``), or when over ``external_threshold``.
 
     The model object is not modified. Raises :class:`ModelSaveError`; the target is then untouched.
     """
@@ -88,8 +89,8 @@ def save(
         raise ModelSaveError(f"output directory does not exist: {directory}")
     if not os.access(directory, os.W_OK):
         raise ModelSaveError(f"output directory is not writable: {directory}")
-    if external_data is None:
-        external_data = tensor_bytes(model) >= external_threshold
+    if external_data is None:  # like the input, or forced by the 2 GB protobuf limit
+        external_data = bool(_external_tensors(model)) or tensor_bytes(model) >= external_threshold
     data_name = path.name + ".data"
     try:
         tmp_dir = tempfile.mkdtemp(prefix=".onnxopt-", dir=directory)

@@ -146,11 +146,14 @@ def test_external_input_saved_under_threshold_is_self_contained(tmp_path, wide_p
     expected = _run(src, {"x": X})[0]
     out_dir = tmp_path if same_dir else tmp_path / "elsewhere"
     out_dir.mkdir(exist_ok=True)
-    out = io.save(io.load(src), out_dir / "out.onnx")
+    out = io.save(io.load(src), out_dir / "out.onnx", external_data=False)
     proto = onnx.load(str(out), load_external_data=False)
     assert not any(t.data_location == TensorProto.EXTERNAL for t in proto.graph.initializer)
+    kept = io.save(io.load(src), out_dir / "kept.onnx")  # default: external data like the input
+    assert (out_dir / "kept.onnx.data").is_file()
     (tmp_path / "src.onnx.data").unlink()
     np.testing.assert_allclose(_run(out, {"x": X})[0], expected, rtol=1e-6)
+    np.testing.assert_allclose(_run(kept, {"x": X})[0], expected, rtol=1e-6)
 
 
 def test_under_threshold_is_one_file(tmp_path, wide_path):
