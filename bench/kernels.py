@@ -193,7 +193,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="fewer ops and repeats")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--m", default="1,128")
-    ap.add_argument("--only", default="", help="substring filter on op labels (fp32 MatMul always runs)")
+    ap.add_argument("--only", default="",
+                    help="comma-separated substrings of op labels to run (fp32 MatMul always runs)")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="wall: perf_counter; cpu: process CPU time (robust to other load on a shared "
                          "machine; equals latency only for 1 thread)")
@@ -206,7 +207,8 @@ def main(argv=None):
           f"clock={args.clock}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     specs, w, nb, q = build_specs(args.quick)
     if args.only:
-        specs = [s for s in specs if s.op_type == "MatMul" or args.only.lower() in s.label.lower()]
+        wanted = [o.strip().lower() for o in args.only.split(",") if o.strip()]
+        specs = [s for s in specs if s.op_type == "MatMul" or any(o in s.label.lower() for o in wanted)]
     acc = accuracy(w, nb, q)
     print("int4 output error (rel. RMS vs fp64 x@W): " + ", ".join(f"{k}={v:.4%}" for k, v in acc.items()))
     min_time = 0.3 if args.quick else 0.8
