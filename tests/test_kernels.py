@@ -349,3 +349,20 @@ def test_threads_give_identical_results():
         y1 = _session(m, threads=1).run(None, {"X": x})[0]
         y2 = _session(m, threads=2).run(None, {"X": x})[0]
         np.testing.assert_array_equal(y1, y2)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_quant_extreme_codes(isa, bits, symmetric):
+    """Codes at both ends of the range (high nibbles of 15 / 0, int8 0 / 255) against activations
+    at +-127 after quantization, in the largest block: the integer dot products stay exact."""
+    K, N = 256, 32
+    w = np.where((np.arange(K)[:, None] + np.arange(N)[None, :]) % 3 == 0, 1.0, -1.0).astype(np.float32)
+    w[:, N // 2:] = np.abs(w[:, N // 2:])  # asymmetric: all codes at the top of the range
+    packed = ops.pack_quant_matmul(w, bits=bits, block_size=128, symmetric=symmetric)
+    x = np.where(np.arange(K) % 2 == 0, 1.0, -1.0).astype(np.float32)[None, :].repeat(5, axis=0)
+    x[1] = 1.0
+    x[2] = -1.0
+    sess = _session(_model(packed, None))
+    for rows in (x[:1], x):
+        _check(sess.run(None, {"X": rows})[0], ops.reference(packed, rows), f"int{bits} sym={symmetric} isa={isa}")

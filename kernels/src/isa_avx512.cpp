@@ -290,9 +290,11 @@ static void quant_x(const float* x, int64_t K, int64_t bs, int64_t nb, int8_t* x
 }
 
 // RT rows x CB column blocks of 16; integer dot per K block with vpdpbusd (u8 weights x s8 acts).
-template <int RT, int CB, int BITS, bool F16S, bool ZP>
+// BS (block size) is a template parameter so the per-block loops unroll completely.
+template <int RT, int CB, int BITS, int BS, bool F16S, bool ZP>
 static inline void quant_tile(const QuantParams& p, int64_t m, int64_t cb) {
-  const int64_t bs = p.bs, nb = p.nb;
+  constexpr int64_t bs = BS;
+  const int64_t nb = p.nb;
   const int64_t bpb = bs * 2 * BITS;
   const int64_t KX = nb * bs;
   __m512 acc[RT][CB];
@@ -320,12 +322,14 @@ static inline void quant_tile(const QuantParams& p, int64_t m, int64_t cb) {
     const int8_t* xb[RT];
     for (int r = 0; r < RT; ++r) xb[r] = p.xq + (m + r) * KX + b * bs;
     if constexpr (BITS == 4) {
+      // high nibbles stay in place (16 x code, still a u8 operand); d1 is divided by 16 at the end
+#pragma GCC unroll 16
       for (int64_t g = 0; g < bs / 8; ++g) {
         __m512i lo[CB], hi[CB];
         for (int c = 0; c < CB; ++c) {
           const __m512i raw = _mm512_loadu_si512(wb[c] + g * 64);
           lo[c] = _mm512_and_si512(raw, lo4);
-          hi[c] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), lo4);
+          hi[c] = _mm512_andnot_si512(lo4, raw);
         }
         for (int r = 0; r < RT; ++r) {
           int32_t xl, xh;
@@ -339,6 +343,7 @@ static inline void quant_tile(const QuantParams& p, int64_t m, int64_t cb) {
         }
       }
     } else {
+#pragma GCC unroll 16
       for (int64_t g = 0; g < bs / 4; g += 2) {
         __m512i w0[CB], w1[CB];
         for (int c = 0; c < CB; ++c) {
@@ -368,7 +373,8 @@ static inline void quant_tile(const QuantParams& p, int64_t m, int64_t cb) {
       if constexpr (ZP) zf = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(p.zp + so))));
       for (int r = 0; r < RT; ++r) {
         const int64_t xo = (m + r) * nb + b;
-        __m512 f = _mm512_cvtepi32_ps(_mm512_add_epi32(d0[r][c], d1[r][c]));
+        const __m512i hi = BITS == 4 ? _mm512_srai_epi32(d1[r][c], 4) : d1[r][c];  // exact: 16 | d1
+        __m512 f = _mm512_cvtepi32_ps(_mm512_add_epi32(d0[r][c], hi));
         if constexpr (ZP) f = _mm512_fnmadd_ps(zf, _mm512_set1_ps((float)p.sumx[xo]), f);
         acc[r][c] = _mm512_fmadd_ps(_mm512_mul_ps(f, sw), _mm512_set1_ps(p.sx[xo]), acc[r][c]);
       }
@@ -382,7 +388,7 @@ static inline void quant_tile(const QuantParams& p, int64_t m, int64_t cb) {
   }
 }
 
-template <int BITS, bool F16S, bool ZP>
+template <int BITS, int BS, bool F16S, bool ZP>
 static void quant_gemm_t(const QuantParams& p, int64_t m0, int64_t m1, int64_t c0, int64_t c1) {
   // column chunks sized so the chunk's weights stay in L2 while all row tiles pass over it
   const int64_t bytes_per_cb = p.nb * p.bs * 2 * BITS;
@@ -392,25 +398,34 @@ static void quant_gemm_t(const QuantParams& p, int64_t m0, int64_t m1, int64_t c
     int64_t m = m0;
     for (; m + 4 <= m1; m += 4) {
       int64_t cb = cc;
-      for (; cb + 2 <= ce; cb += 2) quant_tile<4, 2, BITS, F16S, ZP>(p, m, cb);
-      for (; cb < ce; ++cb) quant_tile<4, 1, BITS, F16S, ZP>(p, m, cb);
+      for (; cb + 2 <= ce; cb += 2) quant_tile<4, 2, BITS, BS, F16S, ZP>(p, m, cb);
+      for (; cb < ce; ++cb) quant_tile<4, 1, BITS, BS, F16S, ZP>(p, m, cb);
     }
     for (; m < m1; ++m) {
       // one column block per tile: its weights and scales are two sequential streams, which
       // measured 0.31 vs 0.39 ms per cold 4096x4096 int4 GEMV against 4-block tiles (8 streams)
-      for (int64_t cb = cc; cb < ce; ++cb) quant_tile<1, 1, BITS, F16S, ZP>(p, m, cb);
+      for (int64_t cb = cc; cb < ce; ++cb) quant_tile<1, 1, BITS, BS, F16S, ZP>(p, m, cb);
     }
   }
 }
 
-static void quant_gemm(const QuantParams& p, int64_t m0, int64_t m1, int64_t c0, int64_t c1) {
+template <int BITS, int BS>
+static void quant_gemm_bs(const QuantParams& p, int64_t m0, int64_t m1, int64_t c0, int64_t c1) {
   const bool z = p.zp != nullptr;
-  if (p.bits == 4) {
-    if (p.scales_f16) return z ? quant_gemm_t<4, true, true>(p, m0, m1, c0, c1) : quant_gemm_t<4, true, false>(p, m0, m1, c0, c1);
-    return z ? quant_gemm_t<4, false, true>(p, m0, m1, c0, c1) : quant_gemm_t<4, false, false>(p, m0, m1, c0, c1);
-  }
-  if (p.scales_f16) return z ? quant_gemm_t<8, true, true>(p, m0, m1, c0, c1) : quant_gemm_t<8, true, false>(p, m0, m1, c0, c1);
-  return z ? quant_gemm_t<8, false, true>(p, m0, m1, c0, c1) : quant_gemm_t<8, false, false>(p, m0, m1, c0, c1);
+  if (p.scales_f16) return z ? quant_gemm_t<BITS, BS, true, true>(p, m0, m1, c0, c1) : quant_gemm_t<BITS, BS, true, false>(p, m0, m1, c0, c1);
+  return z ? quant_gemm_t<BITS, BS, false, true>(p, m0, m1, c0, c1) : quant_gemm_t<BITS, BS, false, false>(p, m0, m1, c0, c1);
+}
+
+template <int BITS>
+static void quant_gemm_bits(const QuantParams& p, int64_t m0, int64_t m1, int64_t c0, int64_t c1) {
+  if (p.bs == 32) return quant_gemm_bs<BITS, 32>(p, m0, m1, c0, c1);
+  if (p.bs == 64) return quant_gemm_bs<BITS, 64>(p, m0, m1, c0, c1);
+  return quant_gemm_bs<BITS, 128>(p, m0, m1, c0, c1);
+}
+
+static void quant_gemm(const QuantParams& p, int64_t m0, int64_t m1, int64_t c0, int64_t c1) {
+  if (p.bits == 4) return quant_gemm_bits<4>(p, m0, m1, c0, c1);
+  return quant_gemm_bits<8>(p, m0, m1, c0, c1);
 }
 
 }  // namespace isa_avx512
