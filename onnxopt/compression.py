@@ -5,7 +5,7 @@
 * shared weights: :func:`group_by_weight` and :func:`replace_weight` put one new tensor behind every
   consumer of a weight, so a weight shared by several layers stays shared;
 * least squares: :func:`solve_masked` (re-fit of the surviving weights of a pruned layer) and
-  :func:`solve_low_rank` (best rank-r factors under the activation metric);
+  :func:`solve_low_rank_ridge` (best rank-r factors under the activation metric, pulled toward a prior);
 * :func:`lower_to_custom_op`: THE helper replacing a MatMul/Gemm by an ``ai.onnxopt`` node
   (Gemm ``alpha``/``beta``/``transB`` and its bias handled), with :func:`custom_op_blocker` saying why
   a layer cannot be lowered.
@@ -166,11 +166,20 @@ def factorize(target: np.ndarray, rank: int, chol: np.ndarray | None = None) -> 
     return u, root[:, None] * right[:rank], sigma
 
 
-def solve_low_rank(xtx: np.ndarray, xty: np.ndarray, rows: int, rank: int, damping: float = 1e-4):
-    """``argmin ‖X U V − Y‖²`` over rank-``rank`` factors: whitened SVD of the least-squares solution."""
-    h, g = _normalized(xtx, xty, rows, damping)
+def solve_low_rank_ridge(
+    xtx: np.ndarray, xty: np.ndarray, rows: int, rank: int, prior: np.ndarray, strength: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """``argmin ‖X U V − Y‖² / rows + λ‖U V − prior‖²`` over rank-``rank`` factors, λ = ``strength`` × the
+    mean diagonal of XᵀX/rows: least squares pulled toward ``prior`` (the un-recovered factorization).
+
+    Exact: the objective is ``‖(H + λI)^½ (W − W*)‖²`` + const with ``W* = (H + λI)⁻¹(XᵀY/rows + λ prior)``,
+    so the best rank-r ``W`` is the SVD of ``W*`` whitened by ``H + λI``. ``strength`` → 0 gives the
+    rank-r least-squares fit; → ∞ gives ``prior`` (when it has rank ``rank``).
+    """
+    h, g = _normalized(xtx, xty, rows, strength)
+    shift = strength * max(float(np.mean(np.diag(xtx))) / max(rows, 1), 1e-12)
     chol = np.linalg.cholesky(h)
-    optimum = scipy.linalg.cho_solve((chol, True), g)
+    optimum = scipy.linalg.cho_solve((chol, True), g + shift * prior)
     u, v, _ = factorize(optimum, rank, chol)
     return u, v
 

@@ -6,7 +6,9 @@ to that layer, it reproduces the *original* model's layer output on calibration 
 * pruned layers (dense MatMul/Gemm/Conv with zeros, or ``SparseMatMul``): least squares on the
   surviving weights, the mask kept;
 * low-rank pairs (``x @ U`` then the layer with ``V``, as written by ``low-rank``): the best rank-r
-  factors under the layer's input metric;
+  factors under the layer's input metric, pulled toward the current factors by a ridge term whose
+  strength is chosen on calibration batches the fit did not see (unpulled least squares overfits:
+  on MiniLM it lowered every layer's calibration error and the WordSim score with it);
 * ``BinaryMatMul`` / ``XnorMatMul``: the per-column scale α and the bias, signs kept.
 
 The relative output error ``‖X_c W − X_o W_o‖² / ‖X_o W_o‖²`` of every layer is reported before and
@@ -31,7 +33,7 @@ from onnxopt.compression import (
     mark_sparse_storage,
     packed_from_node,
     relative_error,
-    solve_low_rank,
+    solve_low_rank_ridge,
     solve_masked,
 )
 from onnxopt.errors import DataError
@@ -43,22 +45,39 @@ LOW_RANK_SUFFIX = ".lowrank_u"
 
 LAYER_OPS = ("MatMul", "Gemm", "Conv")
 
+RIDGE_STRENGTHS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+"""Pulls toward the current low-rank factors tried by the held-out check (× mean diagonal of XᵀX/rows)."""
+
 
 @dataclasses.dataclass
 class _GramLayer:
-    """Statistics XᵀX, XᵀY, YᵀY for layers whose free parameters are a (K, N) matrix."""
+    """Statistics XᵀX, XᵀY, YᵀY for layers whose free parameters are a (K, N) matrix, kept for two
+    halves of the calibration batches (alternating) so a re-fit can be checked on rows it did not see."""
 
     node: ir.Node
 
     def __post_init__(self) -> None:
-        self.gram: Gram | None = None
-        self.yty = 0.0
+        self.halves: list[Gram] = []
+        self.yty_halves = [0.0, 0.0]
+        self.batches = 0
+        self.report: dict = {}
 
     def accumulate(self, rows: np.ndarray, target: np.ndarray) -> None:
-        if self.gram is None:
-            self.gram = Gram.empty(rows.shape[1], target.shape[1])
-        self.gram.update(rows, target)
-        self.yty += float(np.sum(target.astype(np.float64) ** 2))
+        if not self.halves:
+            self.halves = [Gram.empty(rows.shape[1], target.shape[1]) for _ in range(2)]
+        side = self.batches % 2
+        self.halves[side].update(rows, target)
+        self.yty_halves[side] += float(np.sum(target.astype(np.float64) ** 2))
+        self.batches += 1
+
+    @property
+    def gram(self) -> Gram:
+        first, second = self.halves
+        return Gram(first.xtx + second.xtx, first.xty + second.xty, first.rows + second.rows)
+
+    @property
+    def yty(self) -> float:
+        return sum(self.yty_halves)
 
     def error(self, w: np.ndarray) -> float:
         return relative_error(self.gram.xtx, self.gram.xty, self.yty, w)
@@ -128,8 +147,23 @@ class _LowRank(_GramLayer):
         return u.astype(np.float64) @ v
 
     def refit(self, damping: float) -> tuple[np.ndarray, np.ndarray]:
-        rank = self.factors()[0].shape[1]
-        return solve_low_rank(self.gram.xtx, self.gram.xty, self.gram.rows, rank, damping)
+        """Least squares pulled toward the current factors (:func:`solve_low_rank_ridge`), the pull chosen
+        by the error on the half of the batches the fit did not see; the current factors when no pull
+        beats them there (plain least squares overfits the calibration rows)."""
+        u, v = self.factors()
+        prior, rank = u.astype(np.float64) @ v, u.shape[1]
+        fit, check = self.halves
+        if fit.rows == 0 or check.rows == 0:
+            return solve_low_rank_ridge(self.gram.xtx, self.gram.xty, self.gram.rows, rank, prior, damping)
+        held_out = {None: relative_error(check.xtx, check.xty, self.yty_halves[1], prior)}
+        for strength in RIDGE_STRENGTHS:
+            factors = solve_low_rank_ridge(fit.xtx, fit.xty, fit.rows, rank, prior, strength)
+            held_out[strength] = relative_error(check.xtx, check.xty, self.yty_halves[1], factors[0] @ factors[1])
+        best = min(held_out, key=held_out.get)
+        self.report = {"ridge": best, "held_out_before": round(held_out[None], 6), "held_out_after": round(held_out[best], 6)}
+        if best is None:
+            return u, v
+        return solve_low_rank_ridge(self.gram.xtx, self.gram.xty, self.gram.rows, rank, prior, best)
 
     def error(self, w) -> float:
         return super().error(w[0] @ w[1] if isinstance(w, tuple) else w)
@@ -283,6 +317,7 @@ def recover_layers(
             "error_before": round(before, 6),
             "error_after": round(after if applied else before, 6),
             "applied": applied,
+            **getattr(layer, "report", {}),
         }
     if names is not None:
         for name in sorted(names - set(results)):
