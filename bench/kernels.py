@@ -181,8 +181,12 @@ def accuracy(w, nb, q):
     res = {}
     spec_nb = Spec("nbits", "MatMulNBits", "com.microsoft", ["B", "scales"], nb,
                    {"K": K, "N": N, "bits": 4, "block_size": 32, "accuracy_level": 4})
-    spec_q = Spec("q", "QuantMatMul", ops.DOMAIN, list(ops._INPUT_NAMES["QuantMatMul"][:-1]), q.inputs, q.attributes)
-    for name, spec in (("MatMulNBits acc4", spec_nb), ("QuantMatMul", spec_q)):
+    names = list(ops._INPUT_NAMES["QuantMatMul"][:-1])
+    q16 = ops.pack_quant_matmul(w, bits=4, block_size=32, scale_dtype="float16")
+    spec_q = Spec("q", "QuantMatMul", ops.DOMAIN, names, q.inputs, q.attributes)
+    spec_q16 = Spec("q16", "QuantMatMul", ops.DOMAIN, names, q16.inputs, q16.attributes)
+    for name, spec in (("MatMulNBits acc4", spec_nb), ("QuantMatMul f32-scale", spec_q),
+                       ("QuantMatMul f16-scale", spec_q16)):
         y = make_session(chain_model(spec, [spec.arrays], 1), 1).run(None, {"X": x})[0]
         res[name] = float(np.sqrt(np.mean((y - exact) ** 2)) / np.sqrt(np.mean(exact**2)))
     return res
