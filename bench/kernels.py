@@ -10,6 +10,7 @@ temperature, measured in the same run.
 
     python bench/kernels.py            # full table (a few minutes)
     python bench/kernels.py --quick    # fewer ops/repeats
+    python bench/kernels.py --clock cpu --rounds 3 --only Binary,Xnor,int4   # shared machine
 """
 
 from __future__ import annotations
@@ -197,6 +198,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="fewer ops and repeats")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--m", default="1,128")
+    ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds over all ops (median reported)")
     ap.add_argument("--only", default="",
                     help="comma-separated substrings of op labels to run (fp32 MatMul always runs)")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
@@ -216,32 +218,40 @@ def main(argv=None):
     acc = accuracy(w, nb, q)
     print("int4 output error (rel. RMS vs fp64 x@W): " + ", ".join(f"{k}={v:.4%}" for k, v in acc.items()))
     min_time = 0.3 if args.quick else 0.8
-    rows = []
+    # models of every (spec, temperature), built once; each round measures every cell once, so
+    # load changes on a shared machine hit all ops alike; the table shows the median over rounds
+    models = {}
     for spec in specs:
         copies_cold = max(2, -(-COLD_BYTES // spec.nbytes))
         copies = [spec.arrays] + [spec.copy_fn(spec.arrays, i) for i in range(1, copies_cold)]
-        for m in ms:
-            x = _rng(3).standard_normal((m, K)).astype(np.float32)
+        for temp, cps in (("hot", copies[:1]), ("cold", copies)):
             # nodes per run: enough to amortize overhead, and >= copies for cold
-            hot_nodes = 8 if m == 1 else 2
-            cold_nodes = copies_cold
-            res = {}
-            for temp, cps, nodes in (("hot", copies[:1], hot_nodes), ("cold", copies, cold_nodes)):
-                model = chain_model(spec, cps, nodes)
-                for t in threads:
-                    sess = make_session(model, t)
-                    max_runs = 50 if m == 1 else (5 if temp == "hot" else 2)
-                    if args.quick:
-                        max_runs = max(2, max_runs // 3)
-                    res[(temp, t)] = time_session(sess, x, nodes, min_time if m == 1 else 0.0, max_runs)
-                    del sess
-                    gc.collect()
-                del model
-            rows.append((spec, m, res))
-            print(f"  measured {spec.label:34s} M={m:<4d} " + " ".join(
-                f"{k[0]}/{k[1]}T={v:.3f}ms" for k, v in res.items()), flush=True)
+            nodes = {m: (8 if m == 1 else 2) if temp == "hot" else copies_cold for m in ms}
+            models[(spec.label, temp)] = {n: chain_model(spec, cps, n) for n in set(nodes.values())}, nodes
         del copies
         gc.collect()
+    samples = {}
+    for rnd in range(args.rounds):
+        for spec in specs:
+            for m in ms:
+                x = _rng(3).standard_normal((m, K)).astype(np.float32)
+                res = {}
+                for temp in ("hot", "cold"):
+                    by_nodes, nodes = models[(spec.label, temp)]
+                    for t in threads:
+                        sess = make_session(by_nodes[nodes[m]], t)
+                        max_runs = 50 if m == 1 else (5 if temp == "hot" else 2)
+                        if args.quick:
+                            max_runs = max(2, max_runs // 3)
+                        res[(temp, t)] = time_session(sess, x, nodes[m], min_time if m == 1 else 0.0, max_runs)
+                        samples.setdefault((spec.label, m, temp, t), []).append(res[(temp, t)])
+                        del sess
+                        gc.collect()
+                print(f"  round {rnd + 1} {spec.label:34s} M={m:<4d} " + " ".join(
+                    f"{k[0]}/{k[1]}T={v:.3f}ms" for k, v in res.items()), flush=True)
+    rows = [(spec, m, {(temp, t): statistics.median(samples[(spec.label, m, temp, t)])
+                       for temp in ("hot", "cold") for t in threads})
+            for spec in specs for m in ms]
     # table
     base = {(m, k): r for s, m, r in rows if s.op_type == "MatMul" for k in [None]}
     print()
