@@ -186,8 +186,9 @@ def bench_minilm(quick: bool) -> None:
     points.append(("binarize FFN layers 2-9", [("binarize", {"keep_first_last": False}, middle)]))
     feed = evaluate.minilm_inputs(1, 128)
     rows = run_points(path, points, data, lambda p: evaluate.word_similarity(p, "wordsim353"), feed, samples)
-    table(f"MiniLM-L6 (WordSim-353 Spearman, {samples} calibration snippets, batch 1 seq 128; low-rank ratio = "
-          "fraction of parameters kept, structured = fraction of FFN neurons removed)", "WordSim", rows)
+    table(f"MiniLM-L6 (WordSim-353 Spearman, {samples} calibration snippets, batch 1 seq 128; low-rank ratios {ratios} = "
+          f"fraction of parameters kept, recover = ridge re-fit chosen on held-out batches; sparsities {sparsities}; "
+          "structured = fraction of FFN neurons removed)", "WordSim", rows)
 
 
 def main() -> None:

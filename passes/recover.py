@@ -166,7 +166,7 @@ class _LowRank(_GramLayer):
         return solve_low_rank_ridge(self.gram.xtx, self.gram.xty, self.gram.rows, rank, prior, best)
 
     def error(self, w) -> float:
-        return super().error(w[0] @ w[1] if isinstance(w, tuple) else w)
+        return super().error(w[0].astype(np.float64) @ w[1] if isinstance(w, tuple) else w)
 
     def apply(self, factors: tuple[np.ndarray, np.ndarray]) -> None:
         u, v = factors
