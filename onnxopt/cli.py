@@ -148,7 +148,9 @@ def _measure_output(src, out, reference, feeds, threads, one_at_a_time: bool):
         return errors, lat
     sessions = [runtime.session(src, threads=threads), runtime.session(out, threads=threads)]
     errors = validate.compare_outputs(reference, validate.run_all(sessions[1], feeds))
-    return errors, validate.interleaved_latency_ms(sessions, feeds[0], rounds=3, repeat=10)
+    single = validate.latency_ms(sessions[0], feeds[0], warmup=2, repeat=5) / 1e3
+    repeat = int(min(1000, max(10, 0.05 / max(single, 1e-6))))  # rounds of ~50 ms: sub-ms models need many runs
+    return errors, validate.interleaved_latency_ms(sessions, feeds[0], rounds=5, repeat=repeat)
 
 
 def _file_size(path: pathlib.Path) -> int:
