@@ -5,7 +5,8 @@
 * shared weights: :func:`group_by_weight` and :func:`replace_weight` put one new tensor behind every
   consumer of a weight, so a weight shared by several layers stays shared;
 * least squares: :func:`solve_masked` (re-fit of the surviving weights of a pruned layer) and
-  :func:`solve_low_rank_ridge` (best rank-r factors under the activation metric, pulled toward a prior);
+  :func:`solve_low_rank_ridge` (best rank-r factors under the activation metric), both optionally
+  pulled toward a prior (ridge toward the current weights);
 * :func:`lower_to_custom_op`: THE helper replacing a MatMul/Gemm by an ``ai.onnxopt`` node
   (Gemm ``alpha``/``beta``/``transB`` and its bias handled), with :func:`custom_op_blocker` saying why
   a layer cannot be lowered.
@@ -119,19 +120,27 @@ def replace_weight(group: Sequence[WeightUse], array: np.ndarray, suffix: str) -
 # --------------------------------------------------------------------------- least squares
 
 
-def _normalized(xtx: np.ndarray, xty: np.ndarray, rows: int, damping: float) -> tuple[np.ndarray, np.ndarray]:
+def _normalized(
+    xtx: np.ndarray, xty: np.ndarray, rows: int, damping: float, prior: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Normal equations of ``‖X W − Y‖² / rows + λ‖W − prior‖²`` (prior 0 when None), λ = ``damping`` ×
+    the mean diagonal of XᵀX/rows: ``(H + λI, XᵀY/rows + λ prior)``."""
     h = xtx / max(rows, 1)
-    h = h + np.eye(h.shape[0]) * damping * max(float(np.mean(np.diag(h))), 1e-12)
-    return h, xty / max(rows, 1)
+    lam = damping * max(float(np.mean(np.diag(h))), 1e-12)
+    g = xty / max(rows, 1)
+    return h + np.eye(h.shape[0]) * lam, g if prior is None else g + lam * prior
 
 
-def solve_masked(xtx: np.ndarray, xty: np.ndarray, rows: int, mask: np.ndarray, damping: float = 1e-4) -> np.ndarray:
+def solve_masked(
+    xtx: np.ndarray, xty: np.ndarray, rows: int, mask: np.ndarray, damping: float = 1e-4, prior: np.ndarray | None = None
+) -> np.ndarray:
     """``argmin_W ‖X W − Y‖²`` with ``W[~mask] = 0``: one solve per output column on its kept rows.
 
-    ``xtx`` = XᵀX (K, K), ``xty`` = XᵀY (K, N); ``damping`` × mean diagonal is added for stability.
+    ``xtx`` = XᵀX (K, K), ``xty`` = XᵀY (K, N); ``damping`` × mean diagonal is added for stability, as a
+    pull toward ``prior`` (K, N) when given (ridge toward the current weights) else toward zero.
     Columns sharing the same kept rows are solved together.
     """
-    h, g = _normalized(xtx, xty, rows, damping)
+    h, g = _normalized(xtx, xty, rows, damping, prior)
     out = np.zeros(mask.shape, dtype=np.float64)
     patterns: dict[bytes, list[int]] = {}
     for col in range(mask.shape[1]):
@@ -176,10 +185,9 @@ def solve_low_rank_ridge(
     so the best rank-r ``W`` is the SVD of ``W*`` whitened by ``H + λI``. ``strength`` → 0 gives the
     rank-r least-squares fit; → ∞ gives ``prior`` (when it has rank ``rank``).
     """
-    h, g = _normalized(xtx, xty, rows, strength)
-    shift = strength * max(float(np.mean(np.diag(xtx))) / max(rows, 1), 1e-12)
+    h, g = _normalized(xtx, xty, rows, strength, prior)
     chol = np.linalg.cholesky(h)
-    optimum = scipy.linalg.cho_solve((chol, True), g + shift * prior)
+    optimum = scipy.linalg.cho_solve((chol, True), g)
     u, v, _ = factorize(optimum, rank, chol)
     return u, v
 

@@ -6,10 +6,13 @@ to that layer, it reproduces the *original* model's layer output on calibration 
 * pruned layers (dense MatMul/Gemm/Conv with zeros, or ``SparseMatMul``): least squares on the
   surviving weights, the mask kept;
 * low-rank pairs (``x @ U`` then the layer with ``V``, as written by ``low-rank``): the best rank-r
-  factors under the layer's input metric, pulled toward the current factors by a ridge term whose
-  strength is chosen on calibration batches the fit did not see (unpulled least squares overfits:
-  on MiniLM it lowered every layer's calibration error and the WordSim score with it);
+  factors under the layer's input metric;
 * ``BinaryMatMul`` / ``XnorMatMul``: the per-column scale α and the bias, signs kept.
+
+Pruned and low-rank re-fits are pulled toward the current weights by a ridge term whose strength is
+chosen on calibration batches the fit did not see, and the current weights are kept when no strength
+beats them there (unpulled least squares overfits: on MiniLM it lowered every layer's calibration
+error and the WordSim score with it).
 
 The relative output error ``‖X_c W − X_o W_o‖² / ‖X_o W_o‖²`` of every layer is reported before and
 after; a re-fit that would not lower it is not applied. Layers are matched to the original by node
@@ -46,7 +49,8 @@ LOW_RANK_SUFFIX = ".lowrank_u"
 LAYER_OPS = ("MatMul", "Gemm", "Conv")
 
 RIDGE_STRENGTHS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
-"""Pulls toward the current low-rank factors tried by the held-out check (× mean diagonal of XᵀX/rows)."""
+"""Pulls toward the current weights tried by the held-out check besides ``damping`` (× mean diagonal
+of XᵀX/rows)."""
 
 
 @dataclasses.dataclass
@@ -79,8 +83,31 @@ class _GramLayer:
     def yty(self) -> float:
         return sum(self.yty_halves)
 
-    def error(self, w: np.ndarray) -> float:
-        return relative_error(self.gram.xtx, self.gram.xty, self.yty, w)
+    def matrix(self, w) -> np.ndarray:
+        """The (K, N) matrix of the layer's parameters ``w``."""
+        return w
+
+    def error(self, w) -> float:
+        return relative_error(self.gram.xtx, self.gram.xty, self.yty, self.matrix(w))
+
+    def ridge_refit(self, solve, prior: np.ndarray, damping: float):
+        """``solve(gram, strength)``, a least-squares fit pulled toward ``prior`` (the current weights), with
+        the strength whose fit on one half of the batches best predicts the other half, re-solved on all
+        batches; None when no strength beats ``prior`` on the held-out half. With one batch (nothing to
+        hold out): ``solve(gram, damping)``."""
+        fit, check = self.halves
+        if fit.rows == 0 or check.rows == 0:
+            return solve(self.gram, damping)
+
+        def held_out(w) -> float:
+            return relative_error(check.xtx, check.xty, self.yty_halves[1], self.matrix(w))
+
+        errors = {None: held_out(prior)}
+        for strength in sorted({damping, *RIDGE_STRENGTHS}):
+            errors[strength] = held_out(solve(fit, strength))
+        best = min(errors, key=errors.get)
+        self.report = {"ridge": best, "held_out_before": round(errors[None], 6), "held_out_after": round(errors[best], 6)}
+        return None if best is None else solve(self.gram, best)
 
 
 class _Masked(_GramLayer):
@@ -97,8 +124,11 @@ class _Masked(_GramLayer):
         return WeightUse(self.node, 1).matrix() * np.float32(gemm_alpha(self.node))
 
     def refit(self, damping: float) -> np.ndarray:
-        mask = self.current() != 0
-        return solve_masked(self.gram.xtx, self.gram.xty, self.gram.rows, mask, damping)
+        """Least squares on the stored pattern pulled toward the current weights (:meth:`ridge_refit`)."""
+        prior = self.current().astype(np.float64)
+        mask = prior != 0
+        fitted = self.ridge_refit(lambda gram, strength: solve_masked(gram.xtx, gram.xty, gram.rows, mask, strength, prior), prior, damping)
+        return prior if fitted is None else fitted
 
     def keep_pattern(self, w: np.ndarray) -> np.ndarray:
         """``w`` with the stored pattern kept even where the re-fit lands on exactly zero (dead inputs)."""
@@ -147,26 +177,16 @@ class _LowRank(_GramLayer):
         return u.astype(np.float64) @ v
 
     def refit(self, damping: float) -> tuple[np.ndarray, np.ndarray]:
-        """Least squares pulled toward the current factors (:func:`solve_low_rank_ridge`), the pull chosen
-        by the error on the half of the batches the fit did not see; the current factors when no pull
-        beats them there (plain least squares overfits the calibration rows)."""
+        """Best rank-r factors pulled toward the current ones (:func:`solve_low_rank_ridge`, :meth:`ridge_refit`)."""
         u, v = self.factors()
         prior, rank = u.astype(np.float64) @ v, u.shape[1]
-        fit, check = self.halves
-        if fit.rows == 0 or check.rows == 0:
-            return solve_low_rank_ridge(self.gram.xtx, self.gram.xty, self.gram.rows, rank, prior, damping)
-        held_out = {None: relative_error(check.xtx, check.xty, self.yty_halves[1], prior)}
-        for strength in RIDGE_STRENGTHS:
-            factors = solve_low_rank_ridge(fit.xtx, fit.xty, fit.rows, rank, prior, strength)
-            held_out[strength] = relative_error(check.xtx, check.xty, self.yty_halves[1], factors[0] @ factors[1])
-        best = min(held_out, key=held_out.get)
-        self.report = {"ridge": best, "held_out_before": round(held_out[None], 6), "held_out_after": round(held_out[best], 6)}
-        if best is None:
-            return u, v
-        return solve_low_rank_ridge(self.gram.xtx, self.gram.xty, self.gram.rows, rank, prior, best)
+        fitted = self.ridge_refit(
+            lambda gram, strength: solve_low_rank_ridge(gram.xtx, gram.xty, gram.rows, rank, prior, strength), prior, damping
+        )
+        return (u, v) if fitted is None else fitted
 
-    def error(self, w) -> float:
-        return super().error(w[0].astype(np.float64) @ w[1] if isinstance(w, tuple) else w)
+    def matrix(self, w) -> np.ndarray:
+        return w[0].astype(np.float64) @ w[1] if isinstance(w, tuple) else w
 
     def apply(self, factors: tuple[np.ndarray, np.ndarray]) -> None:
         u, v = factors
@@ -184,7 +204,9 @@ class _Binary:
         n = self.packed.N
         self.unit = dataclasses.replace(self.packed, inputs={**self.packed.inputs, "alpha": np.ones(n, np.float32)})
         self.original_bias = np.zeros(n) if original_bias is None else original_bias.astype(np.float64)
-        self.sums = np.zeros((6, n))  # zz, z, zt, t, tt, count
+        self.halves = np.zeros((2, 6, n))  # per alternating half of the batches: zz, z, zt, t, tt, count
+        self.batches = 0
+        self.report: dict = {}
 
     @property
     def activation(self) -> ir.Value:
@@ -196,7 +218,8 @@ class _Binary:
     def accumulate(self, rows: np.ndarray, target: np.ndarray) -> None:
         z = ops.reference(self.unit, rows).astype(np.float64)
         t = target.astype(np.float64) + self.original_bias
-        self.sums += [(z * z).sum(0), z.sum(0), (z * t).sum(0), t.sum(0), (t * t).sum(0), np.full(z.shape[1], len(z))]
+        self.halves[self.batches % 2] += [(z * z).sum(0), z.sum(0), (z * t).sum(0), t.sum(0), (t * t).sum(0), np.full(z.shape[1], len(z))]
+        self.batches += 1
 
     def current(self) -> tuple[np.ndarray, np.ndarray]:
         bias_index = bias_input_index(self.node)
@@ -205,7 +228,18 @@ class _Binary:
         return self.packed.inputs["alpha"].astype(np.float64), bias.astype(np.float64)
 
     def refit(self, damping: float) -> tuple[np.ndarray, np.ndarray]:
-        zz, z, zt, t, _, count = self.sums
+        """Least squares α, b; the current ones when the fit on one half of the batches does not predict
+        the other half better (nothing held out with one batch)."""
+        fit, check = self.halves
+        if fit[5].any() and check[5].any():
+            before, after = self.error(self.current(), check), self.error(self._solve(fit, damping), check)
+            self.report = {"held_out_before": round(before, 6), "held_out_after": round(min(before, after), 6)}
+            if after >= before:
+                return self.current()
+        return self._solve(self.halves.sum(0), damping)
+
+    def _solve(self, sums: np.ndarray, damping: float) -> tuple[np.ndarray, np.ndarray]:
+        zz, z, zt, t, _, count = sums
         det = zz * count - z * z
         ok = det > damping * np.maximum(zz * count, 1e-30)
         safe = np.where(ok, det, 1.0)
@@ -213,9 +247,10 @@ class _Binary:
         bias = np.where(ok, (zz * t - z * zt) / safe, self.current()[1])
         return alpha, bias
 
-    def error(self, params: tuple[np.ndarray, np.ndarray]) -> float:
+    def error(self, params: tuple[np.ndarray, np.ndarray], sums: np.ndarray | None = None) -> float:
+        """Relative output error of ``params`` on ``sums`` (all batches when None)."""
         alpha, bias = params
-        zz, z, zt, t, tt, count = self.sums
+        zz, z, zt, t, tt, count = self.halves.sum(0) if sums is None else sums
         residual = alpha**2 * zz + 2 * alpha * bias * z + count * bias**2 - 2 * alpha * zt - 2 * bias * t + tt
         target_energy = tt - 2 * self.original_bias * t + count * self.original_bias**2  # ‖X_o W_o‖²
         return float(max(residual.sum(), 0.0) / max(target_energy.sum(), 1e-30))

@@ -24,21 +24,27 @@ def weight(model, name):
 def test_single_layer_reaches_least_squares_optimum(tmp_path):
     path = chain_model(tmp_path, (24, 16), gemm_last=False, name="single")
     rng = np.random.default_rng(3)
-    x = (rng.standard_normal((200, 24)) * np.linspace(0.5, 2.0, 24)).astype(np.float32)
+    mixing = np.eye(24) + rng.standard_normal((24, 24)) / np.sqrt(24)  # correlated: the pruned weights are not optimal
+    x = (rng.standard_normal((2000, 24)) @ mixing * np.linspace(0.5, 2.0, 24)).astype(np.float32)
     data = Dataset.from_arrays({"x": x})
     original = load(path)
     w_orig = weight(original, "fc0").astype(np.float64)
     model = load(path)
-    pass_ = make("prune", data, sparsity=0.6, recover=True, sparse_op=False, min_elements=1, samples=200)
+    pass_ = make("prune", data, sparsity=0.6, recover=True, sparse_op=False, min_elements=1, samples=2000)
     pass_(model)
-    w = weight(model, "fc0")
-    target = x.astype(np.float64) @ w_orig
-    for col in range(w.shape[1]):
-        kept = np.flatnonzero(w[:, col])
-        expected, *_ = np.linalg.lstsq(x[:, kept].astype(np.float64), target[:, col], rcond=None)
-        np.testing.assert_allclose(w[kept, col], expected, rtol=2e-3, atol=2e-4)
     layer = pass_.details["recover"]["fc0"]
     assert layer["applied"] and layer["error_after"] < layer["error_before"]
+    assert layer["ridge"] is not None and layer["held_out_after"] < layer["held_out_before"]
+    # least squares on the kept inputs pulled toward the pruned (= original, kept) weights, at the chosen strength
+    x = x.astype(np.float64)
+    pull = np.sqrt(layer["ridge"] * np.mean(np.sum(x**2, axis=0)))
+    w = weight(model, "fc0")
+    target = x @ w_orig
+    for col in range(w.shape[1]):
+        kept = np.flatnonzero(w[:, col])
+        system = np.vstack([x[:, kept], pull * np.eye(kept.size)])
+        expected, *_ = np.linalg.lstsq(system, np.r_[target[:, col], pull * w_orig[kept, col]], rcond=None)
+        np.testing.assert_allclose(w[kept, col], expected, rtol=2e-3, atol=2e-4)
 
 
 def test_solve_masked_matches_lstsq():
@@ -55,16 +61,17 @@ def test_solve_masked_matches_lstsq():
 def test_standalone_recover_reduces_every_layer_error(tmp_path):
     path = chain_model(tmp_path, (24, 64, 64, 16))
     rng = np.random.default_rng(5)
-    data = Dataset.from_arrays({"x": rng.standard_normal((256, 24)).astype(np.float32)})
+    mixing = np.eye(24) + rng.standard_normal((24, 24)) / np.sqrt(24)  # correlated: fc0's pruned weights are not optimal
+    data = Dataset.from_arrays({"x": (rng.standard_normal((1024, 24)) @ mixing).astype(np.float32)})
     model = load(path)
     make("prune", sparsity=0.8, sparse_op=False, min_elements=1)(model)
     pruned = {name: weight(model, name) != 0 for name in ("fc0", "fc1", "fc2")}
     pruned_path = io.save(model, tmp_path / "pruned.onnx")
-    feeds = {"x": rng.standard_normal((64, 24)).astype(np.float32)}
+    feeds = {"x": (rng.standard_normal((64, 24)) @ mixing).astype(np.float32)}
     expected = run(load(path), feeds)[0]
     error_pruned = np.abs(run(model, feeds)[0] - expected).mean()
     recovered = load(pruned_path)
-    pass_ = make("recover", data, reference=str(path))
+    pass_ = make("recover", data, reference=str(path), samples=1024)
     pass_(recovered)
     layers = pass_.details["layers"]
     assert set(layers) == {"fc0", "fc1", "fc2"}
@@ -74,11 +81,38 @@ def test_standalone_recover_reduces_every_layer_error(tmp_path):
     assert np.abs(run(recovered, feeds)[0] - expected).mean() < 0.9 * error_pruned
 
 
+def test_few_rows_keep_the_pruned_weights(tmp_path):
+    """Fewer calibration rows than inputs: least squares fits the calibration rows, not the layer; the
+    held-out check keeps the pruned weights (or a pull toward them that does not generalize worse)."""
+    path = chain_model(tmp_path, (96, 16), gemm_last=False, name="few")
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((64, 96)).astype(np.float32)
+    model = load(path)
+    pass_ = make("prune", Dataset.from_arrays({"x": x}), sparsity=0.5, recover=True, sparse_op=False, min_elements=1, samples=64)
+    pass_(model)
+    layer = pass_.details["recover"]["fc0"]
+    assert layer["held_out_after"] <= layer["held_out_before"]
+    pruned = load(path)
+    make("prune", sparsity=0.5, sparse_op=False, min_elements=1)(pruned)
+    w_orig, w_pruned = weight(load(path), "fc0").astype(np.float64), weight(pruned, "fc0").astype(np.float64)
+    x = x.astype(np.float64)
+    unguarded = solve_masked(x.T @ x, x.T @ (x @ w_orig), len(x), w_pruned != 0)
+    fresh = rng.standard_normal((4000, 96))
+
+    def fresh_error(w):
+        return np.sum((fresh @ (w - w_orig)) ** 2)
+
+    assert fresh_error(unguarded) > fresh_error(w_pruned)  # what recovery without the check would do
+    assert fresh_error(weight(model, "fc0")) <= fresh_error(w_pruned) * (1 + 1e-6)
+
+
 def test_conv_layers_recover(tmp_path):
     path, feeds = conv_model(tmp_path)
-    data = Dataset.from_arrays({"x": np.random.default_rng(6).standard_normal((32, 3, 12, 12)).astype(np.float32)})
+    noise = np.random.default_rng(6).standard_normal((256, 3, 13, 13))
+    smooth = noise[:, :, 1:, 1:] + noise[:, :, :-1, 1:] + noise[:, :, 1:, :-1] + noise[:, :, :-1, :-1]  # correlated pixels
+    data = Dataset.from_arrays({"x": smooth.astype(np.float32)})
     model = load(path)
-    pass_ = make("prune", data, sparsity=0.7, recover=True, sparse_op=False, min_elements=1)
+    pass_ = make("prune", data, sparsity=0.7, recover=True, sparse_op=False, min_elements=1, samples=256)
     pass_(model)
     layers = pass_.details["recover"]
     assert {"conv1", "conv2", "fc"} <= set(layers)
