@@ -99,7 +99,7 @@ def group_by_weight(uses: Sequence[WeightUse]) -> list[list[WeightUse]]:
     """Uses grouped by the weight they read and its layout (a shared weight is compressed once)."""
     groups: dict[tuple, list[WeightUse]] = {}
     for use in uses:
-        layout = (use.node.op_type, _attr(use.node, "transB", 0))
+        layout = (use.node.op_type, use.node.attributes.get_int("transB", 0))
         groups.setdefault((id(use.value), layout), []).append(use)
     return list(groups.values())
 
@@ -201,13 +201,9 @@ def relative_error(xtx: np.ndarray, xty: np.ndarray, yty: float, w: np.ndarray) 
 # --------------------------------------------------------------------------- custom-op lowering
 
 
-def _attr(node: ir.Node, name: str, default):
-    attr = node.attributes.get(name)
-    return default if attr is None else attr.value
-
 
 def gemm_alpha(node: ir.Node) -> float:
-    return float(_attr(node, "alpha", 1.0)) if node.op_type == "Gemm" else 1.0
+    return float(node.attributes.get_float("alpha", 1.0)) if node.op_type == "Gemm" else 1.0
 
 
 def layer_bias(node: ir.Node, n: int) -> np.ndarray | None:
@@ -221,7 +217,7 @@ def layer_bias(node: ir.Node, n: int) -> np.ndarray | None:
     c = c.numpy().astype(np.float32)
     if c.size not in (1, n) or (c.ndim == 2 and c.shape[0] != 1):
         raise ValueError(f"Gemm bias of shape {c.shape} is not one value per output column")
-    return (np.broadcast_to(c.reshape(-1), (n,)) * float(_attr(node, "beta", 1.0))).astype(np.float32)
+    return (np.broadcast_to(c.reshape(-1), (n,)) * float(node.attributes.get_float("beta", 1.0))).astype(np.float32)
 
 
 def custom_op_blocker(use: WeightUse) -> str | None:
