@@ -201,7 +201,6 @@ def relative_error(xtx: np.ndarray, xty: np.ndarray, yty: float, w: np.ndarray) 
 # --------------------------------------------------------------------------- custom-op lowering
 
 
-
 def gemm_alpha(node: ir.Node) -> float:
     return float(node.attributes.get_float("alpha", 1.0)) if node.op_type == "Gemm" else 1.0
 
