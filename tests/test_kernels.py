@@ -120,6 +120,23 @@ def test_op_matches_numpy(isa, threads, name, pack):
                 _check(y, ops.reference(packed, x, bias), f"{name} isa={isa} t={threads} M={M} K={K} N={N}")
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("value_dtype", ["float32", "float16", "int8"])
+def test_sparse_row_walk_on_zero_rich_inputs(isa, threads, value_dtype):
+    """Small-M inputs with many exact zeros (post-ReLU) take the row walk over a CSR copy of the
+    weight; inputs with few zeros, and then the same session again, keep the column path."""
+    rng = np.random.default_rng(abs(hash((value_dtype, threads, isa))) % 2**32)
+    for K, N in ((1, 7), (65, 16), (1000, 7), (40, 70000)):  # N > 65536: uint32 columns in the copy
+        w = _weight("sparse", rng, K, N)
+        packed = ops.pack_sparse_matmul(w, value_dtype)
+        bias = rng.standard_normal(N).astype(np.float32)
+        sess = _session(_model(packed, bias), threads=threads)
+        for M, zeros in ((1, 0.6), (3, 0.3), (3, 0.0), (15, 1.0), (1, 0.6)):
+            x = rng.standard_normal((M, K)).astype(np.float32) * (rng.random((M, K)) >= zeros)
+            y = sess.run(None, {"X": x})[0]
+            _check(y, ops.reference(packed, x, bias), f"{value_dtype} isa={isa} t={threads} M={M} K={K} N={N} zeros={zeros}")
+
+
 @pytest.mark.parametrize("name,pack", PACKERS[:5] + PACKERS[5::7], ids=[p[0] for p in PACKERS[:5] + PACKERS[5::7]])
 def test_leading_dims_and_empty_batch(name, pack):
     rng = np.random.default_rng(1)

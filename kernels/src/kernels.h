@@ -49,6 +49,16 @@ struct SparseParams {
   float* y;                   // [M][N]
 };
 
+// SparseMatMul, row walk for activations with many exact zeros (post-ReLU): a compressed-sparse-
+// rows copy of W with the column scales folded into the values; rows k with x[k] == 0 are skipped.
+struct SparseCsr {
+  int64_t K, N;
+  bool idx32;                 // cols are uint32 (else uint16)
+  const int32_t* row_ptr;     // [K+1]
+  const void* cols;           // [nnz] output column of each entry
+  const float* values;        // [nnz] value * scale of its column
+};
+
 // ---------------------------------------------------------------- QuantMatMul
 struct QuantParams {
   int64_t M, K, N, bits, bs, nb, NB;   // NB = ceil(N/16)
@@ -77,6 +87,8 @@ struct KernelTable {
   void (*sparse_rows)(const SparseParams& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
   // Sparse, transposed path (M >= 16): row groups of 32 [t0,t1), columns [n0,n1)
   void (*sparse_xt)(const SparseParams& p, int64_t t0, int64_t t1, int64_t n0, int64_t n1);
+  // Sparse, row walk: acc[N] += x[k0:k1] . W[k0:k1, :], skipping zero x
+  void (*sparse_csr_acc)(const SparseCsr& w, const float* x, int64_t k0, int64_t k1, float* acc);
   // Quant: quantize one row of x into xq (nb*bs), sx (nb), sumx (nb)
   void (*quant_x)(const float* x, int64_t K, int64_t bs, int64_t nb, int8_t* xq, float* sx, int32_t* sumx);
   // rows [m0,m1), column blocks of 16 [c0,c1)
