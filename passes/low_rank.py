@@ -5,7 +5,14 @@ original node multiplying by V (Gemm keeps its bias, alpha and beta). The rank c
 ``ratio`` (fraction of the layer's parameters kept) or ``energy`` (fraction of the squared singular
 values kept). ``activation_aware`` whitens W with the Cholesky factor L of the calibration inputs'
 covariance before the SVD (minimizing ``‖X(W − UV)‖`` instead of ``‖W − UV‖``). Layers where
-``r(K+N) >= KN`` are left alone. Conv layers are not factorized.
+``r(K+N) >= KN`` are left alone.
+
+With ``conv_split=spatial``, a 2-D Conv W (C_out, C_in, kh, kw) is split as in Jaderberg et al. 2014
+(scheme 2): the truncated SVD of its (C_in·kh, C_out·kw) view gives a vertical kh×1 Conv C_in → r
+(``<layer>.lowrank_u``: the H stride, pads and dilation) followed by the layer itself as a horizontal
+1×kw Conv r → C_out (the W stride, pads and dilation, and the bias); the same rank rules apply with
+K = C_in·kh and N = C_out·kw. Activation-aware Conv splits whiten with the covariance of the vertical
+kh×1 patches (the diagonal blocks of the full patches' covariance, averaged over the kw columns).
 """
 
 from __future__ import annotations
@@ -38,6 +45,8 @@ class LowRankPass(ir.passes.InPlacePass):
         energy: Keep the smallest rank whose singular values hold this fraction of the squared sum.
         activation_aware: Whiten by the Cholesky factor of the calibration inputs' covariance.
         min_elements: Layers with fewer weights are left alone.
+        conv_split: ``spatial`` also splits 2-D Convs (group 1, auto_pad NOTSET) into a vertical kh×1
+            and a horizontal 1×kw Conv; ``none`` leaves Convs alone.
         recover: Re-fit U and V layer by layer to the original model's layer outputs.
         samples: Calibration samples for ``activation_aware`` and ``recover``.
         damping: Ridge added to the covariance, as a fraction of its mean diagonal.
@@ -51,6 +60,7 @@ class LowRankPass(ir.passes.InPlacePass):
         allocation: Literal["uniform", "global"] = "uniform",
         activation_aware: bool = False,
         min_elements: int = 4096,
+        conv_split: Literal["none", "spatial"] = "none",
         recover: bool = False,
         samples: int = 128,
         damping: float = 1e-2,
@@ -72,6 +82,7 @@ class LowRankPass(ir.passes.InPlacePass):
         self.allocation = allocation
         self.activation_aware = activation_aware
         self.min_elements = min_elements
+        self.op_types = ("MatMul", "Gemm", "Conv") if conv_split == "spatial" else ("MatMul", "Gemm")
         self.recover = recover
         self.samples = samples
         self.damping = damping
@@ -88,32 +99,48 @@ class LowRankPass(ir.passes.InPlacePass):
         return max(1, int(self.ratio * k * n / (k + n)))
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        scan = scan_weights(model, ("MatMul", "Gemm"), self.node_filter, self.min_elements)
+        scan = scan_weights(model, self.op_types, self.node_filter, self.min_elements)
         if self.activation_aware or self.recover:
             require_data(self.data, "low-rank with activation_aware or recover")
-        name_layers(scan.uses)
-        original = model.clone() if self.recover else None
-        grams = input_grams(model, scan.uses, self.data, self.samples) if self.activation_aware else {}
-        factors = []
+        layers = dict(scan.skipped)
+        uses = []
         for use in scan.uses:
-            w = use.matrix().astype(np.float64)
+            blocker = spatial_split_blocker(use) if use.node.op_type == "Conv" else None
+            if blocker:
+                layers[use.label] = f"kept dense ({blocker})"
+            else:
+                uses.append(use)
+        name_layers(uses)
+        original = model.clone() if self.recover else None
+        grams = input_grams(model, uses, self.data, self.samples) if self.activation_aware else {}
+        factors = []
+        for use in uses:
+            w = split_matrix(use).astype(np.float64)
             gram = grams.get(use.activation.name)
-            chol = whitening(gram.xtx, gram.rows, self.damping) if gram is not None else None
-            factors.append((use, *factorize(w, min(w.shape), chol), chol is not None))
+            chol = None
+            if gram is not None:
+                xtx = vertical_patch_gram(gram.xtx, use.array().shape) if use.node.op_type == "Conv" else gram.xtx
+                chol = whitening(xtx, gram.rows, self.damping)
+            factors.append((use, w.shape, *factorize(w, min(w.shape), chol), chol is not None))
         if self.allocation == "global":
-            ranks = allocate_ranks([(u.matrix().shape, sigma) for u, _, _, sigma, _ in factors], self.ratio)
+            ranks = allocate_ranks([(shape, sigma) for _, shape, _, _, sigma, _ in factors], self.ratio)
         else:
-            ranks = [self._choose_rank(*u.matrix().shape, sigma) for u, _, _, sigma, _ in factors]
-        layers, factored = dict(scan.skipped), set()
-        for (use, u, v, _, aware), r in zip(factors, ranks):
-            k, n = use.matrix().shape
+            ranks = [self._choose_rank(*shape, sigma) for _, shape, _, _, sigma, _ in factors]
+        factored = set()
+        for (use, (k, n), u, v, _, aware), r in zip(factors, ranks):
             if r * (k + n) >= k * n:
                 layers[use.label] = f"kept dense (rank {r}: {r * (k + n)} >= {k * n} parameters)"
                 continue
-            self._split(use, u[:, :r], v[:r])
-            factored.add(use.node.name)
             how = "activation-aware" if aware else "plain SVD"
-            layers[use.label] = f"rank {r} of {min(k, n)} ({how}), parameters {r * (k + n) / (k * n):.3f}"
+            summary = f"rank {r} of {min(k, n)} ({how}), parameters {r * (k + n) / (k * n):.3f}"
+            if use.node.op_type == "Conv":
+                kh, kw = use.array().shape[2:]
+                summary += f", {kh}x1 then 1x{kw} Conv"
+                self._split_conv(use, u[:, :r], v[:r])
+            else:
+                self._split(use, u[:, :r], v[:r])
+            factored.add(use.node.name)
+            layers[use.label] = summary
         if self.recover and factored:
             self.details["recover"] = recover_layers(original, model, self.data, factored, self.samples, self.damping)
         self.details["layers"] = layers
@@ -121,18 +148,71 @@ class LowRankPass(ir.passes.InPlacePass):
 
     def _split(self, use: WeightUse, u: np.ndarray, v: np.ndarray) -> None:
         """``x @ W`` → ``(x @ U) @ V``: a new MatMul for U, the layer's node keeps V in its own layout."""
-        node, graph, old = use.node, use.graph, use.value
-        dtype = use.array().dtype
-        u_value = new_initializer(graph, f"{old.name}_lowrank_u", u.astype(dtype))
-        u_node = ir.node("MatMul", [use.activation, u_value], name=node.name + LOW_RANK_SUFFIX)
-        u_node.outputs[0].name = node.name + LOW_RANK_SUFFIX
-        u_node.outputs[0].type = ir.TensorType(u_value.dtype)
-        graph.insert_before(node, u_node)
-        transposed = node.op_type == "Gemm" and node.attributes.get("transB") is not None and node.attributes["transB"].value
-        v_value = new_initializer(graph, f"{old.name}_lowrank_v", (v.T if transposed else v).astype(dtype))
-        node.replace_input_with(0, u_node.outputs[0])
-        node.replace_input_with(use.index, v_value)
-        drop_if_unused(old)
+        transposed = use.node.op_type == "Gemm" and use.node.attributes.get_int("transB", 0)
+        _insert_u_node(use, "MatMul", u, v.T if transposed else v, {})
+
+    def _split_conv(self, use: WeightUse, u: np.ndarray, v: np.ndarray) -> None:
+        """Conv kh×kw → vertical kh×1 Conv (U, new node) then horizontal 1×kw Conv (V, the layer's node)."""
+        node = use.node
+        c_out, c_in, kh, kw = use.array().shape
+        rank = u.shape[1]
+        (sh, sw), (top, left, bottom, right), (dh, dw) = conv_geometry(node)
+        vertical = u.T.reshape(rank, c_in, kh, 1)
+        horizontal = v.reshape(rank, c_out, 1, kw).transpose(1, 0, 2, 3)
+        vertical_attrs = {"kernel_shape": [kh, 1], "strides": [sh, 1], "pads": [top, 0, bottom, 0], "dilations": [dh, 1]}
+        _insert_u_node(use, "Conv", vertical, horizontal, vertical_attrs)
+        horizontal_attrs = {"kernel_shape": [1, kw], "strides": [1, sw], "pads": [0, left, 0, right], "dilations": [1, dw]}
+        for name, value in horizontal_attrs.items():
+            node.attributes[name] = ir.AttrInt64s(name, value)
+        node.attributes.pop("auto_pad", None)
+
+
+def _insert_u_node(use: WeightUse, op_type: str, u: np.ndarray, v: np.ndarray, attributes: dict) -> None:
+    """Insert ``op_type(x, U)`` as ``<layer>.lowrank_u`` before the layer, which then reads its output with
+    weight V (both given in their op's layout, cast to the weight's dtype)."""
+    node, graph, old = use.node, use.graph, use.value
+    dtype = use.array().dtype
+    u_value = new_initializer(graph, f"{old.name}_lowrank_u", u.astype(dtype))
+    u_node = ir.node(op_type, [use.activation, u_value], attributes, name=node.name + LOW_RANK_SUFFIX)
+    u_node.outputs[0].name = node.name + LOW_RANK_SUFFIX
+    u_node.outputs[0].type = ir.TensorType(u_value.dtype)
+    graph.insert_before(node, u_node)
+    v_value = new_initializer(graph, f"{old.name}_lowrank_v", v.astype(dtype))
+    node.replace_input_with(0, u_node.outputs[0])
+    node.replace_input_with(use.index, v_value)
+    drop_if_unused(old)
+
+
+def conv_geometry(node: ir.Node) -> tuple[list[int], list[int], list[int]]:
+    """Strides (h, w), pads (top, left, bottom, right) and dilations (h, w) of a 2-D Conv, defaults filled."""
+    attrs = node.attributes
+    return list(attrs.get_ints("strides", [1, 1])), list(attrs.get_ints("pads", [0, 0, 0, 0])), list(attrs.get_ints("dilations", [1, 1]))
+
+
+def spatial_split_blocker(use: WeightUse) -> str | None:
+    """Why a Conv (2-D, group 1, per :func:`scan_weights`) cannot be split spatially (None when it can)."""
+    auto_pad = use.node.attributes.get_string("auto_pad", "NOTSET")
+    if auto_pad != "NOTSET":
+        return f"auto_pad {auto_pad}: pads not explicit"
+    if use.array().shape[2:] == (1, 1):
+        return "1x1 kernel: nothing to split"
+    return None
+
+
+def split_matrix(use: WeightUse) -> np.ndarray:
+    """The matrix factorized: the (K, N) GEMM view of MatMul/Gemm, W[co, ci, i, j] as M[(ci, i), (co, j)] for Conv."""
+    if use.node.op_type != "Conv":
+        return use.matrix()
+    c_out, c_in, kh, kw = use.array().shape
+    return use.array().astype(np.float32).transpose(1, 2, 0, 3).reshape(c_in * kh, c_out * kw)
+
+
+def vertical_patch_gram(xtx: np.ndarray, weight_shape: tuple[int, ...]) -> np.ndarray:
+    """XᵀX of a Conv's vertical kh×1 patches from that of its full (C_in, kh, kw) im2col patches: the
+    diagonal blocks of the kw patch columns, averaged."""
+    _, c_in, kh, kw = weight_shape
+    blocks = xtx.reshape(c_in, kh, kw, c_in, kh, kw)
+    return np.einsum("aibcjb->aicj", blocks).reshape(c_in * kh, c_in * kh) / kw
 
 
 def allocate_ranks(layers: list[tuple[tuple[int, int], np.ndarray]], ratio: float) -> list[int]:

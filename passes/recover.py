@@ -7,6 +7,9 @@ to that layer, it reproduces the *original* model's layer output on calibration 
   surviving weights, the mask kept;
 * low-rank pairs (``x @ U`` then the layer with ``V``, as written by ``low-rank``): the best rank-r
   factors under the layer's input metric;
+* spatially split Convs (vertical ``<layer>.lowrank_u`` then the horizontal layer, ``low-rank
+  conv_split=spatial``): dense least squares of the horizontal filters on the vertical Conv's output,
+  the vertical filters kept;
 * ``BinaryMatMul`` / ``XnorMatMul``: the per-column scale α and the bias, signs kept.
 
 Pruned and low-rank re-fits are pulled toward the current weights by a ridge term whose strength is
@@ -123,10 +126,14 @@ class _Masked(_GramLayer):
     def current(self) -> np.ndarray:
         return WeightUse(self.node, 1).matrix() * np.float32(gemm_alpha(self.node))
 
+    def mask(self, prior: np.ndarray) -> np.ndarray:
+        """The weights the re-fit may change: the stored nonzeros."""
+        return prior != 0
+
     def refit(self, damping: float) -> np.ndarray:
-        """Least squares on the stored pattern pulled toward the current weights (:meth:`ridge_refit`)."""
+        """Least squares on :meth:`mask` pulled toward the current weights (:meth:`ridge_refit`)."""
         prior = self.current().astype(np.float64)
-        mask = prior != 0
+        mask = self.mask(prior)
         fitted = self.ridge_refit(lambda gram, strength: solve_masked(gram.xtx, gram.xty, gram.rows, mask, strength, prior), prior, damping)
         return prior if fitted is None else fitted
 
@@ -138,6 +145,13 @@ class _Masked(_GramLayer):
         use = WeightUse(self.node, 1)
         w = self.keep_pattern(w.astype(np.float32))
         mark_sparse_storage(set_weight(use, use.from_matrix(w / gemm_alpha(self.node)), "recovered"))
+
+
+class _SpatialSplit(_Masked):
+    """The horizontal 1×kw Conv of a spatial split, re-fitted densely on the vertical Conv's output."""
+
+    def mask(self, prior: np.ndarray) -> np.ndarray:
+        return np.ones(prior.shape, dtype=bool)
 
 
 class _Sparse(_Masked):
@@ -298,7 +312,7 @@ def _identify(node: ir.Node, original: dict[str, WeightUse]):
         return None
     producer = node.inputs[0].producer()
     if producer is not None and producer.name == node.name + LOW_RANK_SUFFIX:
-        return _LowRank(node, producer)
+        return _SpatialSplit(node) if node.op_type == "Conv" else _LowRank(node, producer)
     current = WeightUse(node, 1).array()
     if current.shape == orig.array().shape and not np.array_equal(current, orig.array()) and np.any(current == 0):
         return _Masked(node)

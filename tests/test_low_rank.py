@@ -1,11 +1,13 @@
-"""``low-rank``: full rank reproduces, rank selection, activation-aware SVD, recovery."""
+"""``low-rank``: full rank reproduces, rank selection, activation-aware SVD, recovery, Conv spatial split."""
 
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import pytest
-from compression_graphs import chain_model, load, mixed_model, run
+from compression_graphs import chain_model, conv_model, load, mixed_model, run
+from onnx import TensorProto, helper, numpy_helper
 
 from onnxopt import registry
 from onnxopt.calibration import Dataset
@@ -100,7 +102,7 @@ def test_recover_reduces_layer_error(tmp_path):
 
 
 def test_bad_options():
-    for options in ({"ratio": "0"}, {"rank": "0"}, {"energy": "2"}):
+    for options in ({"ratio": "0"}, {"rank": "0"}, {"energy": "2"}, {"conv_split": "channel"}):
         with pytest.raises(PassOptionError):
             registry.get("low-rank").create(options)
 
@@ -152,3 +154,142 @@ def test_ridge_recovery_limits_and_optimality():
     assert np.linalg.matrix_rank(u @ v) == 4
     for other in (prior, _rank_r_least_squares(x, y, 4), (u + 0.01 * rng.standard_normal(u.shape)) @ v):
         assert best < objective(other)
+
+
+def conv_graph(tmp_path, convs, x_shape=(4, 6, 15, 14), name="convs"):
+    """Convs ``(name, weight, bias or None, attributes)`` in parallel on ``x`` (NCHW), each a graph output.
+
+    A weight given as a string is a graph input of that name and shape ``attributes.pop("shape")``.
+    """
+    nodes, inits, inputs, outputs = [], [], [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)], []
+    for layer, weight, bias, attrs in convs:
+        attrs = dict(attrs)
+        x = attrs.pop("input", "x")
+        if isinstance(weight, str):
+            inputs.append(helper.make_tensor_value_info(weight, TensorProto.FLOAT, attrs.pop("shape")))
+        else:
+            inits.append(numpy_helper.from_array(weight.astype(np.float32), f"{layer}_w"))
+            weight = f"{layer}_w"
+        names = [x, weight]
+        if bias is not None:
+            inits.append(numpy_helper.from_array(bias.astype(np.float32), f"{layer}_b"))
+            names.append(f"{layer}_b")
+        nodes.append(helper.make_node("Conv", names, [f"{layer}_out"], name=layer, **attrs))
+        outputs.append(helper.make_tensor_value_info(f"{layer}_out", TensorProto.FLOAT, None))
+    if any(n.input[0] == "x1d" for n in nodes):
+        inputs.append(helper.make_tensor_value_info("x1d", TensorProto.FLOAT, x_shape[:3]))
+    graph = helper.make_graph(nodes, name, inputs, outputs, inits)
+    path = tmp_path / f"{name}.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), path)
+    return path
+
+
+def spatial_rank_weight(c_out, c_in, kh, kw, rank, rng):
+    """A Conv weight whose (C_in·kh, C_out·kw) view has exactly ``rank``."""
+    m = rng.standard_normal((c_in * kh, rank)) @ rng.standard_normal((rank, c_out * kw)) / np.sqrt(rank * c_in * kh)
+    return m.reshape(c_in, kh, c_out, kw).transpose(2, 0, 1, 3)
+
+
+GEOMETRIES = {
+    "plain": {},
+    "stride2_pad1": {"strides": [2, 2], "pads": [1, 1, 1, 1]},
+    "asymmetric_pads": {"pads": [0, 2, 1, 0], "strides": [1, 2]},
+    "dilation": {"dilations": [2, 3], "pads": [2, 1, 1, 2]},
+    "stride_h": {"strides": [2, 1], "pads": [1, 0, 0, 0]},
+}
+
+
+def test_conv_split_at_full_rank_reproduces(tmp_path):
+    """A weight of spatial rank 3 split at rank 3 (its full rank; a random weight at min(K, N) would not
+    pay and stay dense): every geometry, kernels 3x3, 5x3 and 1x3, with and without bias."""
+    rng = np.random.default_rng(20)
+    convs = []
+    for i, (geometry, attrs) in enumerate(GEOMETRIES.items()):
+        kh, kw = [(3, 3), (5, 3), (1, 3)][i % 3]
+        bias = None if i % 2 else rng.standard_normal(16)
+        convs.append((geometry, spatial_rank_weight(16, 6, kh, kw, 3, rng), bias, attrs))
+    path = conv_graph(tmp_path, convs)
+    feeds = {"x": rng.standard_normal((4, 6, 15, 14)).astype(np.float32)}
+    expected = run(load(path), feeds)
+    model = load(path)
+    details = low_rank(model, rank=3, conv_split="spatial", min_elements=1).details
+    for geometry in GEOMETRIES:
+        assert details["layers"][geometry].startswith("rank 3 of"), details["layers"][geometry]
+    nodes = {n.name: n for n in model.graph}
+    vertical, horizontal = nodes["dilation.lowrank_u"], nodes["dilation"]
+    assert vertical.op_type == "Conv" and horizontal.inputs[0] is vertical.outputs[0]
+    assert list(vertical.attributes.get_ints("pads")) == [2, 0, 1, 0] and list(horizontal.attributes.get_ints("pads")) == [0, 1, 0, 2]
+    assert vertical.inputs[1].const_value.shape == (3, 6, 3, 1) and horizontal.inputs[1].const_value.shape == (16, 3, 1, 3)
+    for got, want in zip(run(model, feeds), expected):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_conv_split_skips_with_reasons(tmp_path):
+    rng = np.random.default_rng(21)
+    convs = [
+        ("grouped", rng.standard_normal((8, 3, 3, 3)), None, {"group": 2}),
+        ("same", rng.standard_normal((8, 6, 3, 3)), None, {"auto_pad": "SAME_UPPER"}),
+        ("valid", rng.standard_normal((8, 6, 3, 3)), None, {"auto_pad": "VALID"}),
+        ("pointwise", rng.standard_normal((8, 6, 1, 1)), None, {}),
+        ("conv1d", rng.standard_normal((8, 6, 3)), None, {"input": "x1d"}),
+        ("dynamic", "w_in", None, {"shape": [8, 6, 3, 3]}),
+        ("tiny_rank", rng.standard_normal((2, 6, 3, 3)), None, {}),  # K=18, N=6: rank 5 costs 120 >= 108
+        ("split", rng.standard_normal((32, 6, 3, 3)), None, {}),
+    ]
+    path = conv_graph(tmp_path, convs)
+    model = load(path)
+    layers = low_rank(model, rank=5, conv_split="spatial", min_elements=1).details["layers"]
+    assert layers["grouped"] == "grouped convolution"
+    assert "auto_pad SAME_UPPER" in layers["same"] and "auto_pad VALID" in layers["valid"]
+    assert "1x1 kernel" in layers["pointwise"]
+    assert layers["conv1d"] == "weight of rank 3"
+    assert layers["dynamic"] == "weight is not a constant"
+    assert layers["tiny_rank"].startswith("kept dense (rank 5")
+    assert layers["split"].startswith("rank 5 of 18")
+    assert [n.name for n in model.graph if n.name.endswith(".lowrank_u")] == ["split.lowrank_u"]
+    untouched = load(path)
+    low_rank(untouched, rank=5, min_elements=1)  # conv_split=none: Convs are not the pass's layers
+    assert not any(n.name.endswith(".lowrank_u") for n in untouched.graph)
+
+
+def test_conv_split_error_decreases_with_rank(tmp_path):
+    rng = np.random.default_rng(22)
+    path = conv_graph(tmp_path, [("conv", rng.standard_normal((24, 6, 3, 3)), rng.standard_normal(24), {"pads": [1, 1, 1, 1]})])
+    feeds = {"x": rng.standard_normal((4, 6, 15, 14)).astype(np.float32)}
+    expected = run(load(path), feeds)[0]
+    errors = []
+    for rank in (1, 2, 4, 8, 14):  # K = 18, N = 72: rank 14 is the last that pays
+        model = load(path)
+        low_rank(model, rank=rank, conv_split="spatial", min_elements=1)
+        errors.append(np.linalg.norm(run(model, feeds)[0] - expected) / np.linalg.norm(expected))
+    assert all(a > b for a, b in zip(errors, errors[1:])), errors
+
+
+def smooth_images(count, rng, channels=3, size=12):
+    noise = rng.standard_normal((count, channels, size + 1, size + 1))
+    return (noise[:, :, 1:, 1:] + noise[:, :, :-1, 1:] + noise[:, :, 1:, :-1] + noise[:, :, :-1, :-1]).astype(np.float32)
+
+
+def test_conv_split_activation_aware_and_recover(tmp_path):
+    path, _ = conv_model(tmp_path)  # conv1 3->16 pad 1, conv2 16->8 unpadded, fc
+    rng = np.random.default_rng(23)
+    data = Dataset.from_arrays({"x": smooth_images(512, rng)})
+    feeds = {"x": smooth_images(64, rng)}
+    expected = run(load(path), feeds)[0]
+
+    def output_error(model):
+        return np.linalg.norm(run(model, feeds)[0] - expected) / np.linalg.norm(expected)
+
+    errors, details = {}, {}
+    for how, options in (("plain", {}), ("aware", {"activation_aware": True}), ("recovered", {"recover": True})):
+        model = load(path)
+        details[how] = low_rank(model, data, rank=2, conv_split="spatial", min_elements=1, samples=512, **options).details
+        errors[how] = output_error(model)
+    assert details["aware"]["layers"]["conv2"].startswith("rank 2 of 24 (activation-aware)")
+    assert errors["aware"] < errors["plain"]
+    recovered = details["recovered"]["recover"]
+    assert recovered["conv2"]["kind"] == "spatialsplit"
+    for name in ("conv1", "conv2"):
+        assert recovered[name]["error_after"] < recovered[name]["error_before"], recovered[name]
+    assert errors["recovered"] < errors["plain"]

@@ -120,6 +120,24 @@ def test_conv_layers_recover(tmp_path):
     assert run(model, feeds)[0].shape == (16, 10)
 
 
+def test_spatially_split_conv_recovers(tmp_path):
+    """``low-rank conv_split=spatial`` then the standalone pass: the horizontal Convs are re-fitted."""
+    path, feeds = conv_model(tmp_path)
+    noise = np.random.default_rng(8).standard_normal((256, 3, 13, 13))
+    data = Dataset.from_arrays({"x": (noise[:, :, 1:, 1:] + noise[:, :, :-1, :-1]).astype(np.float32)})
+    model = load(path)
+    make("low-rank", rank=3, conv_split="spatial", min_elements=1)(model)
+    split_path = io.save(model, tmp_path / "split.onnx")
+    recovered = load(split_path)
+    pass_ = make("recover", data, reference=str(path), samples=256)
+    pass_(recovered)
+    layers = pass_.details["layers"]
+    assert layers["conv1"]["kind"] == layers["conv2"]["kind"] == "spatialsplit"
+    for name in ("conv1", "conv2"):
+        assert layers[name]["applied"] and layers[name]["error_after"] < layers[name]["error_before"]
+    assert run(recovered, feeds)[0].shape == (16, 10)
+
+
 def test_recover_needs_data_and_reference(tmp_path):
     path = chain_model(tmp_path, (8, 8))
     with pytest.raises(DataError):
