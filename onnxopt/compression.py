@@ -206,10 +206,15 @@ def gemm_alpha(node: ir.Node) -> float:
 
 
 def layer_bias(node: ir.Node, n: int) -> np.ndarray | None:
-    """The (N,) bias a Gemm adds (``beta × C``), None when it has none; ValueError if C is not a
-    constant broadcastable to one value per output column."""
-    if node.op_type != "Gemm" or len(node.inputs) < 3 or node.inputs[2] is None:
+    """The (N,) bias a Gemm adds (``beta × C``) or a Conv's B, None when it has none; ValueError if it
+    is not a constant broadcastable to one value per output column."""
+    if node.op_type not in ("Gemm", "Conv") or len(node.inputs) < 3 or node.inputs[2] is None:
         return None
+    if node.op_type == "Conv":
+        b = constant_tensor(node.inputs[2])
+        if b is None or b.numpy().size != n:
+            raise ValueError("Conv bias is not a constant of one value per output channel")
+        return b.numpy().astype(np.float32).reshape(n)
     c = constant_tensor(node.inputs[2])
     if c is None:
         raise ValueError("Gemm bias C is not a constant")
@@ -219,11 +224,33 @@ def layer_bias(node: ir.Node, n: int) -> np.ndarray | None:
     return (np.broadcast_to(c.reshape(-1), (n,)) * float(node.attributes.get_float("beta", 1.0))).astype(np.float32)
 
 
+def conv_geometry(node: ir.Node) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """``(strides, pads, dilations)`` of a 2-D Conv as SparseConv takes them; ValueError if SparseConv
+    can't run it (auto_pad SAME_*, not 2-D)."""
+    attrs = node.attributes
+    auto_pad = attrs.get_string("auto_pad", "NOTSET")
+    if auto_pad not in ("NOTSET", "VALID"):
+        raise ValueError(f"Conv auto_pad={auto_pad}")
+    strides = tuple(attrs.get_ints("strides", [1, 1]))
+    dilations = tuple(attrs.get_ints("dilations", [1, 1]))
+    pads = tuple(attrs.get_ints("pads", [0, 0, 0, 0])) if auto_pad == "NOTSET" else (0, 0, 0, 0)
+    if len(strides) != 2 or len(dilations) != 2 or len(pads) != 4:
+        raise ValueError("Conv is not 2-D")
+    return strides, pads, dilations
+
+
 def custom_op_blocker(use: WeightUse) -> str | None:
-    """Why ``use`` cannot become an ``ai.onnxopt`` node (None when it can)."""
+    """Why ``use`` cannot become an ``ai.onnxopt`` node (None when it can; Conv: SparseConv only)."""
     node = use.node
-    if node.op_type not in ("MatMul", "Gemm"):
+    if node.op_type not in ("MatMul", "Gemm", "Conv"):
         return f"{node.op_type} has no onnxopt kernel"
+    if node.op_type == "Conv":
+        if use.array().ndim != 4:
+            return "Conv is not 2-D"
+        try:
+            conv_geometry(node)
+        except ValueError as exc:
+            return str(exc)
     if constant_tensor(use.value).dtype != ir.DataType.FLOAT or use.activation.dtype not in (None, ir.DataType.FLOAT):
         return "not float32"
     if use.shared:
@@ -241,7 +268,7 @@ def lower_to_custom_op(
     model: ir.Model, use: WeightUse, pack: Callable[[np.ndarray], ops.PackedWeight],
     bias: np.ndarray | None = None,
 ) -> ir.Node:
-    """Replace the MatMul/Gemm of ``use`` by the ``ai.onnxopt`` node of ``pack(W)``; same name and output.
+    """Replace the MatMul/Gemm/Conv of ``use`` by the ``ai.onnxopt`` node of ``pack(W)``; same name and output.
 
     ``W`` is the layer's (K, N) matrix with Gemm's ``alpha`` folded in; the bias input is ``bias`` if
     given, else Gemm's ``beta × C``. Check :func:`custom_op_blocker` first.

@@ -1,8 +1,8 @@
 """Custom operators of the ``ai.onnxopt`` domain: schemas, weight packing, numpy references.
 
-Four ops, all ``Y = X @ W (+ bias)`` with ``X`` float32 ``(..., K)`` (leading dims flattened
-to M rows) and ``Y`` float32 ``(..., N)``; every op takes an optional float32 ``bias`` of shape
-``(N,)`` as its last input. The C++ kernels live in ``kernels/`` (see ``kernels/README.md``),
+Four MatMul ops, all ``Y = X @ W (+ bias)`` with ``X`` float32 ``(..., K)`` (leading dims flattened
+to M rows) and ``Y`` float32 ``(..., N)``, and ``SparseConv``; every op takes an optional float32
+``bias`` of shape ``(N,)`` as its last input. The C++ kernels live in ``kernels/`` (see ``kernels/README.md``),
 the library is located by :func:`onnxopt.kernels.library_path`.
 
 Weight layouts (all arrays are C-contiguous, little-endian; padding bits/bytes are zero):
@@ -23,6 +23,11 @@ Weight layouts (all arrays are C-contiguous, little-endian; padding bits/bytes a
     (absolute row indices, ascending within a column). ``col_ptr`` int32 ``(N + 1,)``,
     ``indices`` uint16 ``(nnz,)`` when ``K <= 65536`` else uint32, ``values`` float32 / float16 /
     int8 ``(nnz,)``, ``scales`` float32 ``(N,)`` (ones unless int8).
+
+``SparseConv``  inputs ``X, values, indices, col_ptr, scales[, bias]``; attributes ``K, N,
+    kernel_shape, strides, pads, dilations`` (as Conv's, 2-D, group 1). ``X`` float32
+    ``(B, C, H, W)``, ``Y`` ``(B, N, OH, OW)``. The weight ``(N, C, kh, kw)`` is stored as
+    SparseMatMul's CSC of its GEMM view ``W[(c*kh + i)*kw + j, n]`` (``K = C*kh*kw``).
 
 ``QuantMatMul``  inputs ``X, weights, scales[, zero_points][, bias]``;
     attributes ``K, N, bits (4|8), block_size (32|64|128)``.
@@ -57,6 +62,7 @@ __all__ = [
     "pack_binary_matmul",
     "pack_xnor_matmul",
     "pack_sparse_matmul",
+    "pack_sparse_conv",
     "pack_quant_matmul",
     "reference",
     "dense_weight",
@@ -66,13 +72,14 @@ __all__ = [
 
 DOMAIN = "ai.onnxopt"
 OPSET_VERSION = 1
-OP_TYPES = ("BinaryMatMul", "XnorMatMul", "SparseMatMul", "QuantMatMul")
+OP_TYPES = ("BinaryMatMul", "XnorMatMul", "SparseMatMul", "SparseConv", "QuantMatMul")
 
 # Names of the node inputs after X, in order, bias last (all ops).
 _INPUT_NAMES: dict[str, tuple[str, ...]] = {
     "BinaryMatMul": ("bits", "alpha", "bias"),
     "XnorMatMul": ("bits", "alpha", "bias"),
     "SparseMatMul": ("values", "indices", "col_ptr", "scales", "bias"),
+    "SparseConv": ("values", "indices", "col_ptr", "scales", "bias"),
     "QuantMatMul": ("weights", "scales", "zero_points", "bias"),
 }
 
@@ -91,7 +98,7 @@ class PackedWeight:
 
     op_type: str
     inputs: dict[str, np.ndarray]
-    attributes: dict[str, int | float | str]
+    attributes: dict[str, int | float | str | tuple[int, ...]]
     has_bias_input: bool = True
     # Not part of the node; kept for convenience (e.g. original shape). Excluded from eq/hash.
     meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
@@ -218,6 +225,25 @@ def pack_sparse_matmul(w: np.ndarray, value_dtype: str = "float32") -> PackedWei
         {"K": K, "N": N},
         True,
     )
+
+
+def pack_sparse_conv(
+    w: np.ndarray,
+    strides: tuple[int, int] = (1, 1),
+    pads: tuple[int, int, int, int] = (0, 0, 0, 0),
+    dilations: tuple[int, int] = (1, 1),
+    value_dtype: str = "float32",
+) -> PackedWeight:
+    """Pack a Conv weight ``(N, C, kh, kw)`` (zeros are the pruned entries) for ``SparseConv``."""
+    w = np.asarray(w)
+    if w.ndim != 4:
+        raise ValueError(f"Conv weight must be 4-D (N, C, kh, kw), got shape {w.shape}")
+    if len(strides) != 2 or len(dilations) != 2 or len(pads) != 4:
+        raise ValueError("SparseConv is 2-D: strides and dilations need 2 values, pads 4")
+    matrix = pack_sparse_matmul(w.reshape(w.shape[0], -1).T, value_dtype)
+    attributes = {**matrix.attributes, "kernel_shape": tuple(int(d) for d in w.shape[2:]),
+                  "strides": tuple(map(int, strides)), "pads": tuple(map(int, pads)), "dilations": tuple(map(int, dilations))}
+    return PackedWeight("SparseConv", matrix.inputs, attributes, True)
 
 
 def pack_quant_matmul(
@@ -358,7 +384,7 @@ def dense_weight(packed: PackedWeight) -> np.ndarray:
         wb = 32 if op == "BinaryMatMul" else 64
         s = _unpack_sign_bits(packed.inputs["bits"], K, N, wb)
         return (s * packed.inputs["alpha"][None, :]).astype(np.float32)
-    if op == "SparseMatMul":
+    if op in ("SparseMatMul", "SparseConv"):
         n = np.repeat(np.arange(N), np.diff(packed.inputs["col_ptr"].astype(np.int64)))
         k = packed.inputs["indices"].astype(np.int64)
         out = np.zeros((K, N), dtype=np.float32)
@@ -388,8 +414,34 @@ def _quantize_rows(x2: np.ndarray, bs: int, K: int) -> tuple[np.ndarray, np.ndar
     return xq, sx
 
 
+def conv_output_size(size: int, axis: int, attributes: dict) -> int:
+    """Output length of SparseConv along spatial ``axis`` (0: H, 1: W) for an input of ``size``."""
+    kernel, stride = attributes["kernel_shape"][axis], attributes.get("strides", (1, 1))[axis]
+    dilation, pads = attributes.get("dilations", (1, 1))[axis], attributes.get("pads", (0, 0, 0, 0))
+    return (size + pads[axis] + pads[axis + 2] - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _conv_reference(packed: PackedWeight, x: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
+    """``SparseConv`` by im2col: ``X (B, C, H, W) -> (B, N, OH, OW)``."""
+    a = packed.attributes
+    (kh, kw), (sh, sw), (dh, dw) = a["kernel_shape"], a["strides"], a["dilations"]
+    pt, pl, pb, pr = a["pads"]
+    oh, ow = conv_output_size(x.shape[2], 0, a), conv_output_size(x.shape[3], 1, a)
+    x = np.pad(np.asarray(x, dtype=np.float64), ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+    taps = [x[:, :, i * dh : i * dh + (oh - 1) * sh + 1 : sh, j * dw : j * dw + (ow - 1) * sw + 1 : sw]
+            for i in range(kh) for j in range(kw)]
+    cols = np.stack(taps, axis=2).reshape(x.shape[0], -1, oh * ow)  # (B, C*kh*kw, OH*OW), k = (c*kh+i)*kw+j
+    y = np.einsum("bkp,kn->bnp", cols, dense_weight(packed).astype(np.float64))
+    if bias is not None:
+        y = y + np.asarray(bias, dtype=np.float64).reshape(1, -1, 1)
+    return y.reshape(x.shape[0], packed.N, oh, ow).astype(np.float32)
+
+
 def reference(packed: PackedWeight, x: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
-    """Numpy reference of what the kernel computes: ``X (..., K) -> (..., N)`` float32."""
+    """Numpy reference of what the kernel computes: ``X (..., K) -> (..., N)`` float32
+    (``SparseConv``: ``(B, C, H, W) -> (B, N, OH, OW)``)."""
+    if packed.op_type == "SparseConv":
+        return _conv_reference(packed, x, bias)
     x = np.asarray(x, dtype=np.float32)
     K, N = packed.K, packed.N
     if x.shape[-1] != K:
@@ -463,6 +515,8 @@ def make_node(
     for k, v in packed.attributes.items():
         if isinstance(v, (bool, int, np.integer)):
             attrs.append(ir.AttrInt64(k, int(v)))
+        elif isinstance(v, (tuple, list)):
+            attrs.append(ir.AttrInt64s(k, [int(i) for i in v]))
         elif isinstance(v, (float, np.floating)):
             attrs.append(ir.AttrFloat32(k, float(v)))
         else:
@@ -471,7 +525,11 @@ def make_node(
     out = node.outputs[0]
     out.name = f"{base}.Y"
     out.type = ir.TensorType(ir.DataType.FLOAT)
-    if x.shape is not None:
+    if x.shape is not None and packed.op_type == "SparseConv":
+        batch, _, *spatial = list(x.shape)
+        out.shape = ir.Shape([batch, packed.N, *(conv_output_size(d, a, packed.attributes) if isinstance(d, int) else None
+                                                 for a, d in enumerate(spatial))])
+    elif x.shape is not None:
         out.shape = ir.Shape([*list(x.shape)[:-1], packed.N])
     return node, inits
 
@@ -493,7 +551,9 @@ def _infer(op_type: str):
         out = onnx.TypeProto()
         out.tensor_type.elem_type = onnx.TensorProto.FLOAT
         t = ctx.get_input_type(0)
-        if t is not None and t.tensor_type.HasField("shape"):
+        if op_type == "SparseConv":
+            _infer_conv(ctx, t, out, K, N)
+        elif t is not None and t.tensor_type.HasField("shape"):
             dims = t.tensor_type.shape.dim
             if len(dims) < 1:
                 raise RuntimeError(f"{op_type}: X must have rank >= 1")
@@ -509,6 +569,35 @@ def _infer(op_type: str):
     return fn
 
 
+def _infer_conv(ctx, t, out, K: int, N: int) -> None:
+    """SparseConv: (B, C, H, W) -> (B, N, OH, OW), C = K / (kh*kw)."""
+    kernel = list(ctx.get_attribute("kernel_shape").ints)
+
+    def ints(name: str, default: list[int]) -> list[int]:
+        attr = ctx.get_attribute(name)
+        return list(attr.ints) if attr is not None else default
+
+    attributes = {"kernel_shape": kernel, "strides": ints("strides", [1, 1]), "dilations": ints("dilations", [1, 1]),
+                  "pads": ints("pads", [0, 0, 0, 0])}
+    if len(kernel) != 2 or K % (kernel[0] * kernel[1]):
+        raise RuntimeError(f"SparseConv: K={K} is not channels x kernel_shape {kernel}")
+    if t is None or not t.tensor_type.HasField("shape"):
+        return
+    dims = t.tensor_type.shape.dim
+    if len(dims) != 4:
+        raise RuntimeError("SparseConv: X must be (batch, channels, H, W)")
+    channels = K // (kernel[0] * kernel[1])
+    if dims[1].HasField("dim_value") and dims[1].dim_value != channels:
+        raise RuntimeError(f"SparseConv: X has {dims[1].dim_value} channels, the weight {channels}")
+    shape = out.tensor_type.shape
+    shape.dim.add().CopyFrom(dims[0])
+    shape.dim.add().dim_value = N
+    for axis in (0, 1):
+        dim = shape.dim.add()
+        if dims[2 + axis].HasField("dim_value"):
+            dim.dim_value = conv_output_size(dims[2 + axis].dim_value, axis, attributes)
+
+
 def _schema(op_type: str, doc: str, inputs, attrs, type_constraints):
     import onnx.defs as d
     from onnx.helper import make_attribute
@@ -518,7 +607,9 @@ def _schema(op_type: str, doc: str, inputs, attrs, type_constraints):
     params = []
     for nm, ty, desc, optional in inputs:
         params.append(FP(nm, ty, desc, param_option=Opt.Optional if optional else Opt.Single))
-    attributes = [d.OpSchema.Attribute(a, d.OpSchema.AttrType.INT, desc) if req else
+    # required attributes: INT, or INTS when their "default" says "ints"
+    kinds = {None: d.OpSchema.AttrType.INT, "ints": d.OpSchema.AttrType.INTS}
+    attributes = [d.OpSchema.Attribute(a, kinds[default_value], desc) if req else
                   d.OpSchema.Attribute(a, make_attribute(a, default_value), desc)
                   for a, desc, req, default_value in attrs]
     s = d.OpSchema(
@@ -562,6 +653,18 @@ def _schemas():
          ("col_ptr", "TP", "int32 (N+1,)", False),
          ("scales", "T", "float32 per-column scale (N,)", False), bias],
         KN,
+        [("TV", ["tensor(float)", "tensor(float16)", "tensor(int8)"], ""),
+         ("TI", ["tensor(uint16)", "tensor(uint32)"], ""), ("TP", ["tensor(int32)"], "")],
+    )
+    yield _schema(
+        "SparseConv",
+        "2-D Conv (group 1), weight as SparseMatMul's CSC of its GEMM view (see onnxopt.ops).",
+        [("X", "T", "float32 (B, C, H, W)", False), ("values", "TV", "nonzero values (nnz,)", False),
+         ("indices", "TI", "uint16 (K <= 65536) or uint32 rows (c*kh + i)*kw + j (nnz,)", False),
+         ("col_ptr", "TP", "int32 (N+1,)", False),
+         ("scales", "T", "float32 per-output-channel scale (N,)", False), bias],
+        [*KN, ("kernel_shape", "(kh, kw)", True, "ints"), ("strides", "(sh, sw)", False, [1, 1]),
+         ("pads", "(top, left, bottom, right)", False, [0, 0, 0, 0]), ("dilations", "(dh, dw)", False, [1, 1])],
         [("TV", ["tensor(float)", "tensor(float16)", "tensor(int8)"], ""),
          ("TI", ["tensor(uint16)", "tensor(uint32)"], ""), ("TP", ["tensor(int32)"], "")],
     )

@@ -46,8 +46,8 @@ def _session(model: onnx.ModelProto | bytes, threads: int = 1) -> ort.InferenceS
     return session(model, threads=threads)
 
 
-def _model(packed: ops.PackedWeight, bias: np.ndarray | None, lead=("m",), check: bool = True) -> onnx.ModelProto:
-    x = ir.Value(name="X", shape=ir.Shape([*lead, packed.K]), type=ir.TensorType(ir.DataType.FLOAT))
+def _model(packed: ops.PackedWeight, bias: np.ndarray | None, lead=("m",), check: bool = True, x_shape=None) -> onnx.ModelProto:
+    x = ir.Value(name="X", shape=ir.Shape(x_shape or [*lead, packed.K]), type=ir.TensorType(ir.DataType.FLOAT))
     b = None
     if bias is not None:
         b = ir.Value(name="bias", shape=ir.Shape([packed.N]), type=ir.TensorType(ir.DataType.FLOAT),
@@ -135,6 +135,66 @@ def test_sparse_row_walk_on_zero_rich_inputs(isa, threads, value_dtype):
             x = rng.standard_normal((M, K)).astype(np.float32) * (rng.random((M, K)) >= zeros)
             y = sess.run(None, {"X": x})[0]
             _check(y, ops.reference(packed, x, bias), f"{value_dtype} isa={isa} t={threads} M={M} K={K} N={N} zeros={zeros}")
+
+
+# (B, C, H, W, N, kernel_shape, strides, pads, dilations)
+CONV_CASES = [
+    (1, 16, 14, 14, 32, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),
+    (2, 3, 9, 11, 5, (3, 2), (2, 1), (0, 1, 2, 0), (1, 2)),
+    (1, 1, 5, 5, 3, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1)),
+    (3, 4, 8, 7, 6, (5, 3), (2, 3), (2, 1, 0, 2), (2, 1)),
+    (1, 2, 40, 37, 7, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),  # plane over 256 floats: several register chunks
+    (2, 5, 3, 3, 4, (3, 3), (1, 1), (0, 0, 0, 0), (1, 1)),  # 1x1 output
+    (1, 3, 6, 9, 2, (2, 4), (1, 1), (0, 3, 1, 0), (2, 1)),  # asymmetric pads + dilation at unit stride
+]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("value_dtype", ["float32", "float16", "int8"])
+def test_sparse_conv_matches_numpy_and_onnx_conv(isa, threads, value_dtype):
+    rng = np.random.default_rng(abs(hash((value_dtype, threads, isa))) % 2**32)
+    for i, (B, C, H, W, N, kernel, strides, pads, dilations) in enumerate(CONV_CASES):
+        density = 0.0 if i == 2 else 0.3  # one weight with no nonzeros at all: bias only
+        w = rng.standard_normal((N, C, *kernel)).astype(np.float32) * (rng.random((N, C, *kernel)) < density)
+        packed = ops.pack_sparse_conv(w, strides, pads, dilations, value_dtype)
+        bias = rng.standard_normal(N).astype(np.float32) if i % 2 == 0 else None
+        sess = _session(_model(packed, bias, x_shape=["b", C, H, W]), threads=threads)
+        x = rng.standard_normal((B, C, H, W)).astype(np.float32)
+        y = sess.run(None, {"X": x})[0]
+        what = f"{value_dtype} isa={isa} t={threads} case={i}"
+        _check(y, ops.reference(packed, x, bias), what)
+        dense = ops.dense_weight(packed).T.reshape(w.shape)
+        conv = helper.make_node("Conv", ["X", "W", *(["B"] if bias is not None else [])], ["Y"], kernel_shape=list(kernel),
+                                strides=list(strides), pads=list(pads), dilations=list(dilations))
+        inits = [numpy_helper.from_array(dense, "W"), *([numpy_helper.from_array(bias, "B")] if bias is not None else [])]
+        g = helper.make_graph([conv], "c", [helper.make_tensor_value_info("X", TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], inits)
+        onnx_conv = ort.InferenceSession(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=10).SerializeToString())
+        _check(y, onnx_conv.run(None, {"X": x})[0].astype(np.float64), what + " vs onnx Conv")
+
+
+def test_sparse_conv_bad_inputs(any_isa):
+    w = np.random.default_rng(3).standard_normal((4, 3, 3, 3)).astype(np.float32)
+    packed = ops.pack_sparse_conv(w, pads=(1, 1, 1, 1))
+
+    def raw(attrs: dict) -> bytes:
+        names = ["X", *(k for k in ops._INPUT_NAMES["SparseConv"] if k in packed.inputs)]  # noqa: SLF001
+        node = helper.make_node("SparseConv", names, ["Y"], domain=ops.DOMAIN, **attrs)
+        g = helper.make_graph([node], "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(v, k) for k, v in packed.inputs.items()])
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(ops.DOMAIN, 1)],
+                                 ir_version=10).SerializeToString()
+
+    attrs = {k: list(v) if isinstance(v, tuple) else v for k, v in packed.attributes.items()}
+    ok = np.zeros((1, 3, 5, 5), np.float32)
+    _expect_error(raw(attrs), np.zeros((1, 4, 5, 5), np.float32), r"SparseConv: input 'X' has shape \(1, 4, 5, 5\): expected \(batch, 3, H, W\)")
+    _expect_error(raw(attrs), np.zeros((3, 5, 5), np.float32), r"expected \(batch, 3, H, W\)")
+    _expect_error(raw({**attrs, "pads": [0, 0, 0, 0], "dilations": [3, 3]}), ok, "smaller than the dilated kernel")
+    _expect_error(raw({**attrs, "kernel_shape": [2, 2]}), ok, r"K=27 is not channels x kernel_shape")
+    _expect_error(raw({**attrs, "strides": [0, 1]}), ok, "must be >= 1")
+    _expect_error(raw({**attrs, "K": 26}), ok, r"out of range|kernel_shape")
+    assert _session(raw(attrs)).run(None, {"X": ok})[0].shape == (1, 4, 5, 5)
 
 
 @pytest.mark.parametrize("name,pack", PACKERS[:5] + PACKERS[5::7], ids=[p[0] for p in PACKERS[:5] + PACKERS[5::7]])

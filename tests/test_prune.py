@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
-from compression_graphs import chain_model, load, mixed_model, run
+from compression_graphs import chain_model, conv_model, load, mixed_model, run
 
 from onnxopt import io, ops, registry
 from onnxopt.calibration import Dataset
@@ -110,6 +111,39 @@ def test_sparse_matmul_lowering_matches_dense(tmp_path):
     except RuntimeLibraryError:
         pytest.skip("onnxopt kernel library not built")
     np.testing.assert_allclose(got, run(dense, feeds)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_sparse_conv_lowering_matches_dense(tmp_path):
+    path, feeds = conv_model(tmp_path)
+    dense = load(path)
+    prune(dense, sparsity=0.9, sparse_op=False, min_elements=1, op_types="Conv")
+    lowered = load(path)
+    details = prune(lowered, sparsity=0.9, min_elements=1, op_types="Conv", min_sparse_ratio=0.5).details
+    by_name = {n.name: n for n in lowered.graph}
+    assert by_name["conv1"].op_type == "SparseConv" and by_name["conv2"].op_type == "SparseConv", details
+    assert details["layers"]["conv1"].endswith("SparseConv")
+    assert list(by_name["conv1"].attributes["pads"].as_ints()) == [1, 1, 1, 1]
+    # conv1 keeps its bias; conv2 has none
+    assert len(by_name["conv1"].inputs) == 6 and len(by_name["conv2"].inputs) == 5
+    onnx.checker.check_model(onnx.load_from_string(io.to_bytes(lowered)), full_check=True)
+    try:
+        got = run(lowered, feeds)[0]
+    except RuntimeLibraryError:
+        pytest.skip("onnxopt kernel library not built")
+    np.testing.assert_allclose(got, run(dense, feeds)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_conv_break_even_and_blockers(tmp_path):
+    assert sparse_break_even(144, 32, conv=True) == 0.85  # MNIST conv2: 18 KiB
+    assert sparse_break_even(9, 16, conv=True) > 1  # a 1-channel 3x3 conv: never
+    path, _ = conv_model(tmp_path)
+    model = load(path)
+    conv1 = next(n for n in model.graph if n.name == "conv1")
+    conv1.attributes["auto_pad"] = ir.AttrString("auto_pad", "SAME_UPPER")
+    del conv1.attributes["pads"]
+    details = prune(model, sparsity=0.9, min_elements=1, op_types="Conv", min_sparse_ratio=0.5).details
+    assert details["layers"]["conv1"].endswith("dense (Conv auto_pad=SAME_UPPER)"), details
+    assert details["layers"]["conv2"].endswith("SparseConv")
 
 
 def test_below_break_even_stays_dense(tmp_path):

@@ -18,7 +18,7 @@ const KernelTable* GetKernelTableAvx2() {
 #if defined(ONNXOPT_HAVE_AVX2)
   using namespace isa_avx2;
   static const KernelTable t = {"avx2",        g_binary_lut,  g_binary_gemm, g_xnor_pack_x, g_xnor_gemm,
-                                g_sparse_rows, g_sparse_xt,   g_sparse_csr_acc, g_quant_x, g_quant_gemm};
+                                g_sparse_rows, g_sparse_xt,   g_sparse_csr_acc, g_sparse_conv_plane, g_quant_x, g_quant_gemm};
   return &t;
 #else
   return nullptr;

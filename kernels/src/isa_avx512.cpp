@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 
 #include "kernels.h"
 
@@ -261,6 +262,49 @@ static void sparse_xt(const SparseParams& p, int64_t t0, int64_t t1, int64_t n0,
   g_sparse_dispatch(p, [&](auto vt, auto it) { sparse_xt_t<decltype(vt)::value, decltype(it)>(p, t0, t1, n0, n1); });
 }
 
+// ---------------------------------------------------------------- SparseConv
+// Unit strides: the output plane (on the padded width, see g_sparse_conv_plane_t) in chunks of up
+// to 16 registers; each chunk stays in registers over all the channel's nonzeros, so a nonzero costs
+// R loads + R FMAs and no accumulator traffic.
+template <ValType VT, class IT, int R>
+static void conv_chunk(const SparseConvParams& p, int64_t co, int64_t start, int64_t len, float* acc) {
+  const IT* idx = static_cast<const IT*>(p.w.indices);
+  const __mmask16 last = tail16(len - 16 * (R - 1));
+  __m512 a[R];
+  for (int r = 0; r < R; ++r) a[r] = _mm512_setzero_ps();
+  for (int64_t e = p.w.col_ptr[co]; e < p.w.col_ptr[co + 1]; ++e) {
+    const __m512 v = _mm512_set1_ps(scalar_val<VT>(p.w.values, e));
+    const float* src = p.xp + p.offset[idx[e]] + start;
+    for (int r = 0; r < R - 1; ++r) a[r] = _mm512_fmadd_ps(v, _mm512_loadu_ps(src + 16 * r), a[r]);
+    a[R - 1] = _mm512_fmadd_ps(v, _mm512_maskz_loadu_ps(last, src + 16 * (R - 1)), a[R - 1]);
+  }
+  for (int r = 0; r < R - 1; ++r) _mm512_storeu_ps(acc + start + 16 * r, a[r]);
+  _mm512_mask_storeu_ps(acc + start + 16 * (R - 1), last, a[R - 1]);
+}
+
+template <ValType VT, class IT, int... R>
+static void conv_chunk_any(const SparseConvParams& p, int64_t co, int64_t start, int64_t len, float* acc,
+                           std::integer_sequence<int, R...>) {
+  using Fn = void (*)(const SparseConvParams&, int64_t, int64_t, int64_t, float*);
+  static constexpr Fn table[] = {conv_chunk<VT, IT, R + 1>...};
+  table[(len + 15) / 16 - 1](p, co, start, len, acc);
+}
+
+static void sparse_conv_plane(const SparseConvParams& p, int64_t co, float* acc) {
+  if (p.sh != 1 || p.sw != 1) return g_sparse_conv_plane(p, co, acc);
+  g_sparse_dispatch(p.w, [&](auto vt, auto it) {
+    constexpr ValType VT = decltype(vt)::value;
+    using IT = decltype(it);
+    const int64_t len = p.OH * p.Wp;
+    for (int64_t start = 0; start < len; start += 256)
+      conv_chunk_any<VT, IT>(p, co, start, std::min<int64_t>(256, len - start), acc, std::make_integer_sequence<int, 16>{});
+  });
+  const float scale = p.w.scales[co], bias = p.w.bias ? p.w.bias[co] : 0.0f;
+  float* out = p.y + co * p.OH * p.OW;
+  for (int64_t oh = 0; oh < p.OH; ++oh)
+    for (int64_t ow = 0; ow < p.OW; ++ow) out[oh * p.OW + ow] = acc[oh * p.Wp + ow] * scale + bias;
+}
+
 // ---------------------------------------------------------------- Quant
 static void quant_x(const float* x, int64_t K, int64_t bs, int64_t nb, int8_t* xq, float* sx, int32_t* sumx) {
   const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
@@ -433,7 +477,7 @@ static void quant_gemm(const QuantParams& p, int64_t m0, int64_t m1, int64_t c0,
 const KernelTable* GetKernelTableAvx512() {
   using namespace isa_avx512;
   static const KernelTable t = {"avx512",    binary_lut, binary_gemm, xnor_pack_x, xnor_gemm,
-                                sparse_rows, sparse_xt,  g_sparse_csr_acc, quant_x, quant_gemm};
+                                sparse_rows, sparse_xt,  g_sparse_csr_acc, sparse_conv_plane, quant_x, quant_gemm};
   return &t;
 }
 }  // namespace onnxopt

@@ -59,6 +59,18 @@ struct SparseCsr {
   const float* values;        // [nnz] value * scale of its column
 };
 
+// ---------------------------------------------------------------- SparseConv
+// 2-D convolution (group 1) whose weight is SparseMatMul's CSC of the GEMM view:
+// row k = (c*kh + i)*kw + j, column = output channel. One image at a time.
+struct SparseConvParams {
+  SparseParams w;                     // M, x, xt, y unused; K = C*kh*kw, N = output channels
+  int64_t C, kh, kw, sh, sw, dh, dw;
+  int64_t Hp, Wp, OH, OW;             // padded input plane, output plane
+  const int32_t* offset;              // [K]: start in xp of weight row k = (c*kh + i)*kw + j
+  const float* xp;                    // [C][Hp][Wp] zero-padded image (+ kw*dw floats of slack)
+  float* y;                           // [N][OH][OW] of that image
+};
+
 // ---------------------------------------------------------------- QuantMatMul
 struct QuantParams {
   int64_t M, K, N, bits, bs, nb, NB;   // NB = ceil(N/16)
@@ -89,6 +101,8 @@ struct KernelTable {
   void (*sparse_xt)(const SparseParams& p, int64_t t0, int64_t t1, int64_t n0, int64_t n1);
   // Sparse, row walk: acc[N] += x[k0:k1] . W[k0:k1, :], skipping zero x
   void (*sparse_csr_acc)(const SparseCsr& w, const float* x, int64_t k0, int64_t k1, float* acc);
+  // SparseConv: output channel co of one image; acc: OH*Wp floats of scratch
+  void (*sparse_conv_plane)(const SparseConvParams& p, int64_t co, float* acc);
   // Quant: quantize one row of x into xq (nb*bs), sx (nb), sumx (nb)
   void (*quant_x)(const float* x, int64_t K, int64_t bs, int64_t nb, int8_t* xq, float* sx, int32_t* sumx);
   // rows [m0,m1), column blocks of 16 [c0,c1)

@@ -314,26 +314,89 @@ struct CsrCopy {
   }
 };
 
-struct SparseKernel : KernelBase {
-  static constexpr const char* kName = "SparseMatMul";
-  // A row of X with at least this fraction of exact zeros takes the row walk (small M only):
-  // measured on MNIST fc1 (1568x512, 90 % sparse, batch 1): see kernels/README.md.
-  static constexpr double kRowWalkMinZeros = 0.25;
-  // Constant (initializer) indices/col_ptr are validated once, on the first call that sees them.
+// The weight inputs shared by SparseMatMul and SparseConv: values, indices, col_ptr, scales[, bias]
+// (inputs 1-5). Constant (initializer) indices/col_ptr are validated once, on the first call that
+// sees them.
+struct SparseBase : KernelBase {
+  const char* op;
   const void* const_values = nullptr;
   const void* const_indices = nullptr;
   const void* const_col_ptr = nullptr;
   std::atomic<bool> const_checked{false};
-  // Built on the first small-M call whose input is sparse enough (constant weights only).
-  std::mutex csr_mu;
-  std::atomic<bool> csr_ready{false};
-  CsrCopy csr;
-  explicit SparseKernel(const OrtKernelInfo* info) : KernelBase(info, kName) {
+  SparseBase(const OrtKernelInfo* info, const char* name) : KernelBase(info, name), op(name) {
     Ort::ConstKernelInfo ki(info);
     const_values = ConstantInputData(ki, 1);
     const_indices = ConstantInputData(ki, 2);
     const_col_ptr = ConstantInputData(ki, 3);
   }
+  static const void* ConstantInputData(const Ort::ConstKernelInfo& ki, size_t i) {
+    int is_const = 0;
+    Ort::ConstValue v = ki.GetTensorConstantInput(i, &is_const);
+    return is_const && v ? v.GetTensorRawData() : nullptr;
+  }
+
+  // col_ptr: 0 = cp[0] <= cp[1] <= ... <= cp[N] = nnz; every index < K.
+  template <class IT>
+  void CheckStructure(const int32_t* cp, const IT* idx, int64_t nnz) const {
+    if (cp[0] != 0) Fail(op, "col_ptr[0] must be 0, got ", cp[0]);
+    if (cp[N] != nnz) Fail(op, "col_ptr[-1]=", cp[N], " must equal the number of values (", nnz, ")");
+    for (int64_t n = 0; n < N; ++n)
+      if (cp[n + 1] < cp[n] || cp[n + 1] > nnz)
+        Fail(op, "col_ptr is not a valid column table: col_ptr[", n + 1, "]=", cp[n + 1], " after col_ptr[", n,
+             "]=", cp[n], " (must be non-decreasing and <= nnz=", nnz, ")");
+    IT mx = 0;
+    for (int64_t j = 0; j < nnz; ++j) mx = std::max(mx, idx[j]);
+    if (nnz > 0 && (int64_t)mx >= K) {
+      int64_t j = 0;
+      while ((int64_t)idx[j] < K) ++j;
+      const int64_t n = std::upper_bound(cp, cp + N + 1, (int32_t)j) - cp - 1;
+      Fail(op, "indices[", j, "]=", (int64_t)idx[j], " (column ", n, ") is out of range: row must be < K=", K);
+    }
+  }
+
+  // Validates the weight inputs; fills every weight field of the returned params (M, x, y: caller).
+  SparseParams Weights(const Ort::KernelContext& ctx, int64_t& nnz, bool& all_constant) {
+    In values = GetIn(ctx, 1), indices = GetIn(ctx, 2), cptr = GetIn(ctx, 3), scales = GetIn(ctx, 4);
+    if (!values.present) Fail(op, "input 'values' is required");
+    ValType vt;
+    switch (values.type) {
+      case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: vt = ValType::F32; break;
+      case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: vt = ValType::F16; break;
+      case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8: vt = ValType::I8; break;
+      default: Fail(op, "input 'values' must be float32, float16 or int8, got ", TypeName(values.type));
+    }
+    if (values.shape.size() != 1) Fail(op, "input 'values' must be 1-D, got shape ", ShapeStr(values.shape));
+    nnz = values.numel;
+    if (!indices.present) Fail(op, "input 'indices' is required");
+    if (indices.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT16 && indices.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT32)
+      Fail(op, "input 'indices' must be uint16 or uint32, got ", TypeName(indices.type));
+    const bool idx32 = indices.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT32;
+    Expect(op, indices, "indices", indices.type, {nnz});
+    Expect(op, cptr, "col_ptr", ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32, {N + 1});
+    Expect(op, scales, "scales", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, {N});
+    const float* bias = CheckBias(op, GetIn(ctx, 5), N);
+    const int32_t* cp = cptr.as<int32_t>();
+    const bool constant = indices.data == const_indices && cptr.data == const_col_ptr && const_indices;
+    all_constant = constant && values.data == const_values;
+    if (!constant || !const_checked.load(std::memory_order_acquire)) {
+      if (idx32) CheckStructure(cp, indices.as<uint32_t>(), nnz);
+      else CheckStructure(cp, indices.as<uint16_t>(), nnz);
+      if (constant) const_checked.store(true, std::memory_order_release);
+    }
+    return SparseParams{0, K, N, vt, idx32, values.data, indices.data, cp, scales.as<float>(), bias, nullptr, nullptr, nullptr};
+  }
+};
+
+struct SparseKernel : SparseBase {
+  static constexpr const char* kName = "SparseMatMul";
+  // A row of X with at least this fraction of exact zeros takes the row walk (small M only):
+  // measured on MNIST fc1 (1568x512, 90 % sparse, batch 1): see kernels/README.md.
+  static constexpr double kRowWalkMinZeros = 0.25;
+  // Built on the first small-M call whose input is sparse enough (constant weights only).
+  std::mutex csr_mu;
+  std::atomic<bool> csr_ready{false};
+  CsrCopy csr;
+  explicit SparseKernel(const OrtKernelInfo* info) : SparseBase(info, kName) {}
 
   const CsrCopy& Csr(const SparseParams& p, int64_t nnz) {
     if (!csr_ready.load(std::memory_order_acquire)) {
@@ -368,66 +431,20 @@ struct SparseKernel : KernelBase {
       }
     }
   }
-  static const void* ConstantInputData(const Ort::ConstKernelInfo& ki, size_t i) {
-    int is_const = 0;
-    Ort::ConstValue v = ki.GetTensorConstantInput(i, &is_const);
-    return is_const && v ? v.GetTensorRawData() : nullptr;
-  }
-
-  // col_ptr: 0 = cp[0] <= cp[1] <= ... <= cp[N] = nnz; every index < K.
-  template <class IT>
-  void CheckStructure(const int32_t* cp, const IT* idx, int64_t nnz) const {
-    if (cp[0] != 0) Fail(kName, "col_ptr[0] must be 0, got ", cp[0]);
-    if (cp[N] != nnz) Fail(kName, "col_ptr[-1]=", cp[N], " must equal the number of values (", nnz, ")");
-    for (int64_t n = 0; n < N; ++n)
-      if (cp[n + 1] < cp[n] || cp[n + 1] > nnz)
-        Fail(kName, "col_ptr is not a valid column table: col_ptr[", n + 1, "]=", cp[n + 1], " after col_ptr[", n,
-             "]=", cp[n], " (must be non-decreasing and <= nnz=", nnz, ")");
-    IT mx = 0;
-    for (int64_t j = 0; j < nnz; ++j) mx = std::max(mx, idx[j]);
-    if (nnz > 0 && (int64_t)mx >= K) {
-      int64_t j = 0;
-      while ((int64_t)idx[j] < K) ++j;
-      const int64_t n = std::upper_bound(cp, cp + N + 1, (int32_t)j) - cp - 1;
-      Fail(kName, "indices[", j, "]=", (int64_t)idx[j], " (column ", n, ") is out of range: row must be < K=", K);
-    }
-  }
 
   void Compute(OrtKernelContext* context) {
     Ort::KernelContext ctx(context);
     XInfo xi = CheckX(kName, GetIn(ctx, 0), K, N);
-    In values = GetIn(ctx, 1), indices = GetIn(ctx, 2), cptr = GetIn(ctx, 3), scales = GetIn(ctx, 4);
-    if (!values.present) Fail(kName, "input 'values' is required");
-    ValType vt;
-    switch (values.type) {
-      case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: vt = ValType::F32; break;
-      case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: vt = ValType::F16; break;
-      case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8: vt = ValType::I8; break;
-      default: Fail(kName, "input 'values' must be float32, float16 or int8, got ", TypeName(values.type));
-    }
-    if (values.shape.size() != 1) Fail(kName, "input 'values' must be 1-D, got shape ", ShapeStr(values.shape));
-    const int64_t nnz = values.numel;
-    if (!indices.present) Fail(kName, "input 'indices' is required");
-    if (indices.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT16 && indices.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT32)
-      Fail(kName, "input 'indices' must be uint16 or uint32, got ", TypeName(indices.type));
-    const bool idx32 = indices.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT32;
-    Expect(kName, indices, "indices", indices.type, {nnz});
-    Expect(kName, cptr, "col_ptr", ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32, {N + 1});
-    Expect(kName, scales, "scales", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, {N});
-    const float* bias = CheckBias(kName, GetIn(ctx, 5), N);
-    const int32_t* cp = cptr.as<int32_t>();
-    const bool constant = indices.data == const_indices && cptr.data == const_col_ptr && const_indices;
-    const bool all_constant = constant && values.data == const_values;
-    if (!constant || !const_checked.load(std::memory_order_acquire)) {
-      if (idx32) CheckStructure(cp, indices.as<uint32_t>(), nnz);
-      else CheckStructure(cp, indices.as<uint16_t>(), nnz);
-      if (constant) const_checked.store(true, std::memory_order_release);
-    }
+    int64_t nnz;
+    bool all_constant;
+    SparseParams p = Weights(ctx, nnz, all_constant);
     auto out = ctx.GetOutput(0, xi.out_shape);
     float* y = out.GetTensorMutableData<float>();
     const int64_t M = xi.M;
     if (M == 0) return;
-    SparseParams p{M, K, N, vt, idx32, values.data, indices.data, cp, scales.as<float>(), bias, xi.x, nullptr, y};
+    p.M = M;
+    p.x = xi.x;
+    p.y = y;
     if (M < 16 && all_constant && ZeroFraction(xi.x, M * K) >= kRowWalkMinZeros) {
       RowWalk(ctx, p, Csr(p, nnz).View(p));
     } else if (M < 16) {
@@ -465,6 +482,86 @@ struct SparseKernel : KernelBase {
       };
       Parallel(ctx, T * nchunks, run);
     }
+  }
+};
+
+thread_local std::vector<float> tls_plane;
+
+struct SparseConvKernel : SparseBase {
+  static constexpr const char* kName = "SparseConv";
+  int64_t kh, kw, sh = 1, sw = 1, dh = 1, dw = 1, pt = 0, pl = 0, pb = 0, pr = 0;
+  explicit SparseConvKernel(const OrtKernelInfo* info) : SparseBase(info, kName) {
+    Ort::ConstKernelInfo ki(info);
+    const auto kernel = Ints(ki, "kernel_shape", {});
+    const auto strides = Ints(ki, "strides", {1, 1}), dil = Ints(ki, "dilations", {1, 1});
+    const auto pads = Ints(ki, "pads", {0, 0, 0, 0});
+    if (kernel.size() != 2 || strides.size() != 2 || dil.size() != 2 || pads.size() != 4)
+      Fail(kName, "attributes kernel_shape (2), strides (2), dilations (2) and pads (4) must describe a 2-D conv");
+    kh = kernel[0], kw = kernel[1], sh = strides[0], sw = strides[1], dh = dil[0], dw = dil[1];
+    pt = pads[0], pl = pads[1], pb = pads[2], pr = pads[3];
+    if (kh < 1 || kw < 1 || sh < 1 || sw < 1 || dh < 1 || dw < 1 || std::min({pt, pl, pb, pr}) < 0)
+      Fail(kName, "kernel_shape, strides and dilations must be >= 1 and pads >= 0");
+    if (K % (kh * kw) != 0) Fail(kName, "attribute K=", K, " is not channels x kernel_shape (", kh, "x", kw, ")");
+  }
+  static std::vector<int64_t> Ints(const Ort::ConstKernelInfo& ki, const char* name, std::vector<int64_t> def) {
+    try {
+      return ki.GetAttributes<int64_t>(name);
+    } catch (const Ort::Exception&) {
+      return def;
+    }
+  }
+
+  void Compute(OrtKernelContext* context) {
+    Ort::KernelContext ctx(context);
+    const In x = GetIn(ctx, 0);
+    if (!x.present) Fail(kName, "input 'X' is required");
+    if (x.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) Fail(kName, "input 'X' must be float32, got ", TypeName(x.type));
+    const int64_t C = K / (kh * kw);
+    if (x.shape.size() != 4 || x.shape[1] != C)
+      Fail(kName, "input 'X' has shape ", ShapeStr(x.shape), ": expected (batch, ", C, ", H, W)");
+    int64_t nnz;
+    bool all_constant;
+    SparseConvParams p{Weights(ctx, nnz, all_constant), C, kh, kw, sh, sw, dh, dw};
+    const int64_t B = x.shape[0], H = x.shape[2], W = x.shape[3];
+    p.Hp = H + pt + pb, p.Wp = W + pl + pr;
+    p.OH = p.Hp < dh * (kh - 1) + 1 ? 0 : (p.Hp - dh * (kh - 1) - 1) / sh + 1;
+    p.OW = p.Wp < dw * (kw - 1) + 1 ? 0 : (p.Wp - dw * (kw - 1) - 1) / sw + 1;
+    if (p.OH < 1 || p.OW < 1)
+      Fail(kName, "input 'X' of shape ", ShapeStr(x.shape), " is smaller than the dilated kernel");
+    if (C * p.Hp * p.Wp + kw * dw >= INT32_MAX) Fail(kName, "input 'X' of shape ", ShapeStr(x.shape), " is too large");
+    auto out = ctx.GetOutput(0, {B, N, p.OH, p.OW});
+    float* y = out.GetTensorMutableData<float>();
+    if (B == 0) return;
+    const int64_t plane = p.Hp * p.Wp, image = C * plane + kw * dw + 16;  // slack: junk-column reads
+    float* xp = Buf(tls_f, (size_t)(B * image));
+    int32_t* offset = Buf(tls_i32, (size_t)K);
+    for (int64_t c = 0, k = 0; c < C; ++c)
+      for (int64_t i = 0; i < kh; ++i)
+        for (int64_t j = 0; j < kw; ++j) offset[k++] = (int32_t)(c * plane + i * dh * p.Wp + j * dw);
+    p.offset = offset;
+    auto pad = [&](int64_t t) {  // one (image, channel) plane per task
+      const int64_t b = t / C, c = t % C;
+      float* d = xp + b * image + c * plane;
+      const float* s = x.as<float>() + (b * C + c) * H * W;
+      std::fill(d, d + pt * p.Wp, 0.0f);
+      for (int64_t h = 0; h < H; ++h) {
+        float* row = d + (pt + h) * p.Wp;
+        std::fill(row, row + pl, 0.0f);
+        std::memcpy(row + pl, s + h * W, (size_t)W * sizeof(float));
+        std::fill(row + pl + W, row + p.Wp, 0.0f);
+      }
+      std::fill(d + (pt + H) * p.Wp, d + plane, 0.0f);
+      if (c == C - 1) std::fill(d + plane, xp + (b + 1) * image, 0.0f);
+    };
+    Parallel(ctx, B * C, pad);
+    auto run = [&](int64_t t) {  // one (image, output channel) plane per task
+      const int64_t b = t / N, co = t % N;
+      SparseConvParams q = p;
+      q.xp = xp + b * image;
+      q.y = y + b * N * p.OH * p.OW;
+      tbl->sparse_conv_plane(q, co, Buf(tls_plane, (size_t)(p.OH * std::max(p.Wp, p.OW))));
+    };
+    Parallel(ctx, B * N, run);
   }
 };
 
@@ -583,13 +680,16 @@ Op<XnorKernel>& XnorOp() {
   static Op<XnorKernel> op({{F32, false}, {ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT64, false}, {F32, false}, {F32, true}});
   return op;
 }
+// X, values, indices, col_ptr, scales[, bias]
+std::vector<InputSpec> SparseInputs() {
+  return {{F32, false}, {ANY, false}, {ANY, false}, {ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32, false}, {F32, false}, {F32, true}};
+}
 Op<SparseKernel>& SparseOp() {
-  static Op<SparseKernel> op({{F32, false},
-                              {ANY, false},
-                              {ANY, false},
-                              {ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32, false},
-                              {F32, false},
-                              {F32, true}});
+  static Op<SparseKernel> op(SparseInputs());
+  return op;
+}
+Op<SparseConvKernel>& SparseConvOp() {
+  static Op<SparseConvKernel> op(SparseInputs());
   return op;
 }
 Op<QuantKernel>& QuantOp() {
@@ -634,6 +734,7 @@ ONNXOPT_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* opti
     domain.Add(&BinaryOp());
     domain.Add(&XnorOp());
     domain.Add(&SparseOp());
+    domain.Add(&SparseConvOp());
     domain.Add(&QuantOp());
 #if defined(ONNXOPT_WITH_CUDA)
     RegisterCudaOps(domain);
