@@ -2,9 +2,9 @@
 
 MNIST CNN (accuracy on the 1000-image held-out split; calibration: 2048 images of the *training*
 split of ``models/data/mnist_split.json`` — recovery of fc1's 1568 inputs overfits the committed 256):
-global unstructured sparsity 50-95 % (SparseMatMul where the size-aware break-even says so),
+global unstructured sparsity 50-95 % (SparseMatMul/SparseConv where the size-aware break-even says so),
 structured pruning (fraction of channels removed), binarization of fc1 (the only MatMul/Gemm between
-the convolutions and the classifier). MiniLM-L6 (WordSim-353 Spearman; calibration: news snippets of
+the convolutions and the classifier), conv2 split into 3x1 then 1x3 convs (low-rank ``conv_split``). MiniLM-L6 (WordSim-353 Spearman; calibration: news snippets of
 ``lee_background.cor`` without padding): Wanda sparsity of all MatMuls, low-rank of the FFN layers
 (activation-aware SVD; ``ratio`` = fraction of the layer's parameters kept), structured pruning of FFN
 neurons, binarization of the middle FFN layers. Each point with and without ``recover``. Latency:
@@ -102,6 +102,8 @@ def bench_cnn(quick: bool) -> None:
     points = [(f"sparsity {s:.0%}", [("prune", {"sparsity": s, "scope": "global"}, None)]) for s in sparsities]
     points += [(f"structured {r:.0%} removed", [("prune-structured", {"ratio": r}, None)]) for r in (0.25, 0.5)]
     points.append(("binarize fc1", [("binarize", {"keep_first_last": False}, NodeFilter(name_regex="fc1"))]))
+    points += [(f"conv2 spatial split rank {r}", [("low-rank", {"rank": r, "conv_split": "spatial"}, NodeFilter(name_regex="features.4"))])
+               for r in (8, 16)]
     feed = {"input": x[:1]}
     rows = run_points(ROOT / "models/cnn_mnist.onnx", points, data, evaluate.mnist_accuracy, feed, n)
     table(f"MNIST CNN (accuracy, {n} calibration images, batch-1 latency)", "accuracy", rows)

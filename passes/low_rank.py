@@ -24,7 +24,7 @@ import onnx_ir as ir
 
 from onnxopt.activations import input_grams
 from onnxopt.calibration import Dataset
-from onnxopt.compression import factorize, whitening
+from onnxopt.compression import conv_geometry, factorize, whitening
 from onnxopt.filters import NodeFilter
 from onnxopt.passes.prune import name_layers
 from onnxopt.passes.recover import LOW_RANK_SUFFIX, recover_layers, require_data
@@ -181,12 +181,6 @@ def _insert_u_node(use: WeightUse, op_type: str, u: np.ndarray, v: np.ndarray, a
     node.replace_input_with(0, u_node.outputs[0])
     node.replace_input_with(use.index, v_value)
     drop_if_unused(old)
-
-
-def conv_geometry(node: ir.Node) -> tuple[list[int], list[int], list[int]]:
-    """Strides (h, w), pads (top, left, bottom, right) and dilations (h, w) of a 2-D Conv, defaults filled."""
-    attrs = node.attributes
-    return list(attrs.get_ints("strides", [1, 1])), list(attrs.get_ints("pads", [0, 0, 0, 0])), list(attrs.get_ints("dilations", [1, 1]))
 
 
 def spatial_split_blocker(use: WeightUse) -> str | None:
