@@ -15,6 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxopt import io, ops, registry, runtime
 from onnxopt.calibration import Dataset
+from onnxopt.compression import packed_from_node
 from onnxopt.errors import DataError, PassOptionError
 
 MODELS = pathlib.Path(__file__).resolve().parents[1] / "models"
@@ -252,13 +253,19 @@ def test_weight_only_embeddings(fmt, symmetric):
     assert relative(reference, outputs(model, feeds)[0]) < 0.2
 
 
-def test_weight_only_onnxopt_format():
+@pytest.mark.parametrize("scale_dtype", ["float16", "float32"])
+def test_weight_only_onnxopt_format(scale_dtype):
     model, feeds = embedding_model()
-    details = run_pass("quantize-weights", model, format="onnxopt", embeddings=False, block_size=32)
+    table = np.asarray(model.graph.initializers["table"].const_value.numpy())
+    details = run_pass("quantize-weights", model, format="onnxopt", embeddings=False, block_size=32, scale_dtype=scale_dtype)
     node = next(n for n in model.graph if n.op_type == "QuantMatMul")
     assert node.domain == ops.DOMAIN and details["quantized"] == 1
+    packed = packed_from_node(node)
+    assert packed.inputs["scales"].dtype == np.dtype(scale_dtype)
+    # the reported error is that of the weight the kernel multiplies by
+    (reported,) = details["weight_relative_error"].values()
+    assert reported == pytest.approx(relative(table.T, ops.dense_weight(packed)), abs=1e-5)
     out = outputs(model, feeds)[0]  # runs onnxopt's kernel library (built by the package install)
-    table = np.asarray(model.graph.initializers["table"].const_value.numpy())
     assert relative(table[feeds["ids"]] @ table.T, out) < 0.2
 
 
