@@ -60,15 +60,17 @@ def layer_input_rows(use: WeightUse, x: np.ndarray) -> np.ndarray:
 
 
 def _im2col(x: np.ndarray, use: WeightUse) -> np.ndarray:
-    """Patches of an NCHW input as rows (kernel window flattened in the weight's (C, kh, kw) order)."""
-    w_shape = use.array().shape
-    kh, kw = w_shape[2], w_shape[3]
+    """Patches of a Conv's NCHW input as rows (kernel window flattened in the weight's (C, kh, kw) order)."""
     attrs = use.node.attributes
-    strides = attrs["strides"].value if "strides" in attrs else (1, 1)
-    pads = attrs["pads"].value if "pads" in attrs else (0, 0, 0, 0)
-    dil = attrs["dilations"].value if "dilations" in attrs else (1, 1)
     if "auto_pad" in attrs and attrs["auto_pad"].value not in ("NOTSET", b"NOTSET"):
         raise DataError(f"{use.label}: auto_pad convolutions are not supported for activation statistics")
+    return im2col(x, use.array().shape[2:], attrs.get_ints("strides", (1, 1)), attrs.get_ints("pads", (0, 0, 0, 0)),
+                  attrs.get_ints("dilations", (1, 1)))
+
+
+def im2col(x: np.ndarray, kernel, strides, pads, dilations) -> np.ndarray:
+    """(N, C, H, W) -> (N·OH·OW, C·kh·kw) rows of 2-D conv patches, window in (C, kh, kw) order."""
+    (kh, kw), dil = kernel, dilations
     x = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
     n, c, h, wdt = x.shape
     oh = (h - dil[0] * (kh - 1) - 1) // strides[0] + 1

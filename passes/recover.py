@@ -3,7 +3,7 @@
 Front to back, each compressed layer is re-fitted so that, fed with the *compressed* model's own input
 to that layer, it reproduces the *original* model's layer output on calibration data:
 
-* pruned layers (dense MatMul/Gemm/Conv with zeros, or ``SparseMatMul``): least squares on the
+* pruned layers (dense MatMul/Gemm/Conv with zeros, or ``SparseMatMul`` / ``SparseConv``): least squares on the
   surviving weights, the mask kept;
 * low-rank pairs (``x @ U`` then the layer with ``V``, as written by ``low-rank``): the best rank-r
   factors under the layer's input metric;
@@ -30,7 +30,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt import io, ops
-from onnxopt.activations import Gram, layer_input_rows
+from onnxopt.activations import Gram, im2col, layer_input_rows
 from onnxopt.calibration import Dataset, capture_many
 from onnxopt.compression import (
     bias_input_index,
@@ -169,6 +169,23 @@ class _Sparse(_Masked):
         _replace_packed_inputs(self.node, ops.pack_sparse_matmul(self.keep_pattern(w.astype(np.float32)), value_dtype))
 
 
+class _SparseConv(_Sparse):
+    """A ``SparseConv`` node: as :class:`_Sparse`, on the im2col rows of its input."""
+
+    def rows(self, x: np.ndarray) -> np.ndarray:
+        a = packed_from_node(self.node).attributes
+        return im2col(x, a["kernel_shape"], a.get("strides", (1, 1)), a.get("pads", (0, 0, 0, 0)), a.get("dilations", (1, 1)))
+
+    def apply(self, w: np.ndarray) -> None:
+        old = packed_from_node(self.node)
+        a = old.attributes
+        kernel = tuple(a["kernel_shape"])
+        weight = self.keep_pattern(w.astype(np.float32)).T.reshape(old.N, -1, *kernel)
+        packed = ops.pack_sparse_conv(weight, a.get("strides", (1, 1)), a.get("pads", (0, 0, 0, 0)), a.get("dilations", (1, 1)),
+                                      str(old.inputs["values"].dtype))
+        _replace_packed_inputs(self.node, packed)
+
+
 class _LowRank(_GramLayer):
     """``h = x @ U`` (node ``<name>.lowrank_u``) followed by the layer ``y = h @ V``."""
 
@@ -303,6 +320,8 @@ def _identify(node: ir.Node, original: dict[str, WeightUse]):
         return None
     if node.domain == ops.DOMAIN and node.op_type == "SparseMatMul":
         return _Sparse(node)
+    if node.domain == ops.DOMAIN and node.op_type == "SparseConv":
+        return _SparseConv(node)
     if node.domain == ops.DOMAIN and node.op_type in ("BinaryMatMul", "XnorMatMul"):
         return _Binary(node, _orig_bias(orig))
     if node.op_type not in LAYER_OPS or len(node.inputs) < 2:

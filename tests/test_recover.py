@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from compression_graphs import chain_model, conv_model, load, run
 
-from onnxopt import io, registry
+from onnxopt import io, ops, registry
 from onnxopt.calibration import Dataset
-from onnxopt.compression import solve_masked
+from onnxopt.compression import packed_from_node, solve_masked
 from onnxopt.errors import DataError, PassOptionError
 from onnxopt.weights import scan_weights
 
@@ -118,6 +118,30 @@ def test_conv_layers_recover(tmp_path):
     assert {"conv1", "conv2", "fc"} <= set(layers)
     assert all(layer["error_after"] < layer["error_before"] for layer in layers.values())
     assert run(model, feeds)[0].shape == (16, 10)
+
+
+def test_sparse_conv_recovers_standalone(tmp_path):
+    """Convs pruned and lowered to ``SparseConv``, then the standalone pass: re-fitted on their im2col rows,
+    pattern kept, still SparseConv."""
+    path, feeds = conv_model(tmp_path)
+    noise = np.random.default_rng(9).standard_normal((256, 3, 13, 13))
+    data = Dataset.from_arrays({"x": (noise[:, :, 1:, 1:] + noise[:, :, :-1, :-1]).astype(np.float32)})
+    model = load(path)
+    make("prune", sparsity=0.9, op_types="Conv", min_elements=1, min_sparse_ratio=0.5)(model)
+    pruned = {n.name: ops.dense_weight(packed_from_node(n)) != 0 for n in model.graph if n.op_type == "SparseConv"}
+    assert set(pruned) == {"conv1", "conv2"}
+    expected = run(load(path), feeds)[0]
+    error_pruned = np.abs(run(model, feeds)[0] - expected).mean()
+    recovered = load(io.save(model, tmp_path / "sparse.onnx"))
+    pass_ = make("recover", data, reference=str(path), samples=256)
+    pass_(recovered)
+    layers = pass_.details["layers"]
+    for name, mask in pruned.items():
+        assert layers[name]["kind"] == "sparseconv" and layers[name]["error_after"] < layers[name]["error_before"]
+        node = next(n for n in recovered.graph if n.name == name)
+        assert node.op_type == "SparseConv"
+        np.testing.assert_array_equal(ops.dense_weight(packed_from_node(node)) != 0, mask)
+    assert np.abs(run(recovered, feeds)[0] - expected).mean() < error_pruned
 
 
 def test_spatially_split_conv_recovers(tmp_path):
