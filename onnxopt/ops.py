@@ -430,7 +430,7 @@ def _conv_reference(packed: PackedWeight, x: np.ndarray, bias: np.ndarray | None
     x = np.pad(np.asarray(x, dtype=np.float64), ((0, 0), (0, 0), (pt, pb), (pl, pr)))
     taps = [x[:, :, i * dh : i * dh + (oh - 1) * sh + 1 : sh, j * dw : j * dw + (ow - 1) * sw + 1 : sw]
             for i in range(kh) for j in range(kw)]
-    cols = np.stack(taps, axis=2).reshape(x.shape[0], -1, oh * ow)  # (B, C*kh*kw, OH*OW), k = (c*kh+i)*kw+j
+    cols = np.stack(taps, axis=2).reshape(x.shape[0], packed.K, oh * ow)  # (B, C*kh*kw, OH*OW), k = (c*kh+i)*kw+j
     y = np.einsum("bkp,kn->bnp", cols, dense_weight(packed).astype(np.float64))
     if bias is not None:
         y = y + np.asarray(bias, dtype=np.float64).reshape(1, -1, 1)
