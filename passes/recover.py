@@ -25,6 +25,7 @@ name. Models holding ``ai.onnxopt`` ops are run with onnxopt's kernel library.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import numpy as np
 import onnx_ir as ir
@@ -356,37 +357,42 @@ def recover_layers(
     and after and whether the re-fit was applied.
     """
     reference = {u.node.name: u for u in scan_weights(original, LAYER_OPS).uses if u.node.name}
-    results: dict[str, dict[str, float | str]] = {}
+    found = []
     for node in list(compressed.graph):
-        if names is not None and node.name not in names:
-            continue
-        layer = _identify(node, reference)
-        if layer is None:
-            continue
-        orig = reference[node.name]
-        target_matrix = orig.matrix() * np.float32(gemm_alpha(orig.node))
-        act_orig, act_comp = orig.activation.name, layer.activation.name
+        if names is None or node.name in names:
+            layer = _identify(node, reference)
+            if layer is not None:
+                found.append((node.name, layer, reference[node.name]))
+    results: dict[str, dict[str, float | str]] = {}
+    # Consecutive layers reading the same value (e.g. attention's Q, K, V) share one capture: re-fitting
+    # one of them cannot change the others' input.
+    for _, run in itertools.groupby(found, key=lambda entry: (entry[1].activation.name, entry[2].activation.name)):
+        run = list(run)
+        act_orig, act_comp = run[0][2].activation.name, run[0][1].activation.name
+        targets = [orig.matrix() * np.float32(gemm_alpha(orig.node)) for _, _, orig in run]
 
-        def on_batch(outs, layer=layer, orig=orig, target_matrix=target_matrix, act_orig=act_orig, act_comp=act_comp):
-            target = layer_input_rows(orig, outs[0][act_orig]) @ target_matrix
-            layer.accumulate(layer.rows(outs[1][act_comp]), target)
+        def on_batch(outs, run=run, targets=targets, act_orig=act_orig, act_comp=act_comp):
+            for (_, layer, orig), target_matrix in zip(run, targets):
+                target = layer_input_rows(orig, outs[0][act_orig]) @ target_matrix
+                layer.accumulate(layer.rows(outs[1][act_comp]), target)
 
         capture_many(
             [(original, [act_orig]), (compressed, [act_comp])], data.batches(original, 8, samples), on_batch
         )
-        current = layer.current()
-        fitted = layer.refit(damping)
-        before, after = layer.error(current), layer.error(fitted)
-        applied = after < before
-        if applied:
-            layer.apply(fitted)
-        results[node.name] = {
-            "kind": type(layer).__name__.strip("_").lower(),
-            "error_before": round(before, 6),
-            "error_after": round(after if applied else before, 6),
-            "applied": applied,
-            **getattr(layer, "report", {}),
-        }
+        for name, layer, _ in run:
+            current = layer.current()
+            fitted = layer.refit(damping)
+            before, after = layer.error(current), layer.error(fitted)
+            applied = after < before
+            if applied:
+                layer.apply(fitted)
+            results[name] = {
+                "kind": type(layer).__name__.strip("_").lower(),
+                "error_before": round(before, 6),
+                "error_after": round(after if applied else before, 6),
+                "applied": applied,
+                **getattr(layer, "report", {}),
+            }
     if names is not None:
         for name in sorted(names - set(results)):
             results[name] = {"kind": "skipped", "reason": "not observable (subgraph, unnamed or unmatched layer)"}
