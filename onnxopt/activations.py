@@ -16,6 +16,7 @@ import onnx_ir as ir
 
 from onnxopt.calibration import Dataset, capture, capture_many
 from onnxopt.errors import DataError
+from onnxopt.ops import im2col
 from onnxopt.weights import WeightUse
 
 
@@ -66,22 +67,6 @@ def _im2col(x: np.ndarray, use: WeightUse) -> np.ndarray:
         raise DataError(f"{use.label}: auto_pad convolutions are not supported for activation statistics")
     return im2col(x, use.array().shape[2:], attrs.get_ints("strides", (1, 1)), attrs.get_ints("pads", (0, 0, 0, 0)),
                   attrs.get_ints("dilations", (1, 1)))
-
-
-def im2col(x: np.ndarray, kernel, strides, pads, dilations) -> np.ndarray:
-    """(N, C, H, W) -> (N·OH·OW, C·kh·kw) rows of 2-D conv patches, window in (C, kh, kw) order."""
-    (kh, kw), dil = kernel, dilations
-    x = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
-    n, c, h, wdt = x.shape
-    oh = (h - dil[0] * (kh - 1) - 1) // strides[0] + 1
-    ow = (wdt - dil[1] * (kw - 1) - 1) // strides[1] + 1
-    cols = np.empty((n, oh, ow, c, kh, kw), dtype=x.dtype)
-    for i in range(kh):
-        for j in range(kw):
-            hs, ws = i * dil[0], j * dil[1]
-            patch = x[:, :, hs : hs + strides[0] * oh : strides[0], ws : ws + strides[1] * ow : strides[1]]
-            cols[..., i, j] = patch.transpose(0, 2, 3, 1)
-    return cols.reshape(n * oh * ow, c * kh * kw)
 
 
 def input_grams(

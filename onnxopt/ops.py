@@ -66,6 +66,8 @@ __all__ = [
     "pack_quant_matmul",
     "reference",
     "dense_weight",
+    "conv_output_size",
+    "im2col",
     "make_node",
     "register_schemas",
 ]
@@ -421,20 +423,31 @@ def conv_output_size(size: int, axis: int, attributes: dict) -> int:
     return (size + pads[axis] + pads[axis + 2] - dilation * (kernel - 1) - 1) // stride + 1
 
 
+def im2col(x: np.ndarray, kernel, strides, pads, dilations) -> np.ndarray:
+    """(N, C, H, W) -> (N·OH·OW, C·kh·kw) rows of 2-D conv patches, window in (C, kh, kw) order."""
+    (kh, kw), dil = kernel, dilations
+    x = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    n, c, h, wdt = x.shape
+    oh = (h - dil[0] * (kh - 1) - 1) // strides[0] + 1
+    ow = (wdt - dil[1] * (kw - 1) - 1) // strides[1] + 1
+    cols = np.empty((n, oh, ow, c, kh, kw), dtype=x.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            hs, ws = i * dil[0], j * dil[1]
+            patch = x[:, :, hs : hs + strides[0] * oh : strides[0], ws : ws + strides[1] * ow : strides[1]]
+            cols[..., i, j] = patch.transpose(0, 2, 3, 1)
+    return cols.reshape(n * oh * ow, c * kh * kw)
+
+
 def _conv_reference(packed: PackedWeight, x: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
     """``SparseConv`` by im2col: ``X (B, C, H, W) -> (B, N, OH, OW)``."""
     a = packed.attributes
-    (kh, kw), (sh, sw), (dh, dw) = a["kernel_shape"], a["strides"], a["dilations"]
-    pt, pl, pb, pr = a["pads"]
     oh, ow = conv_output_size(x.shape[2], 0, a), conv_output_size(x.shape[3], 1, a)
-    x = np.pad(np.asarray(x, dtype=np.float64), ((0, 0), (0, 0), (pt, pb), (pl, pr)))
-    taps = [x[:, :, i * dh : i * dh + (oh - 1) * sh + 1 : sh, j * dw : j * dw + (ow - 1) * sw + 1 : sw]
-            for i in range(kh) for j in range(kw)]
-    cols = np.stack(taps, axis=2).reshape(x.shape[0], packed.K, oh * ow)  # (B, C*kh*kw, OH*OW), k = (c*kh+i)*kw+j
-    y = np.einsum("bkp,kn->bnp", cols, dense_weight(packed).astype(np.float64))
+    rows = im2col(np.asarray(x, dtype=np.float64), a["kernel_shape"], a["strides"], a["pads"], a["dilations"])
+    y = rows @ dense_weight(packed).astype(np.float64)  # (B*OH*OW, N)
     if bias is not None:
-        y = y + np.asarray(bias, dtype=np.float64).reshape(1, -1, 1)
-    return y.reshape(x.shape[0], packed.N, oh, ow).astype(np.float32)
+        y = y + np.asarray(bias, dtype=np.float64).reshape(1, -1)
+    return y.reshape(x.shape[0], oh, ow, packed.N).transpose(0, 3, 1, 2).astype(np.float32)
 
 
 def reference(packed: PackedWeight, x: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:

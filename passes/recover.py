@@ -31,7 +31,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt import io, ops
-from onnxopt.activations import Gram, im2col, layer_input_rows
+from onnxopt.activations import Gram, layer_input_rows
 from onnxopt.calibration import Dataset, capture_many
 from onnxopt.compression import (
     bias_input_index,
@@ -175,7 +175,7 @@ class _SparseConv(_Sparse):
 
     def rows(self, x: np.ndarray) -> np.ndarray:
         a = packed_from_node(self.node).attributes
-        return im2col(x, a["kernel_shape"], a.get("strides", (1, 1)), a.get("pads", (0, 0, 0, 0)), a.get("dilations", (1, 1)))
+        return ops.im2col(x, a["kernel_shape"], a.get("strides", (1, 1)), a.get("pads", (0, 0, 0, 0)), a.get("dilations", (1, 1)))
 
     def apply(self, w: np.ndarray) -> None:
         old = packed_from_node(self.node)
