@@ -210,15 +210,14 @@ def layer_bias(node: ir.Node, n: int) -> np.ndarray | None:
     is not a constant broadcastable to one value per output column."""
     if node.op_type not in ("Gemm", "Conv") or len(node.inputs) < 3 or node.inputs[2] is None:
         return None
-    if node.op_type == "Conv":
-        b = constant_tensor(node.inputs[2])
-        if b is None or b.numpy().size != n:
-            raise ValueError("Conv bias is not a constant of one value per output channel")
-        return b.numpy().astype(np.float32).reshape(n)
     c = constant_tensor(node.inputs[2])
     if c is None:
-        raise ValueError("Gemm bias C is not a constant")
+        raise ValueError(f"{node.op_type} bias is not a constant")
     c = c.numpy().astype(np.float32)
+    if node.op_type == "Conv":
+        if c.size != n:
+            raise ValueError("Conv bias is not one value per output channel")
+        return c.reshape(n)
     if c.size not in (1, n) or (c.ndim == 2 and c.shape[0] != 1):
         raise ValueError(f"Gemm bias of shape {c.shape} is not one value per output column")
     return (np.broadcast_to(c.reshape(-1), (n,)) * float(node.attributes.get_float("beta", 1.0))).astype(np.float32)

@@ -173,17 +173,18 @@ class _Sparse(_Masked):
 class _SparseConv(_Sparse):
     """A ``SparseConv`` node: as :class:`_Sparse`, on the im2col rows of its input."""
 
+    def geometry(self) -> tuple[tuple[int, ...], ...]:
+        """(strides, pads, dilations) from the node's attributes (every packed SparseConv carries them)."""
+        attrs = self.node.attributes
+        return tuple(tuple(attrs[name].as_ints()) for name in ("strides", "pads", "dilations"))
+
     def rows(self, x: np.ndarray) -> np.ndarray:
-        a = packed_from_node(self.node).attributes
-        return ops.im2col(x, a["kernel_shape"], a.get("strides", (1, 1)), a.get("pads", (0, 0, 0, 0)), a.get("dilations", (1, 1)))
+        return ops.im2col(x, self.node.attributes["kernel_shape"].as_ints(), *self.geometry())
 
     def apply(self, w: np.ndarray) -> None:
         old = packed_from_node(self.node)
-        a = old.attributes
-        kernel = tuple(a["kernel_shape"])
-        weight = self.keep_pattern(w.astype(np.float32)).T.reshape(old.N, -1, *kernel)
-        packed = ops.pack_sparse_conv(weight, a.get("strides", (1, 1)), a.get("pads", (0, 0, 0, 0)), a.get("dilations", (1, 1)),
-                                      str(old.inputs["values"].dtype))
+        weight = self.keep_pattern(w.astype(np.float32)).T.reshape(old.N, -1, *old.attributes["kernel_shape"])
+        packed = ops.pack_sparse_conv(weight, *self.geometry(), value_dtype=str(old.inputs["values"].dtype))
         _replace_packed_inputs(self.node, packed)
 
 
