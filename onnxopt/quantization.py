@@ -15,6 +15,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import platform
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import Literal
@@ -35,6 +37,30 @@ def int_range(dtype: str, reduce_range: bool = False) -> tuple[int, int]:
     if reduce_range:
         qmin, qmax = (qmin // 2, qmax // 2) if qmin < 0 else (0, qmax // 2)
     return qmin, qmax
+
+
+@functools.cache
+def u8s8_saturates() -> bool:
+    """Whether onnxruntime's uint8 x int8 kernels may saturate on this CPU.
+
+    On x86 without VNNI they multiply with ``vpmaddubsw``, whose int16 pair sums clip; 7-bit weights
+    (``reduce_range``) keep every pair sum in range. Other CPUs, or an unreadable ``/proc/cpuinfo``: False.
+    """
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
+        return False
+    try:
+        with open("/proc/cpuinfo") as info:
+            flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), None)
+    except OSError:
+        return False
+    return flags is not None and not {"avx512_vnni", "avx_vnni", "avx_vnni_int8"} & set(flags)
+
+
+def resolve_reduce_range(reduce_range: bool | None, activation_type: str, weight_type: str) -> bool:
+    """``reduce_range`` as given, or (None) on exactly when uint8 x int8 products saturate on this CPU."""
+    if reduce_range is not None:
+        return reduce_range
+    return activation_type == "uint8" and weight_type == "int8" and u8s8_saturates()
 
 
 def scale_zero_point(

@@ -177,7 +177,9 @@ class QuantizeDynamicPass(ir.passes.InPlacePass):
     Args:
         per_channel: One scale per output column of each weight (else one per tensor).
         weight_type: Integer type of the stored weights (int8 is what onnxruntime runs fastest).
-        reduce_range: Quantize weights to 7 bits (avoids u8*s8 saturation on CPUs without VNNI).
+        reduce_range: Quantize weights to 7 bits, which avoids u8*s8 saturation on x86 CPUs without
+            VNNI. Default (None): on when this machine is such a CPU and weight_type is int8; set it
+            explicitly when the model will run on other hardware.
         format: ``ort``: onnxruntime's DynamicQuantizeMatMul with the bias folded in; ``onnx``:
             standard DynamicQuantizeLinear, MatMulInteger, Cast and Mul nodes.
         embeddings: Also store Gather tables (embeddings) as int8 (always signed) with one scale per row, dequantized after
@@ -189,7 +191,7 @@ class QuantizeDynamicPass(ir.passes.InPlacePass):
         self,
         per_channel: bool = True,
         weight_type: Literal["int8", "uint8"] = "int8",
-        reduce_range: bool = False,
+        reduce_range: bool | None = None,
         format: Literal["ort", "onnx"] = "ort",
         embeddings: bool = True,
         min_elements: int = 1,
@@ -204,7 +206,7 @@ class QuantizeDynamicPass(ir.passes.InPlacePass):
             raise ValueError(f"min_elements must be >= 1, got {min_elements}")
         self.per_channel = per_channel
         self.weight_type = weight_type
-        self.reduce_range = reduce_range
+        self.reduce_range = qz.resolve_reduce_range(reduce_range, "uint8", weight_type)
         self.format = format
         self.embeddings = embeddings
         self.min_elements = min_elements
@@ -230,6 +232,7 @@ class QuantizeDynamicPass(ir.passes.InPlacePass):
             "quantized": len(errors),
             "weight_relative_error": errors,
             "max_weight_relative_error": max(errors.values(), default=0.0),
+            "reduce_range": self.reduce_range,
             "skipped": skipped,
         }
         NameFixPass()(model)  # new values get names unique across the graph and its subgraphs

@@ -71,7 +71,9 @@ class QuantizeInt8Pass(ir.passes.InPlacePass):
         symmetric_activations: Symmetric activation ranges (zero point in the middle).
         activation_type: ``uint8`` (what onnxruntime's x86 kernels prefer) or ``int8``.
         weight_type: Integer type of the weights (``int8`` for onnxruntime's fast u8s8 kernels).
-        reduce_range: 7-bit weights (for CPUs without VNNI, avoids u8*s8 saturation).
+        reduce_range: 7-bit weights, which avoid u8*s8 saturation on x86 CPUs without VNNI. Default
+            (None): on when this machine is such a CPU and the types are uint8 x int8; set it
+            explicitly when the model will run on other hardware.
         op_types: Op types to quantize (compute ops MatMul/Gemm/Conv plus pooling/activation ops).
         exclude: Node names or regular expressions (full match) to keep in float.
         activation_matmuls: Also quantize MatMuls of two activations (attention scores, context).
@@ -89,7 +91,7 @@ class QuantizeInt8Pass(ir.passes.InPlacePass):
         symmetric_activations: bool = False,
         activation_type: Literal["uint8", "int8"] = "uint8",
         weight_type: Literal["int8", "uint8"] = "int8",
-        reduce_range: bool = False,
+        reduce_range: bool | None = None,
         op_types: list[str] | None = None,
         exclude: list[str] | None = None,
         activation_matmuls: bool = False,
@@ -113,7 +115,8 @@ class QuantizeInt8Pass(ir.passes.InPlacePass):
                 raise ValueError(f"exclude pattern '{pattern}' is not a regular expression: {exc}") from None
         self.calibration, self.percentile = calibration, percentile
         self.per_channel, self.symmetric_activations = per_channel, symmetric_activations
-        self.activation_type, self.weight_type, self.reduce_range = activation_type, weight_type, reduce_range
+        self.activation_type, self.weight_type = activation_type, weight_type
+        self.reduce_range = qz.resolve_reduce_range(reduce_range, activation_type, weight_type)
         self.op_types = set(op_types if op_types is not None else DEFAULT_OP_TYPES)
         self.exclude = list(exclude or [])
         self.activation_matmuls, self.embeddings = activation_matmuls, embeddings
@@ -206,6 +209,7 @@ class QuantizeInt8Pass(ir.passes.InPlacePass):
             "max_weight_relative_error": max(weight_errors.values(), default=0.0),
             "dynamic_in_subgraphs": dynamic_errors,
             "embedding_relative_error": embedding_errors,
+            "reduce_range": self.reduce_range,
             "skipped": skipped,
         }
         NameFixPass()(model)  # new values get names unique across the graph and its subgraphs

@@ -40,6 +40,16 @@ def test_scale_zero_point_edge_cases():
         qz.int_range("int3")
 
 
+@pytest.mark.parametrize("saturates", [True, False])
+def test_reduce_range_default_follows_the_cpu(monkeypatch, saturates):
+    monkeypatch.setattr(qz, "u8s8_saturates", lambda: saturates)
+    assert qz.resolve_reduce_range(None, "uint8", "int8") is saturates
+    assert qz.resolve_reduce_range(None, "uint8", "uint8") is False  # u8 x u8 never saturates
+    assert qz.resolve_reduce_range(None, "int8", "int8") is False
+    assert qz.resolve_reduce_range(False, "uint8", "int8") is False  # an explicit choice wins
+    assert qz.resolve_reduce_range(True, "uint8", "uint8") is True
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_block_quantization_bounds_and_format(bits, symmetric):
