@@ -1,5 +1,5 @@
-// AVX2 level: the generic kernels compiled with -mavx2 -mfma -mf16c -mpopcnt -mbmi2
-// (auto-vectorized), with the XNOR popcount loop using hardware popcnt.
+// AVX2 level (AVX2, FMA, F16C, POPCNT, BMI2): hand-written QuantMatMul; the other kernels are the
+// generic ones compiled with these flags (auto-vectorized, hardware popcnt for XNOR).
 #include <immintrin.h>
 
 #include <algorithm>
@@ -12,13 +12,182 @@
 namespace onnxopt {
 namespace isa_avx2 {
 #include "kernels_generic.inc"
+
+// Prefetch [p, p+bytes) into L2 (prefetches never fault, so running past an array end is harmless).
+static inline void prefetch_l2(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(c + o, _MM_HINT_T1);
+}
+
+static inline int32_t load4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+// ---------------------------------------------------------------- Quant
+static void quant_x(const float* x, int64_t K, int64_t bs, int64_t nb, int8_t* xq, float* sx, int32_t* sumx) {
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  alignas(32) float v[128];  // one block, zero padded past K (bs <= 128)
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t k0 = b * bs, valid = std::min<int64_t>(bs, K - k0);
+    std::memcpy(v, x + k0, valid * sizeof(float));
+    std::fill(v + valid, v + bs, 0.0f);
+    __m256 mx = _mm256_setzero_ps();
+    for (int64_t k = 0; k < bs; k += 8) mx = _mm256_max_ps(mx, _mm256_and_ps(_mm256_load_ps(v + k), absmask));
+    alignas(32) float m8[8];
+    _mm256_store_ps(m8, mx);
+    const float amax = *std::max_element(m8, m8 + 8);
+    const __m256 inv = _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+    __m256i s = _mm256_setzero_si256();
+    for (int64_t k = 0; k < bs; k += 8) {
+      __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_load_ps(v + k), inv));  // round to nearest even
+      q = _mm256_max_epi32(_mm256_set1_epi32(-127), _mm256_min_epi32(_mm256_set1_epi32(127), q));
+      s = _mm256_add_epi32(s, q);
+      const __m128i w16 = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+      _mm_storel_epi64((__m128i*)(xq + k0 + k), _mm_packs_epi16(w16, w16));
+    }
+    __m128i h = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+    h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4E));
+    h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xB1));
+    sx[b] = amax / 127.0f;
+    sumx[b] = _mm_cvtsi128_si32(h);
+  }
+}
+
+// RT rows x one column block of 16 (two 8-column halves). AVX2 has no vpdpbusd: u8 x s8 byte pairs
+// go through vpmaddubsw (int16, saturating) and vpmaddwd. Int4 codes are at most 15, so a pair of
+// products is at most 3810 and two groups' sums still fit in int16. Int8 codes w are taken as
+// s = w - 128 and multiplied as |s| x (x with the sign of s): a pair is at most 2*128*127 < 32767,
+// and sum(w x) = sum(s x) + 128 sum(x).
+template <int RT, int BITS, int BS, bool F16S, bool ZP>
+static inline void quant_tile(const QuantParams& p, int64_t m, int64_t cb) {
+  constexpr int64_t bs = BS, bpb = BS * 2 * BITS;
+  const int64_t nb = p.nb, KX = nb * bs;
+  const __m256i lo4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8((char)0x80);
+  constexpr int32_t zsym = 1 << (BITS - 1);
+  __m256 acc[RT][2];
+  for (int r = 0; r < RT; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    __m256i d[RT][2];
+    for (int r = 0; r < RT; ++r) {
+      const int32_t sum = p.sumx[(m + r) * nb + b];
+      const int32_t seed = (ZP ? 0 : -zsym * sum) + (BITS == 8 ? 128 * sum : 0);
+      d[r][0] = d[r][1] = _mm256_set1_epi32(seed);
+    }
+    const uint8_t* wb = p.w + (cb * nb + b) * bpb;
+    if constexpr (RT == 1) {  // GEMV: stream the next column block's weights and scales into L2
+      prefetch_l2(wb + nb * bpb, bpb);
+      const int64_t ssz = F16S ? 32 : 64;
+      prefetch_l2(static_cast<const char*>(p.scales) + ((cb + 1) * nb + b) * ssz, ssz);
+    }
+    const int8_t* xb[RT];
+    for (int r = 0; r < RT; ++r) xb[r] = p.xq + (m + r) * KX + b * bs;
+    if constexpr (BITS == 4) {
+#pragma GCC unroll 8
+      for (int64_t g = 0; g < bs / 8; g += 2) {  // two groups of 8 K rows per int16 sum
+        __m256i lo[2][2], hi[2][2];
+        for (int u = 0; u < 2; ++u)
+          for (int h = 0; h < 2; ++h) {
+            const __m256i raw = _mm256_loadu_si256((const __m256i*)(wb + (g + u) * 64 + h * 32));
+            lo[u][h] = _mm256_and_si256(raw, lo4);
+            hi[u][h] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), lo4);
+          }
+        for (int r = 0; r < RT; ++r) {
+          __m256i X[2][2];
+          for (int u = 0; u < 2; ++u) {
+            X[u][0] = _mm256_set1_epi32(load4(xb[r] + 8 * (g + u)));
+            X[u][1] = _mm256_set1_epi32(load4(xb[r] + 8 * (g + u) + 4));
+          }
+          for (int h = 0; h < 2; ++h) {
+            const __m256i t0 = _mm256_add_epi16(_mm256_maddubs_epi16(lo[0][h], X[0][0]), _mm256_maddubs_epi16(hi[0][h], X[0][1]));
+            const __m256i t1 = _mm256_add_epi16(_mm256_maddubs_epi16(lo[1][h], X[1][0]), _mm256_maddubs_epi16(hi[1][h], X[1][1]));
+            d[r][h] = _mm256_add_epi32(d[r][h], _mm256_madd_epi16(_mm256_add_epi16(t0, t1), ones));
+          }
+        }
+      }
+    } else {
+#pragma GCC unroll 8
+      for (int64_t g = 0; g < bs / 4; ++g) {
+        __m256i mag[2], sgn[2];
+        for (int h = 0; h < 2; ++h) {
+          sgn[h] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(wb + g * 64 + h * 32)), flip);
+          mag[h] = _mm256_abs_epi8(sgn[h]);
+        }
+        for (int r = 0; r < RT; ++r) {
+          const __m256i X = _mm256_set1_epi32(load4(xb[r] + 4 * g));
+          for (int h = 0; h < 2; ++h)
+            d[r][h] = _mm256_add_epi32(d[r][h], _mm256_madd_epi16(_mm256_maddubs_epi16(mag[h], _mm256_sign_epi8(X, sgn[h])), ones));
+        }
+      }
+    }
+    for (int h = 0; h < 2; ++h) {
+      const int64_t so = (cb * nb + b) * 16 + h * 8;
+      __m256 sw;
+      if constexpr (F16S)
+        sw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(static_cast<const uint16_t*>(p.scales) + so)));
+      else
+        sw = _mm256_loadu_ps(static_cast<const float*>(p.scales) + so);
+      __m256 zf = _mm256_setzero_ps();
+      if constexpr (ZP) zf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(p.zp + so))));
+      for (int r = 0; r < RT; ++r) {
+        const int64_t xo = (m + r) * nb + b;
+        __m256 f = _mm256_cvtepi32_ps(d[r][h]);
+        if constexpr (ZP) f = _mm256_fnmadd_ps(zf, _mm256_set1_ps((float)p.sumx[xo]), f);
+        acc[r][h] = _mm256_fmadd_ps(_mm256_mul_ps(f, sw), _mm256_set1_ps(p.sx[xo]), acc[r][h]);
+      }
+    }
+  }
+  const int64_t n0 = cb * 16, valid = std::min<int64_t>(16, p.N - n0);
+  for (int r = 0; r < RT; ++r) {
+    alignas(32) float out[16];
+    _mm256_store_ps(out, acc[r][0]);
+    _mm256_store_ps(out + 8, acc[r][1]);
+    float* y = p.y + (m + r) * p.N + n0;
+    for (int64_t l = 0; l < valid; ++l) y[l] = out[l] + (p.bias ? p.bias[n0 + l] : 0.0f);
+  }
+}
+
+template <int BITS, int BS, bool F16S, bool ZP>
+static void quant_gemm_t(const QuantParams& p, int64_t m0, int64_t m1, int64_t c0, int64_t c1) {
+  // column chunks sized so the chunk's weights stay in L2 while all row tiles pass over it
+  const int64_t bytes_per_cb = p.nb * BS * 2 * BITS;
+  const int64_t chunk = std::max<int64_t>(1, (256 * 1024) / bytes_per_cb);
+  for (int64_t cc = c0; cc < c1; cc += chunk) {
+    const int64_t ce = std::min(c1, cc + chunk);
+    int64_t m = m0;
+    for (; m + 4 <= m1; m += 4)
+      for (int64_t cb = cc; cb < ce; ++cb) quant_tile<4, BITS, BS, F16S, ZP>(p, m, cb);
+    for (; m < m1; ++m)
+      for (int64_t cb = cc; cb < ce; ++cb) quant_tile<1, BITS, BS, F16S, ZP>(p, m, cb);
+  }
+}
+
+template <int BITS, int BS>
+static void quant_gemm_bs(const QuantParams& p, int64_t m0, int64_t m1, int64_t c0, int64_t c1) {
+  const bool z = p.zp != nullptr;
+  if (p.scales_f16) return z ? quant_gemm_t<BITS, BS, true, true>(p, m0, m1, c0, c1) : quant_gemm_t<BITS, BS, true, false>(p, m0, m1, c0, c1);
+  return z ? quant_gemm_t<BITS, BS, false, true>(p, m0, m1, c0, c1) : quant_gemm_t<BITS, BS, false, false>(p, m0, m1, c0, c1);
+}
+
+template <int BITS>
+static void quant_gemm_bits(const QuantParams& p, int64_t m0, int64_t m1, int64_t c0, int64_t c1) {
+  if (p.bs == 32) return quant_gemm_bs<BITS, 32>(p, m0, m1, c0, c1);
+  if (p.bs == 64) return quant_gemm_bs<BITS, 64>(p, m0, m1, c0, c1);
+  return quant_gemm_bs<BITS, 128>(p, m0, m1, c0, c1);
+}
+
+static void quant_gemm(const QuantParams& p, int64_t m0, int64_t m1, int64_t c0, int64_t c1) {
+  if (p.bits == 4) return quant_gemm_bits<4>(p, m0, m1, c0, c1);
+  return quant_gemm_bits<8>(p, m0, m1, c0, c1);
+}
 }  // namespace isa_avx2
 
 const KernelTable* GetKernelTableAvx2() {
 #if defined(ONNXOPT_HAVE_AVX2)
   using namespace isa_avx2;
   static const KernelTable t = {"avx2",        g_binary_lut,  g_binary_gemm, g_xnor_pack_x, g_xnor_gemm,
-                                g_sparse_rows, g_sparse_xt,   g_sparse_csr_acc, g_sparse_conv_plane, g_quant_x, g_quant_gemm};
+                                g_sparse_rows, g_sparse_xt,   g_sparse_csr_acc, g_sparse_conv_plane, quant_x, quant_gemm};
   return &t;
 #else
   return nullptr;
