@@ -1,4 +1,4 @@
-// AVX2 level (AVX2, FMA, F16C, POPCNT, BMI2): hand-written QuantMatMul; the other kernels are the
+// AVX2 level (AVX2, FMA, F16C, POPCNT, BMI2): hand-written BinaryMatMul and QuantMatMul; the other kernels are the
 // generic ones compiled with these flags (auto-vectorized, hardware popcnt for XNOR).
 #include <immintrin.h>
 
@@ -23,6 +23,75 @@ static inline int32_t load4(const int8_t* p) {
   int32_t v;
   std::memcpy(&v, p, 4);
   return v;
+}
+
+// ---------------------------------------------------------------- Binary
+// RT rows x CB column blocks of 16 (two 8-lane halves). vpermps indexes 8 floats, so a nibble's
+// 16-entry LUT is looked up in both halves and bit 3 of the nibble (moved to the sign bit) blends.
+template <int RT, int CB>
+static inline void binary_tile(const BinaryParams& p, int64_t m, int64_t cb) {
+  const int64_t G16 = p.KW * 8 * 16;
+  __m256 acc[RT][CB][2];
+  for (int r = 0; r < RT; ++r)
+    for (int c = 0; c < CB; ++c) acc[r][c][0] = acc[r][c][1] = _mm256_setzero_ps();
+  const uint32_t* wb[CB];
+  for (int c = 0; c < CB; ++c) wb[c] = p.bits + (cb + c) * p.KW * 16;
+  const float* lut[RT];
+  for (int r = 0; r < RT; ++r) lut[r] = p.lut + (m + r) * G16;
+  const char* next = reinterpret_cast<const char*>(wb[0] + CB * p.KW * 16);
+  for (int64_t w = 0; w < p.KW; ++w) {
+    if constexpr (RT == 1) prefetch_l2(next + w * CB * 64, CB * 64);  // GEMV: stream the next tile
+    __m256i W[CB][2];
+    for (int c = 0; c < CB; ++c)
+      for (int h = 0; h < 2; ++h) W[c][h] = _mm256_loadu_si256((const __m256i*)(wb[c] + w * 16 + h * 8));
+#pragma GCC unroll 8
+    for (int q = 0; q < 8; ++q) {
+      __m256i idx[CB][2];
+      __m256 neg[CB][2];
+      for (int c = 0; c < CB; ++c)
+        for (int h = 0; h < 2; ++h) {
+          const __m256i m = _mm256_srai_epi32(_mm256_slli_epi32(W[c][h], 28 - 4 * q), 31);
+          idx[c][h] = _mm256_xor_si256(_mm256_srli_epi32(W[c][h], 4 * q), m);
+          neg[c][h] = _mm256_castsi256_ps(_mm256_slli_epi32(m, 31));
+        }
+      for (int r = 0; r < RT; ++r) {
+        const __m256 lo = _mm256_loadu_ps(lut[r] + (w * 8 + q) * 16);
+        for (int c = 0; c < CB; ++c)
+          for (int h = 0; h < 2; ++h)
+            acc[r][c][h] = _mm256_add_ps(acc[r][c][h], _mm256_xor_ps(_mm256_permutevar8x32_ps(lo, idx[c][h]), neg[c][h]));
+      }
+    }
+  }
+  for (int c = 0; c < CB; ++c) {
+    const int64_t n0 = (cb + c) * 16, valid = std::min<int64_t>(16, p.N - n0);
+    for (int r = 0; r < RT; ++r) {
+      alignas(32) float out[16];
+      _mm256_store_ps(out, acc[r][c][0]);
+      _mm256_store_ps(out + 8, acc[r][c][1]);
+      float* y = p.y + (m + r) * p.N + n0;
+      for (int64_t l = 0; l < valid; ++l) y[l] = out[l] * p.alpha[n0 + l] + (p.bias ? p.bias[n0 + l] : 0.0f);
+    }
+  }
+}
+
+template <int RT>
+static inline void binary_rows(const BinaryParams& p, int64_t m, int64_t c0, int64_t c1) {
+  constexpr int CB = RT == 1 ? 2 : 1;
+  int64_t cb = c0;
+  for (; cb + CB <= c1; cb += CB) binary_tile<RT, CB>(p, m, cb);
+  for (; cb < c1; ++cb) binary_tile<RT, 1>(p, m, cb);
+}
+
+static void binary_gemm(const BinaryParams& p, int64_t m0, int64_t m1, int64_t c0, int64_t c1) {
+  // column chunks so that the weight chunk stays in L2 while row tiles stream their LUTs
+  const int64_t chunk = std::max<int64_t>(1, (128 * 1024) / (p.KW * 64));
+  for (int64_t cc = c0; cc < c1; cc += chunk) {
+    const int64_t ce = std::min(c1, cc + chunk);
+    int64_t m = m0;
+    for (; m + 4 <= m1; m += 4) binary_rows<4>(p, m, cc, ce);
+    for (; m + 2 <= m1; m += 2) binary_rows<2>(p, m, cc, ce);
+    for (; m < m1; ++m) binary_rows<1>(p, m, cc, ce);
+  }
 }
 
 // ---------------------------------------------------------------- Quant
@@ -186,7 +255,7 @@ static void quant_gemm(const QuantParams& p, int64_t m0, int64_t m1, int64_t c0,
 const KernelTable* GetKernelTableAvx2() {
 #if defined(ONNXOPT_HAVE_AVX2)
   using namespace isa_avx2;
-  static const KernelTable t = {"avx2",        g_binary_lut,  g_binary_gemm, g_xnor_pack_x, g_xnor_gemm,
+  static const KernelTable t = {"avx2",        g_binary_lut,  binary_gemm, g_xnor_pack_x, g_xnor_gemm,
                                 g_sparse_rows, g_sparse_xt,   g_sparse_csr_acc, g_sparse_conv_plane, quant_x, quant_gemm};
   return &t;
 #else
