@@ -1,4 +1,5 @@
-// AVX2 level (AVX2, FMA, F16C, POPCNT, BMI2): hand-written BinaryMatMul and QuantMatMul; the other kernels are the
+// AVX2 level (AVX2, FMA, F16C, POPCNT, BMI2): hand-written BinaryMatMul, SparseMatMul's
+// transposed path and QuantMatMul; the other kernels are the
 // generic ones compiled with these flags (auto-vectorized, hardware popcnt for XNOR).
 #include <immintrin.h>
 
@@ -92,6 +93,61 @@ static void binary_gemm(const BinaryParams& p, int64_t m0, int64_t m1, int64_t c
     for (; m + 2 <= m1; m += 2) binary_rows<2>(p, m, cc, ce);
     for (; m < m1; ++m) binary_rows<1>(p, m, cc, ce);
   }
+}
+
+// ---------------------------------------------------------------- Sparse
+template <ValType VT>
+static inline float scalar_val(const void* v, int64_t j) {
+  if constexpr (VT == ValType::F32) return static_cast<const float*>(v)[j];
+  else if constexpr (VT == ValType::F16) return _cvtsh_ss(static_cast<const uint16_t*>(v)[j]);
+  else return (float)static_cast<const int8_t*>(v)[j];
+}
+
+// Transposed path: X^T in groups of 32 rows ([group][K][32], 64-byte aligned rows). Per column one
+// pass over its entries, each = broadcast value x four 8-float rows; two entries per step into two
+// sets of 4 accumulators (an FMA's latency is 4 cycles: one set would wait on it). Measured at
+// 4096x4096, M = 128, 90 % sparse: ~1.8 ns per (entry, group) on Zen 3; passes over 16-row halves,
+// whose X^T slice fits a 512 KB L2, were no faster.
+template <ValType VT, class IT>
+static void sparse_xt_t(const SparseParams& p, int64_t t0, int64_t t1, int64_t n0, int64_t n1) {
+  const IT* idx = static_cast<const IT*>(p.indices);
+  for (int64_t t = t0; t < t1; ++t) {
+    const float* xg = p.xt + t * p.K * 32;
+    for (int64_t n = n0; n < n1; ++n) {
+      __m256 a[4], c[4];
+      for (int i = 0; i < 4; ++i) a[i] = c[i] = _mm256_setzero_ps();
+      const int64_t e1 = p.col_ptr[n + 1];
+      int64_t j = p.col_ptr[n];
+      for (; j + 2 <= e1; j += 2) {
+        const __m256 v0 = _mm256_set1_ps(scalar_val<VT>(p.values, j));
+        const __m256 v1 = _mm256_set1_ps(scalar_val<VT>(p.values, j + 1));
+        const float* x0 = xg + (int64_t)idx[j] * 32;
+        const float* x1 = xg + (int64_t)idx[j + 1] * 32;
+        for (int i = 0; i < 4; ++i) {
+          a[i] = _mm256_fmadd_ps(v0, _mm256_load_ps(x0 + 8 * i), a[i]);
+          c[i] = _mm256_fmadd_ps(v1, _mm256_load_ps(x1 + 8 * i), c[i]);
+        }
+      }
+      if (j < e1) {
+        const __m256 v0 = _mm256_set1_ps(scalar_val<VT>(p.values, j));
+        const float* x0 = xg + (int64_t)idx[j] * 32;
+        for (int i = 0; i < 4; ++i) a[i] = _mm256_fmadd_ps(v0, _mm256_load_ps(x0 + 8 * i), a[i]);
+      }
+      const float sc = p.scales[n];
+      const float bi = p.bias ? p.bias[n] : 0.0f;
+      alignas(32) float out[32];
+      for (int i = 0; i < 4; ++i) _mm256_store_ps(out + 8 * i, _mm256_add_ps(a[i], c[i]));
+      for (int r = 0; r < 32; ++r) {
+        const int64_t m = t * 32 + r;
+        if (m >= p.M) break;
+        p.y[m * p.N + n] = out[r] * sc + bi;
+      }
+    }
+  }
+}
+
+static void sparse_xt(const SparseParams& p, int64_t t0, int64_t t1, int64_t n0, int64_t n1) {
+  g_sparse_dispatch(p, [&](auto vt, auto it) { sparse_xt_t<decltype(vt)::value, decltype(it)>(p, t0, t1, n0, n1); });
 }
 
 // ---------------------------------------------------------------- Quant
@@ -256,7 +312,7 @@ const KernelTable* GetKernelTableAvx2() {
 #if defined(ONNXOPT_HAVE_AVX2)
   using namespace isa_avx2;
   static const KernelTable t = {"avx2",        g_binary_lut,  binary_gemm, g_xnor_pack_x, g_xnor_gemm,
-                                g_sparse_rows, g_sparse_xt,   g_sparse_csr_acc, g_sparse_conv_plane, quant_x, quant_gemm};
+                                g_sparse_rows, sparse_xt,   g_sparse_csr_acc, g_sparse_conv_plane, quant_x, quant_gemm};
   return &t;
 #else
   return nullptr;
