@@ -13,12 +13,8 @@
 namespace onnxopt {
 namespace isa_avx2 {
 #include "kernels_generic.inc"
+#include "x86_helpers.inc"
 
-// Prefetch [p, p+bytes) into L2 (prefetches never fault, so running past an array end is harmless).
-static inline void prefetch_l2(const void* p, int64_t bytes) {
-  const char* c = static_cast<const char*>(p);
-  for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(c + o, _MM_HINT_T1);
-}
 
 static inline int32_t load4(const int8_t* p) {
   int32_t v;
@@ -96,12 +92,6 @@ static void binary_gemm(const BinaryParams& p, int64_t m0, int64_t m1, int64_t c
 }
 
 // ---------------------------------------------------------------- Sparse
-template <ValType VT>
-static inline float scalar_val(const void* v, int64_t j) {
-  if constexpr (VT == ValType::F32) return static_cast<const float*>(v)[j];
-  else if constexpr (VT == ValType::F16) return _cvtsh_ss(static_cast<const uint16_t*>(v)[j]);
-  else return (float)static_cast<const int8_t*>(v)[j];
-}
 
 // Transposed path: X^T in groups of 32 rows ([group][K][32], 64-byte aligned rows). Per column one
 // pass over its entries, each = broadcast value x four 8-float rows; two entries per step into two

@@ -15,12 +15,8 @@
 namespace onnxopt {
 namespace isa_avx512 {
 #include "kernels_generic.inc"
+#include "x86_helpers.inc"
 
-// Prefetch [p, p+bytes) into L2 (prefetches never fault, so running past an array end is harmless).
-static inline void prefetch_l2(const void* p, int64_t bytes) {
-  const char* c = static_cast<const char*>(p);
-  for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(c + o, _MM_HINT_T1);
-}
 
 static inline __mmask16 tail16(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u); }
 
@@ -200,12 +196,6 @@ static inline __m512 load_vals(const void* v, int64_t j, __mmask16 mk) {
   }
 }
 
-template <ValType VT>
-static inline float scalar_val(const void* v, int64_t j) {
-  if constexpr (VT == ValType::F32) return static_cast<const float*>(v)[j];
-  else if constexpr (VT == ValType::F16) return _cvtsh_ss(static_cast<const uint16_t*>(v)[j]);
-  else return (float)static_cast<const int8_t*>(v)[j];
-}
 
 // Row path (M < 16): the portable kernel (8 scalar FMA chains per column). vgatherdps measured
 // no faster here (0.61 vs 0.55 ms at 4096x4096, 90% sparse): both are load-port bound.
