@@ -430,6 +430,21 @@ def test_threads_give_identical_results():
         np.testing.assert_array_equal(y1, y2)
 
 
+def test_xnor_long_k_and_all_bits_differing(isa):
+    """K of 71 words: popcounts summed per byte over 31-word chunks (AVX2) must not wrap, even when
+    every bit differs (8 per byte per word), and the last, partial chunk and word must count."""
+    rng = np.random.default_rng(5)
+    K, N = 64 * 70 + 5, 11
+    w = np.abs(rng.standard_normal((K, N))).astype(np.float32) + 0.1  # every weight bit set
+    packed = ops.pack_xnor_matmul(w)
+    sess = _session(_model(packed, None))
+    x = rng.standard_normal((6, K)).astype(np.float32)
+    x[0] = -np.abs(x[0]) - 0.1  # every activation bit clear: all K bits differ
+    x[1] = np.abs(x[1])  # no bit differs
+    for rows in (x[:1], x):
+        _check(sess.run(None, {"X": rows})[0], ops.reference(packed, rows), f"xnor K={K} isa={isa}")
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_quant_extreme_codes(isa, bits, symmetric):

@@ -1,6 +1,6 @@
-// AVX2 level (AVX2, FMA, F16C, POPCNT, BMI2): hand-written BinaryMatMul, SparseMatMul's
-// transposed path and QuantMatMul; the other kernels are the
-// generic ones compiled with these flags (auto-vectorized, hardware popcnt for XNOR).
+// AVX2 level (AVX2, FMA, F16C, POPCNT, BMI2): hand-written BinaryMatMul, XnorMatMul,
+// SparseMatMul's transposed path and QuantMatMul; the other kernels (LUT build, X binarization,
+// sparse row paths, SparseConv) are the generic ones compiled with these flags.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -88,6 +88,79 @@ static void binary_gemm(const BinaryParams& p, int64_t m0, int64_t m1, int64_t c
     for (; m + 4 <= m1; m += 4) binary_rows<4>(p, m, cc, ce);
     for (; m + 2 <= m1; m += 2) binary_rows<2>(p, m, cc, ce);
     for (; m < m1; ++m) binary_rows<1>(p, m, cc, ce);
+  }
+}
+
+// ---------------------------------------------------------------- Xnor
+// RT rows x CB column blocks of 8 (two 4-column ymm halves). AVX2 has no vpopcntq: popcount of each
+// byte of x XOR w by two vpshufb nibble lookups, summed per byte for up to 31 words (8 x 31 <= 255),
+// then widened per column with vpsadbw.
+template <int RT, int CB>
+static inline void xnor_tile(const XnorParams& p, int64_t m, int64_t cb) {
+  const __m256i nibble_bits = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
+                                               0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+  const __m256i low = _mm256_set1_epi8(0x0F), zero = _mm256_setzero_si256();
+  __m256i total[RT][CB][2];
+  for (int r = 0; r < RT; ++r)
+    for (int c = 0; c < CB; ++c) total[r][c][0] = total[r][c][1] = zero;
+  const uint64_t* wb[CB];
+  for (int c = 0; c < CB; ++c) wb[c] = p.bits + (cb + c) * p.KW * 8;
+  const char* next = reinterpret_cast<const char*>(wb[0] + CB * p.KW * 8);
+  for (int64_t w0 = 0; w0 < p.KW; w0 += 31) {
+    const int64_t w1 = std::min<int64_t>(p.KW, w0 + 31);
+    __m256i bytes[RT][CB][2];
+    for (int r = 0; r < RT; ++r)
+      for (int c = 0; c < CB; ++c) bytes[r][c][0] = bytes[r][c][1] = zero;
+    for (int64_t w = w0; w < w1; ++w) {
+      if constexpr (RT == 1) prefetch_l2(next + w * CB * 64, CB * 64);  // GEMV: stream the next tile
+      __m256i W[CB][2];
+      for (int c = 0; c < CB; ++c)
+        for (int h = 0; h < 2; ++h) W[c][h] = _mm256_loadu_si256((const __m256i*)(wb[c] + w * 8 + h * 4));
+      for (int r = 0; r < RT; ++r) {
+        const __m256i X = _mm256_set1_epi64x((long long)p.xbits[(m + r) * p.KW + w]);
+        for (int c = 0; c < CB; ++c)
+          for (int h = 0; h < 2; ++h) {
+            const __m256i t = _mm256_xor_si256(X, W[c][h]);
+            const __m256i cnt = _mm256_add_epi8(_mm256_shuffle_epi8(nibble_bits, _mm256_and_si256(t, low)),
+                                                _mm256_shuffle_epi8(nibble_bits, _mm256_and_si256(_mm256_srli_epi16(t, 4), low)));
+            bytes[r][c][h] = _mm256_add_epi8(bytes[r][c][h], cnt);
+          }
+      }
+    }
+    for (int r = 0; r < RT; ++r)
+      for (int c = 0; c < CB; ++c)
+        for (int h = 0; h < 2; ++h) total[r][c][h] = _mm256_add_epi64(total[r][c][h], _mm256_sad_epu8(bytes[r][c][h], zero));
+  }
+  for (int c = 0; c < CB; ++c) {
+    const int64_t n0 = (cb + c) * 8, valid = std::min<int64_t>(8, p.N - n0);
+    for (int r = 0; r < RT; ++r) {
+      alignas(32) int64_t cnt[8];
+      _mm256_store_si256((__m256i*)cnt, total[r][c][0]);
+      _mm256_store_si256((__m256i*)(cnt + 4), total[r][c][1]);
+      const float beta = p.beta[m + r];
+      float* y = p.y + (m + r) * p.N + n0;
+      for (int64_t l = 0; l < valid; ++l)
+        y[l] = beta * p.alpha[n0 + l] * (float)(p.K - 2 * cnt[l]) + (p.bias ? p.bias[n0 + l] : 0.0f);
+    }
+  }
+}
+
+template <int RT>
+static inline void xnor_rows(const XnorParams& p, int64_t m, int64_t c0, int64_t c1) {
+  constexpr int CB = RT == 1 ? 2 : 1;
+  int64_t cb = c0;
+  for (; cb + CB <= c1; cb += CB) xnor_tile<RT, CB>(p, m, cb);
+  for (; cb < c1; ++cb) xnor_tile<RT, 1>(p, m, cb);
+}
+
+static void xnor_gemm(const XnorParams& p, int64_t m0, int64_t m1, int64_t c0, int64_t c1) {
+  // column chunks so that the weight chunk stays in L2 while row tiles pass over it
+  const int64_t chunk = std::max<int64_t>(1, (128 * 1024) / (p.KW * 64));
+  for (int64_t cc = c0; cc < c1; cc += chunk) {
+    const int64_t ce = std::min(c1, cc + chunk);
+    int64_t m = m0;
+    for (; m + 4 <= m1; m += 4) xnor_rows<4>(p, m, cc, ce);
+    for (; m < m1; ++m) xnor_rows<1>(p, m, cc, ce);
   }
 }
 
@@ -301,7 +374,7 @@ static void quant_gemm(const QuantParams& p, int64_t m0, int64_t m1, int64_t c0,
 const KernelTable* GetKernelTableAvx2() {
 #if defined(ONNXOPT_HAVE_AVX2)
   using namespace isa_avx2;
-  static const KernelTable t = {"avx2",        g_binary_lut,  binary_gemm, g_xnor_pack_x, g_xnor_gemm,
+  static const KernelTable t = {"avx2",        g_binary_lut,  binary_gemm, g_xnor_pack_x, xnor_gemm,
                                 g_sparse_rows, sparse_xt,   g_sparse_csr_acc, g_sparse_conv_plane, quant_x, quant_gemm};
   return &t;
 #else
