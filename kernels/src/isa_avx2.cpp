@@ -22,6 +22,28 @@ static inline int32_t load4(const int8_t* p) {
   return v;
 }
 
+// Tile grid: column blocks [c0, c1) in chunks of `chunk` (a chunk's weights stay in L2 while the
+// row tiles pass over it); rows in tiles of 4, then 2 (if TWO_ROWS), then 1. A row tile covers one
+// column block; a single row (GEMV) covers CB1. Calls tile(RT, CB, m, cb) with compile-time RT, CB.
+template <int CB1, bool TWO_ROWS, class Tile>
+static inline void tile_grid(int64_t m0, int64_t m1, int64_t c0, int64_t c1, int64_t chunk, Tile&& tile) {
+  using R1 = std::integral_constant<int, 1>;
+  for (int64_t cc = c0; cc < c1; cc += chunk) {
+    const int64_t ce = std::min(c1, cc + chunk);
+    int64_t m = m0;
+    for (; m + 4 <= m1; m += 4)
+      for (int64_t cb = cc; cb < ce; ++cb) tile(std::integral_constant<int, 4>{}, R1{}, m, cb);
+    if constexpr (TWO_ROWS)
+      for (; m + 2 <= m1; m += 2)
+        for (int64_t cb = cc; cb < ce; ++cb) tile(std::integral_constant<int, 2>{}, R1{}, m, cb);
+    for (; m < m1; ++m) {
+      int64_t cb = cc;
+      for (; cb + CB1 <= ce; cb += CB1) tile(R1{}, std::integral_constant<int, CB1>{}, m, cb);
+      for (; cb < ce; ++cb) tile(R1{}, R1{}, m, cb);
+    }
+  }
+}
+
 // ---------------------------------------------------------------- Binary
 // RT rows x CB column blocks of 16 (two 8-lane halves). vpermps indexes 8 floats, so a nibble's
 // 16-entry LUT is looked up in both halves and bit 3 of the nibble (moved to the sign bit) blends.
@@ -71,24 +93,9 @@ static inline void binary_tile(const BinaryParams& p, int64_t m, int64_t cb) {
   }
 }
 
-template <int RT>
-static inline void binary_rows(const BinaryParams& p, int64_t m, int64_t c0, int64_t c1) {
-  constexpr int CB = RT == 1 ? 2 : 1;
-  int64_t cb = c0;
-  for (; cb + CB <= c1; cb += CB) binary_tile<RT, CB>(p, m, cb);
-  for (; cb < c1; ++cb) binary_tile<RT, 1>(p, m, cb);
-}
-
 static void binary_gemm(const BinaryParams& p, int64_t m0, int64_t m1, int64_t c0, int64_t c1) {
-  // column chunks so that the weight chunk stays in L2 while row tiles stream their LUTs
-  const int64_t chunk = std::max<int64_t>(1, (128 * 1024) / (p.KW * 64));
-  for (int64_t cc = c0; cc < c1; cc += chunk) {
-    const int64_t ce = std::min(c1, cc + chunk);
-    int64_t m = m0;
-    for (; m + 4 <= m1; m += 4) binary_rows<4>(p, m, cc, ce);
-    for (; m + 2 <= m1; m += 2) binary_rows<2>(p, m, cc, ce);
-    for (; m < m1; ++m) binary_rows<1>(p, m, cc, ce);
-  }
+  tile_grid<2, true>(m0, m1, c0, c1, std::max<int64_t>(1, (128 * 1024) / (p.KW * 64)),
+                     [&](auto rt, auto cb, int64_t m, int64_t c) { binary_tile<rt(), cb()>(p, m, c); });
 }
 
 // ---------------------------------------------------------------- Xnor
@@ -145,23 +152,9 @@ static inline void xnor_tile(const XnorParams& p, int64_t m, int64_t cb) {
   }
 }
 
-template <int RT>
-static inline void xnor_rows(const XnorParams& p, int64_t m, int64_t c0, int64_t c1) {
-  constexpr int CB = RT == 1 ? 2 : 1;
-  int64_t cb = c0;
-  for (; cb + CB <= c1; cb += CB) xnor_tile<RT, CB>(p, m, cb);
-  for (; cb < c1; ++cb) xnor_tile<RT, 1>(p, m, cb);
-}
-
 static void xnor_gemm(const XnorParams& p, int64_t m0, int64_t m1, int64_t c0, int64_t c1) {
-  // column chunks so that the weight chunk stays in L2 while row tiles pass over it
-  const int64_t chunk = std::max<int64_t>(1, (128 * 1024) / (p.KW * 64));
-  for (int64_t cc = c0; cc < c1; cc += chunk) {
-    const int64_t ce = std::min(c1, cc + chunk);
-    int64_t m = m0;
-    for (; m + 4 <= m1; m += 4) xnor_rows<4>(p, m, cc, ce);
-    for (; m < m1; ++m) xnor_rows<1>(p, m, cc, ce);
-  }
+  tile_grid<2, false>(m0, m1, c0, c1, std::max<int64_t>(1, (128 * 1024) / (p.KW * 64)),
+                      [&](auto rt, auto cb, int64_t m, int64_t c) { xnor_tile<rt(), cb()>(p, m, c); });
 }
 
 // ---------------------------------------------------------------- Sparse
@@ -338,17 +331,8 @@ static inline void quant_tile(const QuantParams& p, int64_t m, int64_t cb) {
 
 template <int BITS, int BS, bool F16S, bool ZP>
 static void quant_gemm_t(const QuantParams& p, int64_t m0, int64_t m1, int64_t c0, int64_t c1) {
-  // column chunks sized so the chunk's weights stay in L2 while all row tiles pass over it
-  const int64_t bytes_per_cb = p.nb * BS * 2 * BITS;
-  const int64_t chunk = std::max<int64_t>(1, (256 * 1024) / bytes_per_cb);
-  for (int64_t cc = c0; cc < c1; cc += chunk) {
-    const int64_t ce = std::min(c1, cc + chunk);
-    int64_t m = m0;
-    for (; m + 4 <= m1; m += 4)
-      for (int64_t cb = cc; cb < ce; ++cb) quant_tile<4, BITS, BS, F16S, ZP>(p, m, cb);
-    for (; m < m1; ++m)
-      for (int64_t cb = cc; cb < ce; ++cb) quant_tile<1, BITS, BS, F16S, ZP>(p, m, cb);
-  }
+  tile_grid<1, false>(m0, m1, c0, c1, std::max<int64_t>(1, (256 * 1024) / (p.nb * BS * 2 * BITS)),
+                      [&](auto rt, auto, int64_t m, int64_t c) { quant_tile<rt(), BITS, BS, F16S, ZP>(p, m, c); });
 }
 
 template <int BITS, int BS>
