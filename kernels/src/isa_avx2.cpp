@@ -15,7 +15,6 @@ namespace isa_avx2 {
 #include "kernels_generic.inc"
 #include "x86_helpers.inc"
 
-
 static inline int32_t load4(const int8_t* p) {
   int32_t v;
   std::memcpy(&v, p, 4);
@@ -45,8 +44,9 @@ static inline void tile_grid(int64_t m0, int64_t m1, int64_t c0, int64_t c1, int
 }
 
 // ---------------------------------------------------------------- Binary
-// RT rows x CB column blocks of 16 (two 8-lane halves). vpermps indexes 8 floats, so a nibble's
-// 16-entry LUT is looked up in both halves and bit 3 of the nibble (moved to the sign bit) blends.
+// RT rows x CB column blocks of 16 (two 8-lane halves). vpermps indexes 8 floats, but flipping all
+// four signs negates a LUT entry (L[i] = -L[15 - i], exactly): a nibble with bit 3 set looks up
+// i XOR 7 in the first half of its LUT and flips the sign bit.
 template <int RT, int CB>
 static inline void binary_tile(const BinaryParams& p, int64_t m, int64_t cb) {
   const int64_t G16 = p.KW * 8 * 16;
