@@ -335,23 +335,8 @@ static void quant_gemm_t(const QuantParams& p, int64_t m0, int64_t m1, int64_t c
                       [&](auto rt, auto, int64_t m, int64_t c) { quant_tile<rt(), BITS, BS, F16S, ZP>(p, m, c); });
 }
 
-template <int BITS, int BS>
-static void quant_gemm_bs(const QuantParams& p, int64_t m0, int64_t m1, int64_t c0, int64_t c1) {
-  const bool z = p.zp != nullptr;
-  if (p.scales_f16) return z ? quant_gemm_t<BITS, BS, true, true>(p, m0, m1, c0, c1) : quant_gemm_t<BITS, BS, true, false>(p, m0, m1, c0, c1);
-  return z ? quant_gemm_t<BITS, BS, false, true>(p, m0, m1, c0, c1) : quant_gemm_t<BITS, BS, false, false>(p, m0, m1, c0, c1);
-}
-
-template <int BITS>
-static void quant_gemm_bits(const QuantParams& p, int64_t m0, int64_t m1, int64_t c0, int64_t c1) {
-  if (p.bs == 32) return quant_gemm_bs<BITS, 32>(p, m0, m1, c0, c1);
-  if (p.bs == 64) return quant_gemm_bs<BITS, 64>(p, m0, m1, c0, c1);
-  return quant_gemm_bs<BITS, 128>(p, m0, m1, c0, c1);
-}
-
 static void quant_gemm(const QuantParams& p, int64_t m0, int64_t m1, int64_t c0, int64_t c1) {
-  if (p.bits == 4) return quant_gemm_bits<4>(p, m0, m1, c0, c1);
-  return quant_gemm_bits<8>(p, m0, m1, c0, c1);
+  quant_dispatch(p, [&](auto bits, auto bs, auto f16, auto zp) { quant_gemm_t<bits(), bs(), f16(), zp()>(p, m0, m1, c0, c1); });
 }
 }  // namespace isa_avx2
 
