@@ -430,6 +430,29 @@ def test_threads_give_identical_results():
         np.testing.assert_array_equal(y1, y2)
 
 
+def test_binary_bits_fed_at_run_time(isa):
+    """bits as a graph input (not an initializer): levels with their own weight layout (AVX2: 3-bit
+    groups, 30 K rows per word) repack on every call. K values cross the 32- and 30-row word edges
+    of both layouts; several M and column-block remainders, alternating weights on one session."""
+    rng = np.random.default_rng(11)
+    for K, N in ((30, 9), (95, 17), (961, 24)):
+        packs = [ops.pack_binary_matmul(rng.standard_normal((K, N)).astype(np.float32)) for _ in range(2)]
+        x = helper.make_tensor_value_info("X", TensorProto.FLOAT, ["m", K])
+        bits = helper.make_tensor_value_info("bits", TensorProto.UINT32, list(packs[0].inputs["bits"].shape))
+        node = helper.make_node("BinaryMatMul", ["X", "bits", "alpha"], ["Y"], domain=ops.DOMAIN, K=K, N=N)
+        graph = helper.make_graph([node], "g", [x, bits], [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+                                  [numpy_helper.from_array(packs[0].inputs["alpha"], "alpha")])
+        sess = _session(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(ops.DOMAIN, 1)],
+                                          ir_version=10))
+        for M in (1, 5, 40):
+            for packed in packs:
+                packed = ops.PackedWeight(packed.op_type, {**packed.inputs, "alpha": packs[0].inputs["alpha"]},
+                                          packed.attributes, packed.has_bias_input)
+                xv = rng.standard_normal((M, K)).astype(np.float32)
+                y = sess.run(None, {"X": xv, "bits": packed.inputs["bits"]})[0]
+                _check(y, ops.reference(packed, xv), f"binary bits input K={K} N={N} M={M} isa={isa}")
+
+
 def test_xnor_long_k_and_all_bits_differing(isa):
     """K of 71 words: popcounts summed per byte over 31-word chunks (AVX2) must not wrap, even when
     every bit differs (8 per byte per word), and the last, partial chunk and word must count."""

@@ -22,80 +22,108 @@ static inline int32_t load4(const int8_t* p) {
 }
 
 // Tile grid: column blocks [c0, c1) in chunks of `chunk` (a chunk's weights stay in L2 while the
-// row tiles pass over it); rows in tiles of 4, then 2 (if TWO_ROWS), then 1. A row tile covers one
-// column block; a single row (GEMV) covers CB1. Calls tile(RT, CB, m, cb) with compile-time RT, CB.
-template <int CB1, bool TWO_ROWS, class Tile>
+// row tiles pass over it); rows in tiles of RT, then 2 (if TWO_ROWS), then 1. A row tile covers CBR
+// column blocks; a single row (GEMV) covers CB1 (remainders: one block). Calls tile(RT, CB, m, cb)
+// with compile-time RT, CB.
+template <int RT, int CBR, int CB1, bool TWO_ROWS, class Tile>
 static inline void tile_grid(int64_t m0, int64_t m1, int64_t c0, int64_t c1, int64_t chunk, Tile&& tile) {
-  using R1 = std::integral_constant<int, 1>;
+  using I1 = std::integral_constant<int, 1>;
   for (int64_t cc = c0; cc < c1; cc += chunk) {
     const int64_t ce = std::min(c1, cc + chunk);
-    int64_t m = m0;
-    for (; m + 4 <= m1; m += 4)
-      for (int64_t cb = cc; cb < ce; ++cb) tile(std::integral_constant<int, 4>{}, R1{}, m, cb);
-    if constexpr (TWO_ROWS)
-      for (; m + 2 <= m1; m += 2)
-        for (int64_t cb = cc; cb < ce; ++cb) tile(std::integral_constant<int, 2>{}, R1{}, m, cb);
-    for (; m < m1; ++m) {
+    auto blocks = [&](auto rt, auto cbw, int64_t m) {
       int64_t cb = cc;
-      for (; cb + CB1 <= ce; cb += CB1) tile(R1{}, std::integral_constant<int, CB1>{}, m, cb);
-      for (; cb < ce; ++cb) tile(R1{}, R1{}, m, cb);
-    }
+      for (; cb + cbw() <= ce; cb += cbw()) tile(rt, cbw, m, cb);
+      for (; cb < ce; ++cb) tile(rt, I1{}, m, cb);
+    };
+    int64_t m = m0;
+    for (; m + RT <= m1; m += RT) blocks(std::integral_constant<int, RT>{}, std::integral_constant<int, CBR>{}, m);
+    if constexpr (TWO_ROWS)
+      for (; m + 2 <= m1; m += 2) blocks(std::integral_constant<int, 2>{}, std::integral_constant<int, CBR>{}, m);
+    for (; m < m1; ++m) blocks(I1{}, std::integral_constant<int, CB1>{}, m);
   }
 }
 
 // ---------------------------------------------------------------- Binary
-// RT rows x CB column blocks of 16 (two 8-lane halves). vpermps indexes 8 floats, but flipping all
-// four signs negates a LUT entry (L[i] = -L[15 - i], exactly): a nibble with bit 3 set looks up
-// i XOR 7 in the first half of its LUT and flips the sign bit.
+// vpermps indexes 8 floats and reads only the low 3 bits of each lane, so this level works on groups
+// of 3 K rows: 10 groups per 32-bit lane word (30 rows), one column per lane, 8 columns per block.
+// Each group then costs one shift, one vpermps and one add per 8 columns (24 bit-MACs), against
+// 8 operations per 32 bit-MACs for the op's 4-bit groups (index, sign fix-up and lookup).
+// vpermps throughput (one per cycle) is the bound: kernels/README.md.
+static constexpr BinaryLayout kBinaryAvx2Layout = {3, 10, 8};
+
+// Each column's K sign bits are one bit stream in both layouts (32 or 30 rows per word), so a
+// repack cuts the stream into 30-bit words and regroups the columns by 8.
+static void binary_repack(const uint32_t* bits, int64_t K, int64_t N, uint32_t* out) {
+  const int64_t KW = (K + 31) / 32, KW3 = (K + 29) / 30;
+  for (int64_t n = 0; n < N; ++n) {
+    const uint32_t* in = bits + (n / 16) * KW * 16 + n % 16;  // word w of column n: in[16 * w]
+    uint32_t* o = out + (n / 8) * KW3 * 8 + n % 8;
+    for (int64_t w = 0; w < KW3; ++w) {
+      const int64_t bit = 30 * w, q = bit / 32, s = bit % 32;
+      uint64_t v = in[16 * q];
+      if (q + 1 < KW) v |= (uint64_t)in[16 * (q + 1)] << 32;
+      o[8 * w] = (uint32_t)(v >> s) & 0x3FFFFFFFu;
+    }
+  }
+  for (int64_t n = N; n < (N + 7) / 8 * 8; ++n)
+    for (int64_t w = 0; w < KW3; ++w) out[(n / 8) * KW3 * 8 + w * 8 + n % 8] = 0;
+}
+
+static void binary_lut(const float* x, int64_t K, int64_t KW, float* lut) {
+  // entry e = s0 x0 + s1 x1 + s2 x2 with s_i = +1 where bit i of e is set
+  const __m256 s0 = _mm256_setr_ps(-1, 1, -1, 1, -1, 1, -1, 1), s1 = _mm256_setr_ps(-1, -1, 1, 1, -1, -1, 1, 1),
+               s2 = _mm256_setr_ps(-1, -1, -1, -1, 1, 1, 1, 1);
+  for (int64_t g = 0; g < KW * 10; ++g) {
+    const int64_t k = 3 * g;
+    const float x0 = k < K ? x[k] : 0.0f, x1 = k + 1 < K ? x[k + 1] : 0.0f, x2 = k + 2 < K ? x[k + 2] : 0.0f;
+    const __m256 v = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(s0, _mm256_set1_ps(x0)), _mm256_mul_ps(s1, _mm256_set1_ps(x1))),
+                                   _mm256_mul_ps(s2, _mm256_set1_ps(x2)));
+    _mm256_storeu_ps(lut + g * 8, v);
+  }
+}
+
+// RT rows x CB column blocks of 8.
 template <int RT, int CB>
 static inline void binary_tile(const BinaryParams& p, int64_t m, int64_t cb) {
-  const int64_t G16 = p.KW * 8 * 16;
-  __m256 acc[RT][CB][2];
+  const int64_t G = p.KW * 10 * 8;
+  __m256 acc[RT][CB];
   for (int r = 0; r < RT; ++r)
-    for (int c = 0; c < CB; ++c) acc[r][c][0] = acc[r][c][1] = _mm256_setzero_ps();
-  const uint32_t* wb[CB];
-  for (int c = 0; c < CB; ++c) wb[c] = p.bits + (cb + c) * p.KW * 16;
+    for (int c = 0; c < CB; ++c) acc[r][c] = _mm256_setzero_ps();
+  const uint32_t* wb = p.bits + cb * p.KW * 8;
   const float* lut[RT];
-  for (int r = 0; r < RT; ++r) lut[r] = p.lut + (m + r) * G16;
-  const char* next = reinterpret_cast<const char*>(wb[0] + CB * p.KW * 16);
+  for (int r = 0; r < RT; ++r) lut[r] = p.lut + (m + r) * G;
+  const char* next = reinterpret_cast<const char*>(wb + CB * p.KW * 8);
   for (int64_t w = 0; w < p.KW; ++w) {
-    if constexpr (RT == 1) prefetch_l2(next + w * CB * 64, CB * 64);  // GEMV: stream the next tile
-    __m256i W[CB][2];
-    for (int c = 0; c < CB; ++c)
-      for (int h = 0; h < 2; ++h) W[c][h] = _mm256_loadu_si256((const __m256i*)(wb[c] + w * 16 + h * 8));
-#pragma GCC unroll 8
-    for (int q = 0; q < 8; ++q) {
-      __m256i idx[CB][2];
-      __m256 neg[CB][2];
-      for (int c = 0; c < CB; ++c)
-        for (int h = 0; h < 2; ++h) {
-          const __m256i m = _mm256_srai_epi32(_mm256_slli_epi32(W[c][h], 28 - 4 * q), 31);
-          idx[c][h] = _mm256_xor_si256(_mm256_srli_epi32(W[c][h], 4 * q), m);
-          neg[c][h] = _mm256_castsi256_ps(_mm256_slli_epi32(m, 31));
-        }
+    if constexpr (RT == 1) prefetch_l2(next + w * CB * 32, CB * 32);  // GEMV: stream the next tile
+    __m256i W[CB];
+    for (int c = 0; c < CB; ++c) W[c] = _mm256_loadu_si256((const __m256i*)(wb + (c * p.KW + w) * 8));
+#pragma GCC unroll 10
+    for (int g = 0; g < 10; ++g) {
+      __m256i idx[CB];
+      for (int c = 0; c < CB; ++c) idx[c] = _mm256_srli_epi32(W[c], 3 * g);
       for (int r = 0; r < RT; ++r) {
-        const __m256 lo = _mm256_loadu_ps(lut[r] + (w * 8 + q) * 16);
-        for (int c = 0; c < CB; ++c)
-          for (int h = 0; h < 2; ++h)
-            acc[r][c][h] = _mm256_add_ps(acc[r][c][h], _mm256_xor_ps(_mm256_permutevar8x32_ps(lo, idx[c][h]), neg[c][h]));
+        const __m256 L = _mm256_loadu_ps(lut[r] + (w * 10 + g) * 8);
+        for (int c = 0; c < CB; ++c) acc[r][c] = _mm256_add_ps(acc[r][c], _mm256_permutevar8x32_ps(L, idx[c]));
       }
     }
   }
   for (int c = 0; c < CB; ++c) {
-    const int64_t n0 = (cb + c) * 16, valid = std::min<int64_t>(16, p.N - n0);
+    const int64_t n0 = (cb + c) * 8, valid = std::min<int64_t>(8, p.N - n0);
     for (int r = 0; r < RT; ++r) {
-      alignas(32) float out[16];
-      _mm256_store_ps(out, acc[r][c][0]);
-      _mm256_store_ps(out + 8, acc[r][c][1]);
+      alignas(32) float out[8];
+      _mm256_store_ps(out, acc[r][c]);
       float* y = p.y + (m + r) * p.N + n0;
       for (int64_t l = 0; l < valid; ++l) y[l] = out[l] * p.alpha[n0 + l] + (p.bias ? p.bias[n0 + l] : 0.0f);
     }
   }
 }
 
+// Tiles of 3 rows x 3 blocks (9 vpermps per 3 LUT loads and 3 shifts) measured fastest for M = 128;
+// GEMV streams 4 blocks per row. Column chunks of ~256 KB of weights (a multiple of 12 blocks) stay in
+// L2 while the row tiles pass; each chunk streams the LUT rows once.
 static void binary_gemm(const BinaryParams& p, int64_t m0, int64_t m1, int64_t c0, int64_t c1) {
-  tile_grid<2, true>(m0, m1, c0, c1, std::max<int64_t>(1, (128 * 1024) / (p.KW * 64)),
-                     [&](auto rt, auto cb, int64_t m, int64_t c) { binary_tile<rt(), cb()>(p, m, c); });
+  tile_grid<3, 3, 4, true>(m0, m1, c0, c1, std::max<int64_t>(12, (256 * 1024) / (p.KW * 32) / 12 * 12),
+                           [&](auto rt, auto cb, int64_t m, int64_t c) { binary_tile<rt(), cb()>(p, m, c); });
 }
 
 // ---------------------------------------------------------------- Xnor
@@ -153,7 +181,7 @@ static inline void xnor_tile(const XnorParams& p, int64_t m, int64_t cb) {
 }
 
 static void xnor_gemm(const XnorParams& p, int64_t m0, int64_t m1, int64_t c0, int64_t c1) {
-  tile_grid<2, false>(m0, m1, c0, c1, std::max<int64_t>(1, (128 * 1024) / (p.KW * 64)),
+  tile_grid<4, 1, 2, false>(m0, m1, c0, c1, std::max<int64_t>(1, (128 * 1024) / (p.KW * 64)),
                       [&](auto rt, auto cb, int64_t m, int64_t c) { xnor_tile<rt(), cb()>(p, m, c); });
 }
 
@@ -331,7 +359,7 @@ static inline void quant_tile(const QuantParams& p, int64_t m, int64_t cb) {
 
 template <int BITS, int BS, bool F16S, bool ZP>
 static void quant_gemm_t(const QuantParams& p, int64_t m0, int64_t m1, int64_t c0, int64_t c1) {
-  tile_grid<1, false>(m0, m1, c0, c1, std::max<int64_t>(1, (256 * 1024) / (p.nb * BS * 2 * BITS)),
+  tile_grid<4, 1, 1, false>(m0, m1, c0, c1, std::max<int64_t>(1, (256 * 1024) / (p.nb * BS * 2 * BITS)),
                       [&](auto rt, auto, int64_t m, int64_t c) { quant_tile<rt(), BITS, BS, F16S, ZP>(p, m, c); });
 }
 
@@ -343,7 +371,7 @@ static void quant_gemm(const QuantParams& p, int64_t m0, int64_t m1, int64_t c0,
 const KernelTable* GetKernelTableAvx2() {
 #if defined(ONNXOPT_HAVE_AVX2)
   using namespace isa_avx2;
-  static const KernelTable t = {"avx2",        g_binary_lut,  binary_gemm, g_xnor_pack_x, xnor_gemm,
+  static const KernelTable t = {"avx2", kBinaryAvx2Layout, binary_repack, binary_lut, binary_gemm, g_xnor_pack_x, xnor_gemm,
                                 g_sparse_rows, sparse_xt,   g_sparse_csr_acc, g_sparse_conv_plane, quant_x, quant_gemm};
   return &t;
 #else

@@ -451,7 +451,7 @@ static void quant_gemm(const QuantParams& p, int64_t m0, int64_t m1, int64_t c0,
 
 const KernelTable* GetKernelTableAvx512() {
   using namespace isa_avx512;
-  static const KernelTable t = {"avx512",    binary_lut, binary_gemm, xnor_pack_x, xnor_gemm,
+  static const KernelTable t = {"avx512", kBinaryOpLayout, nullptr, binary_lut, binary_gemm, xnor_pack_x, xnor_gemm,
                                 sparse_rows, sparse_xt,  g_sparse_csr_acc, sparse_conv_plane, quant_x, quant_gemm};
   return &t;
 }

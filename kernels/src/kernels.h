@@ -7,13 +7,25 @@
 namespace onnxopt {
 
 // ---------------------------------------------------------------- BinaryMatMul
-// bits: uint32 [NB16][KW][16]; lut: per row, KW*8 groups x 16 floats (see binary_lut).
+// The sign-bit layout a table's Binary kernels read: words of `groups` groups of `group_bits`
+// consecutive K rows, one 32-bit lane per column, `block` columns per block:
+// bits[NB][KW][block] with bit (group_bits*g + i) of bits[c, w, l] = (W[per_word*w + group_bits*g + i,
+// block*c + l] >= 0), per_word = groups * group_bits. The op's input layout is {4, 8, 16}; a table
+// with another layout converts it with binary_repack. The LUT of a row holds 2^group_bits floats per
+// group: entry e of group G = sum_i (bit i of e ? +x : -x)[group_bits*G + i] (x = 0 past K).
+struct BinaryLayout {
+  int group_bits, groups, block;
+  int64_t per_word() const { return (int64_t)group_bits * groups; }
+  int64_t entries() const { return int64_t(1) << group_bits; }
+};
+inline constexpr BinaryLayout kBinaryOpLayout = {4, 8, 16};
+
 struct BinaryParams {
-  int64_t M, K, N, KW, NB;    // KW = ceil(K/32), NB = ceil(N/16)
-  const uint32_t* bits;
+  int64_t M, K, N, KW, NB;    // KW = ceil(K/per_word), NB = ceil(N/block) of the table's layout
+  const uint32_t* bits;       // [NB][KW][block]
   const float* alpha;         // [N]
   const float* bias;          // [N] or null
-  const float* lut;           // [M][KW*8][16]
+  const float* lut;           // [M][KW*groups][entries]
   float* y;                   // [M][N]
 };
 
@@ -87,9 +99,12 @@ struct QuantParams {
 
 struct KernelTable {
   const char* name;
-  // Binary: build the per-row LUT from one row of x (K floats) -> KW*8*16 floats.
+  // Binary: the weight layout the kernels read; repack from the op's layout (null: they read it as is)
+  BinaryLayout binary_layout;
+  void (*binary_repack)(const uint32_t* bits, int64_t K, int64_t N, uint32_t* out);
+  // build the per-row LUT from one row of x (K floats) -> KW*groups*entries floats
   void (*binary_lut)(const float* x, int64_t K, int64_t KW, float* lut);
-  // rows [m0,m1), column blocks of 16 [c0,c1)
+  // rows [m0,m1), column blocks [c0,c1)
   void (*binary_gemm)(const BinaryParams& p, int64_t m0, int64_t m1, int64_t c0, int64_t c1);
   // Xnor: binarize one row -> KW words and beta
   void (*xnor_pack_x)(const float* x, int64_t K, int64_t KW, uint64_t* xbits, float* beta);

@@ -180,10 +180,18 @@ float* AlignedBuf(std::vector<float>& v, size_t n) {
 
 thread_local std::vector<float> tls_f;
 thread_local std::vector<uint64_t> tls_u64;
+thread_local std::vector<uint32_t> tls_u32;
 thread_local std::vector<int8_t> tls_i8;
 thread_local std::vector<int32_t> tls_i32;
 
 // ------------------------------------------------------------------ kernels
+
+// Data of input i when it is a constant initializer, else null.
+const void* ConstantInputData(const Ort::ConstKernelInfo& ki, size_t i) {
+  int is_const = 0;
+  Ort::ConstValue v = ki.GetTensorConstantInput(i, &is_const);
+  return is_const && v ? v.GetTensorRawData() : nullptr;
+}
 
 struct KernelBase {
   const KernelTable* tbl;
@@ -209,27 +217,50 @@ struct KernelBase {
 
 struct BinaryKernel : KernelBase {
   static constexpr const char* kName = "BinaryMatMul";
-  explicit BinaryKernel(const OrtKernelInfo* info) : KernelBase(info, kName) {}
+  // The table's copy of constant bits in its own layout (tables with binary_repack), built once.
+  const void* const_bits = nullptr;
+  std::once_flag repack_once;
+  std::vector<uint32_t> repacked;
+  explicit BinaryKernel(const OrtKernelInfo* info) : KernelBase(info, kName) {
+    const_bits = ConstantInputData(Ort::ConstKernelInfo(info), 1);
+  }
+
+  // bits in the table's layout: the input itself, the constant copy, or a per-call repack.
+  const uint32_t* TableBits(const In& bits, int64_t KW, int64_t NB) {
+    if (!tbl->binary_repack) return bits.as<uint32_t>();
+    const size_t n = (size_t)(NB * KW * tbl->binary_layout.block);
+    if (bits.data == const_bits && const_bits) {
+      std::call_once(repack_once, [&] {
+        repacked.resize(n);
+        tbl->binary_repack(bits.as<uint32_t>(), K, N, repacked.data());
+      });
+      return repacked.data();
+    }
+    uint32_t* out = Buf(tls_u32, n);
+    tbl->binary_repack(bits.as<uint32_t>(), K, N, out);
+    return out;
+  }
+
   void Compute(OrtKernelContext* context) {
     Ort::KernelContext ctx(context);
-    const int64_t KW = Ceil(K, 32), NB = Ceil(N, 16);
     XInfo xi = CheckX(kName, GetIn(ctx, 0), K, N);
     In bits = GetIn(ctx, 1), alpha = GetIn(ctx, 2);
-    Expect(kName, bits, "bits", ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT32, {NB, KW, 16});
+    Expect(kName, bits, "bits", ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT32, {Ceil(N, 16), Ceil(K, 32), 16});
     Expect(kName, alpha, "alpha", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, {N});
     const float* bias = CheckBias(kName, GetIn(ctx, 3), N);
     auto out = ctx.GetOutput(0, xi.out_shape);
     float* y = out.GetTensorMutableData<float>();
     const int64_t M = xi.M;
     if (M == 0) return;
-    const int64_t G16 = KW * 8 * 16;
-    float* lut = Buf(tls_f, (size_t)(M * G16));
+    const BinaryLayout& L = tbl->binary_layout;
+    const int64_t KW = Ceil(K, L.per_word()), NB = Ceil(N, L.block), lut_row = KW * L.groups * L.entries();
+    float* lut = Buf(tls_f, (size_t)(M * lut_row));
     auto prep = [&](int64_t i) {
       const int64_t r0 = i * 8, r1 = std::min(M, r0 + 8);
-      for (int64_t m = r0; m < r1; ++m) tbl->binary_lut(xi.x + m * K, K, KW, lut + m * G16);
+      for (int64_t m = r0; m < r1; ++m) tbl->binary_lut(xi.x + m * K, K, KW, lut + m * lut_row);
     };
     Parallel(ctx, Ceil(M, 8), prep);
-    BinaryParams p{M, K, N, KW, NB, bits.as<uint32_t>(), alpha.as<float>(), bias, lut, y};
+    BinaryParams p{M, K, N, KW, NB, TableBits(bits, KW, NB), alpha.as<float>(), bias, lut, y};
     Plan plan = MakePlan(M, NB, 4);
     auto run = [&](int64_t t) {
       int64_t r0, r1, c0, c1;
@@ -328,11 +359,6 @@ struct SparseBase : KernelBase {
     const_values = ConstantInputData(ki, 1);
     const_indices = ConstantInputData(ki, 2);
     const_col_ptr = ConstantInputData(ki, 3);
-  }
-  static const void* ConstantInputData(const Ort::ConstKernelInfo& ki, size_t i) {
-    int is_const = 0;
-    Ort::ConstValue v = ki.GetTensorConstantInput(i, &is_const);
-    return is_const && v ? v.GetTensorRawData() : nullptr;
   }
 
   // col_ptr: 0 = cp[0] <= cp[1] <= ... <= cp[N] = nnz; every index < K.
