@@ -1,6 +1,7 @@
-// AVX2 level (AVX2, FMA, F16C, POPCNT, BMI2): hand-written BinaryMatMul, XnorMatMul,
-// SparseMatMul's transposed path and QuantMatMul; the other kernels (LUT build, X binarization,
-// sparse row paths, SparseConv) are the generic ones compiled with these flags.
+// AVX2 level (AVX2, FMA, F16C, POPCNT, BMI2): hand-written BinaryMatMul (own weight layout),
+// XnorMatMul, SparseMatMul's transposed path and single-row GEMV, and QuantMatMul; the other kernels
+// (X binarization, multi-row sparse tiles, row walk, SparseConv) are the generic ones compiled with
+// these flags.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -234,6 +235,53 @@ static void sparse_xt(const SparseParams& p, int64_t t0, int64_t t1, int64_t n0,
   g_sparse_dispatch(p, [&](auto vt, auto it) { sparse_xt_t<decltype(vt)::value, decltype(it)>(p, t0, t1, n0, n1); });
 }
 
+// GEMV with uint16 indices: four indices per 64-bit load, the four x values they name gathered
+// into an xmm by vinsertps (vgatherdps is slower on Zen 3), one 4-wide FMA against four values.
+// 4096^2 at 90 %, hot, standalone: 0.72 -> 0.52 ms (0.43 -> 0.31 ns per entry).
+template <ValType VT>
+static inline __m128 sparse_val4(const void* v, int64_t j) {
+  if constexpr (VT == ValType::F32) return _mm_loadu_ps(static_cast<const float*>(v) + j);
+  else if constexpr (VT == ValType::F16)
+    return _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(v) + j)));
+  else return _mm_cvtepi32_ps(_mm_cvtepi8_epi32(_mm_cvtsi32_si128(load4(static_cast<const int8_t*>(v) + j))));
+}
+
+static inline __m128 gather4(const float* x, uint64_t i) {
+  __m128 g = _mm_load_ss(x + (i & 0xFFFF));
+  g = _mm_insert_ps(g, _mm_load_ss(x + ((i >> 16) & 0xFFFF)), 0x10);
+  g = _mm_insert_ps(g, _mm_load_ss(x + ((i >> 32) & 0xFFFF)), 0x20);
+  return _mm_insert_ps(g, _mm_load_ss(x + (i >> 48)), 0x30);
+}
+
+struct SparseGemv {
+  template <ValType VT, class IT>
+  static void run(const SparseParams& p, int64_t m, int64_t n0, int64_t n1) {
+    if constexpr (!std::is_same_v<IT, uint16_t>) {
+      g_sparse_gemv<VT, IT>(p, m, n0, n1);
+    } else {
+      const float* xm = p.x + m * p.K;
+      const uint16_t* idx = static_cast<const uint16_t*>(p.indices);
+      for (int64_t n = n0; n < n1; ++n) {
+        __m128 a = _mm_setzero_ps(), b = _mm_setzero_ps();
+        const int64_t e = p.col_ptr[n + 1];
+        int64_t j = p.col_ptr[n];
+        for (; j + 8 <= e; j += 8) {
+          uint64_t i0, i1;
+          std::memcpy(&i0, idx + j, 8);
+          std::memcpy(&i1, idx + j + 4, 8);
+          a = _mm_fmadd_ps(sparse_val4<VT>(p.values, j), gather4(xm, i0), a);
+          b = _mm_fmadd_ps(sparse_val4<VT>(p.values, j + 4), gather4(xm, i1), b);
+        }
+        a = _mm_add_ps(a, b);
+        a = _mm_hadd_ps(a, a);
+        float s = _mm_cvtss_f32(_mm_hadd_ps(a, a));
+        for (; j < e; ++j) s += g_val<VT>(p.values, j) * xm[idx[j]];
+        p.y[m * p.N + n] = s * p.scales[n] + (p.bias ? p.bias[n] : 0.0f);
+      }
+    }
+  }
+};
+
 // ---------------------------------------------------------------- Quant
 static void quant_x(const float* x, int64_t K, int64_t bs, int64_t nb, int8_t* xq, float* sx, int32_t* sumx) {
   const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
@@ -372,7 +420,7 @@ const KernelTable* GetKernelTableAvx2() {
 #if defined(ONNXOPT_HAVE_AVX2)
   using namespace isa_avx2;
   static const KernelTable t = {"avx2", kBinaryAvx2Layout, binary_repack, binary_lut, binary_gemm, g_xnor_pack_x, xnor_gemm,
-                                g_sparse_rows, sparse_xt,   g_sparse_csr_acc, g_sparse_conv_plane, quant_x, quant_gemm};
+                                g_sparse_rows<SparseGemv>, sparse_xt,   g_sparse_csr_acc, g_sparse_conv_plane, quant_x, quant_gemm};
   return &t;
 #else
   return nullptr;
