@@ -1,7 +1,7 @@
 // AVX2 level (AVX2, FMA, F16C, POPCNT, BMI2): hand-written BinaryMatMul (own weight layout),
-// XnorMatMul, SparseMatMul's transposed path and single-row GEMV, and QuantMatMul; the other kernels
-// (X binarization, multi-row sparse tiles, row walk, SparseConv) are the generic ones compiled with
-// these flags.
+// XnorMatMul, SparseMatMul's transposed path, single-row GEMV and row walk, and QuantMatMul; the
+// other kernels (X binarization, multi-row sparse tiles, SparseConv) are the generic ones compiled
+// with these flags.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -125,6 +125,36 @@ static inline void binary_tile(const BinaryParams& p, int64_t m, int64_t cb) {
 static void binary_gemm(const BinaryParams& p, int64_t m0, int64_t m1, int64_t c0, int64_t c1) {
   tile_grid<3, 3, 4, true>(m0, m1, c0, c1, std::max<int64_t>(12, (256 * 1024) / (p.KW * 32) / 12 * 12),
                            [&](auto rt, auto cb, int64_t m, int64_t c) { binary_tile<rt(), cb()>(p, m, c); });
+}
+
+// ---------------------------------------------------------------- Sparse row walk
+// uint16 columns: four per 64-bit load, four products x * value in one multiply, each lane added
+// into its accumulator by one load-add-store (2.5 memory operations per entry instead of 4).
+// MNIST fc1 (1568 x 512, 90 %, its real post-ReLU input), standalone loop on Zen 3: 21.4 -> 16.8 us.
+static inline void add_lane0(float* acc, uint64_t c, __m128 v) {
+  _mm_store_ss(acc + c, _mm_add_ss(_mm_load_ss(acc + c), v));
+}
+
+static void sparse_csr_acc(const SparseCsr& w, const float* x, int64_t k0, int64_t k1, float* acc) {
+  if (w.idx32) return g_sparse_csr_acc(w, x, k0, k1, acc);
+  const uint16_t* cols = static_cast<const uint16_t*>(w.cols);
+  for (int64_t k = k0; k < k1; ++k) {
+    const float xv = x[k];
+    if (xv == 0.0f) continue;
+    const __m128 xb = _mm_set1_ps(xv);
+    int64_t j = w.row_ptr[k];
+    const int64_t e = w.row_ptr[k + 1];
+    for (; j + 4 <= e; j += 4) {
+      const __m128 t = _mm_mul_ps(xb, _mm_loadu_ps(w.values + j));
+      uint64_t c;
+      std::memcpy(&c, cols + j, 8);
+      add_lane0(acc, c & 0xFFFF, t);
+      add_lane0(acc, (c >> 16) & 0xFFFF, _mm_movehdup_ps(t));
+      add_lane0(acc, (c >> 32) & 0xFFFF, _mm_movehl_ps(t, t));
+      add_lane0(acc, c >> 48, _mm_shuffle_ps(t, t, 3));
+    }
+    for (; j < e; ++j) acc[cols[j]] += xv * w.values[j];
+  }
 }
 
 // ---------------------------------------------------------------- Xnor
@@ -420,7 +450,7 @@ const KernelTable* GetKernelTableAvx2() {
 #if defined(ONNXOPT_HAVE_AVX2)
   using namespace isa_avx2;
   static const KernelTable t = {"avx2", kBinaryAvx2Layout, binary_repack, binary_lut, binary_gemm, g_xnor_pack_x, xnor_gemm,
-                                g_sparse_rows<SparseGemv>, sparse_xt,   g_sparse_csr_acc, g_sparse_conv_plane, quant_x, quant_gemm};
+                                g_sparse_rows<SparseGemv>, sparse_xt,   sparse_csr_acc, g_sparse_conv_plane, quant_x, quant_gemm};
   return &t;
 #else
   return nullptr;
