@@ -55,11 +55,11 @@ def recovery_summary(details: dict) -> str:
     return f"{before:.3f}→{after:.3f} ({reduced}/{len(layers)} reduced)"
 
 
-def latencies(fp32_path: Path, path: Path, feed: dict) -> list[float]:
+def latencies(fp32_path: Path, path: Path, feed: dict, repeat: int) -> list[float]:
     out = []
     for threads in (1, 2):
         sessions = [runtime.session(str(fp32_path), threads=threads), runtime.session(str(path), threads=threads)]
-        out += validate.interleaved_latency_ms(sessions, feed, rounds=5, repeat=20)
+        out += validate.interleaved_latency_ms(sessions, feed, rounds=7, repeat=repeat)
     return out  # fp32 1T, cand 1T, fp32 2T, cand 2T
 
 
@@ -73,10 +73,11 @@ def table(title: str, metric: str, rows: list[list[str]]) -> None:
     sys.stdout.flush()
 
 
-def run_points(fp32_path, points, data, quality, feed, samples):
+def run_points(fp32_path, points, data, quality, feed, samples, repeat):
+    """``repeat``: runs per session and round of the latency medians (sub-millisecond models need many)."""
     rows = []
     base_quality = quality(runtime.session(str(fp32_path)))
-    base = latencies(fp32_path, fp32_path, feed)
+    base = latencies(fp32_path, fp32_path, feed, repeat)
     rows.append(["fp32", "-", f"{base_quality:.4f}", f"{fp32_path.stat().st_size / 1e6:.2f}",
                  f"{base[0]:.3f}", "1.00", f"{base[2]:.3f}", "1.00", "-", "-"])
     for label, passes in points:
@@ -84,7 +85,7 @@ def run_points(fp32_path, points, data, quality, feed, samples):
             passes_r = [(n, {**o, "recover": recover, "samples": samples}, f) for n, o, f in passes]
             model, details, seconds = compress(fp32_path, passes_r, data)
             path = io.save(model, TMP / f"{label.replace(' ', '_')}_{recover}.onnx")
-            lat = latencies(fp32_path, path, feed)
+            lat = latencies(fp32_path, path, feed, repeat)
             rows.append([label, "yes" if recover else "no", f"{quality(runtime.session(str(path))):.4f}", f"{path.stat().st_size / 1e6:.2f}",
                          f"{lat[1]:.3f} ({lat[0]:.3f})", f"{lat[0] / lat[1]:.2f}", f"{lat[3]:.3f} ({lat[2]:.3f})",
                          f"{lat[2] / lat[3]:.2f}", recovery_summary(details), f"{seconds:.0f}"])
@@ -105,7 +106,7 @@ def bench_cnn(quick: bool) -> None:
     points += [(f"conv2 spatial split rank {r}", [("low-rank", {"rank": r, "conv_split": "spatial"}, NodeFilter(name_regex="features.4"))])
                for r in (8, 16)]
     feed = {"input": x[:1]}
-    rows = run_points(ROOT / "models/cnn_mnist.onnx", points, data, evaluate.mnist_accuracy, feed, n)
+    rows = run_points(ROOT / "models/cnn_mnist.onnx", points, data, evaluate.mnist_accuracy, feed, n, repeat=300)
     table(f"MNIST CNN (accuracy, {n} calibration images, batch-1 latency)", "accuracy", rows)
     layer_share(ROOT / "models/cnn_mnist.onnx", feed)
 
@@ -187,7 +188,7 @@ def bench_minilm(quick: bool) -> None:
     points += [(f"structured FFN {r:.0%} removed", [("prune-structured", {"ratio": r}, ffn)]) for r in (0.25, 0.5)]
     points.append(("binarize FFN layers 2-9", [("binarize", {"keep_first_last": False}, middle)]))
     feed = evaluate.minilm_inputs(1, 128)
-    rows = run_points(path, points, data, lambda p: evaluate.word_similarity(p, "wordsim353"), feed, samples)
+    rows = run_points(path, points, data, lambda p: evaluate.word_similarity(p, "wordsim353"), feed, samples, repeat=20)
     table(f"MiniLM-L6 (WordSim-353 Spearman, {samples} calibration snippets, batch 1 seq 128; low-rank ratios {ratios} = "
           f"fraction of parameters kept, recover = ridge re-fit chosen on held-out batches; sparsities {sparsities}; "
           "structured = fraction of FFN neurons removed)", "WordSim", rows)

@@ -11,6 +11,11 @@ temperature, measured in the same run.
     python bench/kernels.py            # full table (a few minutes)
     python bench/kernels.py --quick    # fewer ops/repeats
     python bench/kernels.py --clock cpu --rounds 3 --only Binary,Xnor,int4   # shared machine
+    python bench/kernels.py --against OLD/libonnxopt_kernels.so   # each onnxopt op also on another build
+
+``--against`` measures every onnxopt op a second time with another build of the library (e.g. of an
+earlier commit: ``cmake -S kernels -B /tmp/old && cmake --build /tmp/old`` in a checkout of it), in
+the same rounds, rows marked ``[against]``: an A/B that machine noise hits alike.
 """
 
 from __future__ import annotations
@@ -116,13 +121,13 @@ def chain_model(spec: Spec, copies: list[dict], nodes: int) -> bytes:
     return m.SerializeToString()
 
 
-def make_session(model: bytes, threads: int) -> ort.InferenceSession:
+def make_session(model: bytes, threads: int, lib: str | None = None) -> ort.InferenceSession:
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.log_severity_level = 3
-    so.register_custom_ops_library(str(library_path()))
+    so.register_custom_ops_library(lib or str(library_path()))
     return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
 
 
@@ -204,6 +209,7 @@ def main(argv=None):
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="wall: perf_counter; cpu: process CPU time (robust to other load on a shared "
                          "machine; equals latency only for 1 thread)")
+    ap.add_argument("--against", default="", help="path of another build of the kernels library: onnxopt ops run with both")
     args = ap.parse_args(argv)
     global CLOCK
     CLOCK = time.perf_counter if args.clock == "wall" else time.process_time
@@ -231,38 +237,40 @@ def main(argv=None):
         del copies
         gc.collect()
     samples = {}
+    libs = [("", None)] + ([(" [against]", args.against)] if args.against else [])
+    runs = [(spec, spec.label + tag, lib) for spec in specs for tag, lib in (libs if spec.domain == ops.DOMAIN else libs[:1])]
     for rnd in range(args.rounds):
-        for spec in specs:
+        for spec, label, lib in runs:
             for m in ms:
                 x = _rng(3).standard_normal((m, K)).astype(np.float32)
                 res = {}
                 for temp in ("hot", "cold"):
                     by_nodes, nodes = models[(spec.label, temp)]
                     for t in threads:
-                        sess = make_session(by_nodes[nodes[m]], t)
+                        sess = make_session(by_nodes[nodes[m]], t, lib)
                         max_runs = 50 if m == 1 else (5 if temp == "hot" else 2)
                         if args.quick:
                             max_runs = max(2, max_runs // 3)
                         res[(temp, t)] = time_session(sess, x, nodes[m], min_time if m == 1 else 0.0, max_runs)
-                        samples.setdefault((spec.label, m, temp, t), []).append(res[(temp, t)])
+                        samples.setdefault((label, m, temp, t), []).append(res[(temp, t)])
                         del sess
                         gc.collect()
-                print(f"  round {rnd + 1} {spec.label:34s} M={m:<4d} " + " ".join(
+                print(f"  round {rnd + 1} {label:34s} M={m:<4d} " + " ".join(
                     f"{k[0]}/{k[1]}T={v:.3f}ms" for k, v in res.items()), flush=True)
-    rows = [(spec, m, {(temp, t): statistics.median(samples[(spec.label, m, temp, t)])
-                       for temp in ("hot", "cold") for t in threads})
-            for spec in specs for m in ms]
+    rows = [(label, m, {(temp, t): statistics.median(samples[(label, m, temp, t)])
+                        for temp in ("hot", "cold") for t in threads})
+            for _, label, _ in runs for m in ms]
     # table
-    base = {(m, k): r for s, m, r in rows if s.op_type == "MatMul" for k in [None]}
+    base = {m: r for label, m, r in rows if label == specs[0].label}
     print()
     hdr = f"| {'op':34s} | {'M':>3s} | {'thr':>3s} | {'hot ms':>8s} | {'cold ms':>8s} | {'x fp32 hot':>10s} | {'x fp32 cold':>11s} |"
     print(hdr)
     print("|" + "|".join("-" * (len(c)) for c in hdr.split("|")[1:-1]) + "|")
-    for spec, m, res in rows:
-        b = base[(m, None)]
+    for label, m, res in rows:
+        b = base[m]
         for t in threads:
             h, c = res[("hot", t)], res[("cold", t)]
-            print(f"| {spec.label:34s} | {m:>3d} | {t:>3d} | {h:8.3f} | {c:8.3f} | "
+            print(f"| {label:34s} | {m:>3d} | {t:>3d} | {h:8.3f} | {c:8.3f} | "
                   f"{b[('hot', t)] / h:9.1f}x | {b[('cold', t)] / c:10.1f}x |")
     return 0
 
