@@ -15,8 +15,8 @@ namespace onnxopt {
 // group: entry e of group G = sum_i (bit i of e ? +x : -x)[group_bits*G + i] (x = 0 past K).
 struct BinaryLayout {
   int group_bits, groups, block;
-  int64_t per_word() const { return (int64_t)group_bits * groups; }
-  int64_t entries() const { return int64_t(1) << group_bits; }
+  constexpr int64_t per_word() const { return (int64_t)group_bits * groups; }
+  constexpr int64_t entries() const { return int64_t(1) << group_bits; }
 };
 inline constexpr BinaryLayout kBinaryOpLayout = {4, 8, 16};
 

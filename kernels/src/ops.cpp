@@ -245,7 +245,8 @@ struct BinaryKernel : KernelBase {
     Ort::KernelContext ctx(context);
     XInfo xi = CheckX(kName, GetIn(ctx, 0), K, N);
     In bits = GetIn(ctx, 1), alpha = GetIn(ctx, 2);
-    Expect(kName, bits, "bits", ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT32, {Ceil(N, 16), Ceil(K, 32), 16});
+    constexpr BinaryLayout op = kBinaryOpLayout;
+    Expect(kName, bits, "bits", ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT32, {Ceil(N, op.block), Ceil(K, op.per_word()), op.block});
     Expect(kName, alpha, "alpha", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, {N});
     const float* bias = CheckBias(kName, GetIn(ctx, 3), N);
     auto out = ctx.GetOutput(0, xi.out_shape);
