@@ -437,17 +437,17 @@ def test_binary_bits_fed_at_run_time(isa):
     rng = np.random.default_rng(11)
     for K, N in ((30, 9), (95, 17), (961, 24)):
         packs = [ops.pack_binary_matmul(rng.standard_normal((K, N)).astype(np.float32)) for _ in range(2)]
+        alpha = packs[0].inputs["alpha"]  # the graph's one alpha initializer serves both weights
+        packs = [ops.PackedWeight(p.op_type, {**p.inputs, "alpha": alpha}, p.attributes) for p in packs]
         x = helper.make_tensor_value_info("X", TensorProto.FLOAT, ["m", K])
         bits = helper.make_tensor_value_info("bits", TensorProto.UINT32, list(packs[0].inputs["bits"].shape))
         node = helper.make_node("BinaryMatMul", ["X", "bits", "alpha"], ["Y"], domain=ops.DOMAIN, K=K, N=N)
         graph = helper.make_graph([node], "g", [x, bits], [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
-                                  [numpy_helper.from_array(packs[0].inputs["alpha"], "alpha")])
+                                  [numpy_helper.from_array(alpha, "alpha")])
         sess = _session(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(ops.DOMAIN, 1)],
                                           ir_version=10))
         for M in (1, 5, 40):
             for packed in packs:
-                packed = ops.PackedWeight(packed.op_type, {**packed.inputs, "alpha": packs[0].inputs["alpha"]},
-                                          packed.attributes, packed.has_bias_input)
                 xv = rng.standard_normal((M, K)).astype(np.float32)
                 y = sess.run(None, {"X": xv, "bits": packed.inputs["bits"]})[0]
                 _check(y, ops.reference(packed, xv), f"binary bits input K={K} N={N} M={M} isa={isa}")
