@@ -46,10 +46,16 @@ CACHE_RESIDENT_BYTES = 16 << 20  # effective L3 of the reference machine (reads 
 TINY_BYTES = 64 << 10
 BREAK_EVEN_DRAM = 0.6
 BREAK_EVEN_CACHED = 0.85
-# SparseConv (direct sparse convolution, batch 1, 1 thread) vs onnxruntime's Conv, same run: 16->32
-# channels 3x3 on 14x14 0.55x at 50 %, 0.76x at 70 %, 1.14x at 90 %; 64->64 on 28x28 0.46x / 0.73x /
-# 1.77x; a 1-input-channel conv (144 weights) never won (0.83x at 90 %).
-BREAK_EVEN_CONV = 0.85
+# SparseConv (direct sparse convolution, batch 1, 1 thread; AVX2 Zen 3, session 5) vs onnxruntime's Conv
+# alone, same run: 16->32 3x3 on 14x14 0.88x at 50 %, 1.1-1.2x at 70 %, 1.4-1.6x at 90 %; 32->64 on 14x14
+# 0.89x / 1.04x / 1.30x at 60 / 70 / 80 %; 64->64 on 28x28 0.82x / 1.04x / 1.73x; 128->128 on 14x14
+# 1.06x / 1.22x / 1.65x. Inside a model a SparseConv also costs what onnxruntime's Conv fuses or hides:
+# its Relu becomes a node and the NCHWc layout around it needs reorders (~3-5 us at batch 1): MNIST
+# conv2 (18 KiB) at 80 % was no faster end to end. Small convs therefore wait for 85 %; 1-input-channel
+# convs (under 8 KiB) stay dense.
+BREAK_EVEN_CONV = 0.75
+BREAK_EVEN_SMALL_CONV = 0.85
+SMALL_CONV_BYTES = 64 << 10
 TINY_CONV_BYTES = 8 << 10
 
 
@@ -58,7 +64,9 @@ def sparse_break_even(k: int, n: int, conv: bool = False) -> float:
     Conv's GEMM view (above 1: never)."""
     dense_bytes = 4 * k * n
     if conv:
-        return BREAK_EVEN_CONV if dense_bytes >= TINY_CONV_BYTES else float("inf")
+        if dense_bytes < TINY_CONV_BYTES:
+            return float("inf")
+        return BREAK_EVEN_SMALL_CONV if dense_bytes < SMALL_CONV_BYTES else BREAK_EVEN_CONV
     if dense_bytes < TINY_BYTES:
         return float("inf")
     return BREAK_EVEN_CACHED if dense_bytes <= CACHE_RESIDENT_BYTES else BREAK_EVEN_DRAM
@@ -86,7 +94,8 @@ class PrunePass(ir.passes.InPlacePass):
         min_sparse_ratio: Layer sparsity from which a MatMul/Gemm becomes a SparseMatMul node (a Conv
             a SparseConv); below it the dense op stays, with a sparse initializer. Default: the
             kernel's measured break-even for the weight's size (MatMul: 0.6 when the dense weight
-            exceeds the cache, 0.85 when it fits, never under 64 KiB; Conv: 0.85, never under 8 KiB).
+            exceeds the cache, 0.85 when it fits, never under 64 KiB; Conv: 0.75, 0.85 under 64 KiB,
+            never under 8 KiB).
         sparse_op: Emit SparseMatMul/SparseConv nodes at all (off: standard ONNX only, sparse initializers).
         value_dtype: Storage of the sparse ops' nonzero values.
         recover: Re-fit the surviving weights layer by layer to the unpruned model's layer outputs.

@@ -1,7 +1,7 @@
 // AVX2 level (AVX2, FMA, F16C, POPCNT, BMI2): hand-written BinaryMatMul (own weight layout),
-// XnorMatMul, SparseMatMul's transposed path, single-row GEMV and row walk, and QuantMatMul; the
-// other kernels (X binarization, multi-row sparse tiles, SparseConv) are the generic ones compiled
-// with these flags.
+// XnorMatMul, SparseMatMul's transposed path, single-row GEMV and row walk, SparseConv's unit-stride
+// planes, and QuantMatMul; the other kernels (X binarization, multi-row sparse tiles) are the generic
+// ones compiled with these flags.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -155,6 +155,50 @@ static void sparse_csr_acc(const SparseCsr& w, const float* x, int64_t k0, int64
     }
     for (; j < e; ++j) acc[cols[j]] += xv * w.values[j];
   }
+}
+
+// ---------------------------------------------------------------- SparseConv
+// Unit strides: the output plane (on the padded width, see g_sparse_conv_plane_t) in chunks of up
+// to 14 registers (two left for the broadcast value and a load); a chunk stays in registers over
+// all of the channel's nonzeros, so a nonzero costs R loads + R FMAs and no accumulator traffic.
+// Chunks are read and written in whole registers: up to 7 floats past the plane, which the padded
+// image's slack and the accumulator's 8 spare floats (SparseConvKernel) cover.
+template <ValType VT, class IT, int R>
+static void conv_chunk(const SparseConvParams& p, int64_t co, int64_t start, float* acc) {
+  const IT* idx = static_cast<const IT*>(p.w.indices);
+  __m256 a[R];  // unrolled loops keep a[] in registers (else GCC zeroes and copies it with rep stos/movs)
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) a[r] = _mm256_setzero_ps();
+  for (int64_t e = p.w.col_ptr[co]; e < p.w.col_ptr[co + 1]; ++e) {
+    const __m256 v = _mm256_set1_ps(scalar_val<VT>(p.w.values, e));
+    const float* src = p.xp + p.offset[idx[e]] + start;
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) a[r] = _mm256_fmadd_ps(v, _mm256_loadu_ps(src + 8 * r), a[r]);
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) _mm256_storeu_ps(acc + start + 8 * r, a[r]);
+}
+
+template <ValType VT, class IT, int... R>
+static void conv_chunk_any(const SparseConvParams& p, int64_t co, int64_t start, int64_t regs, float* acc,
+                           std::integer_sequence<int, R...>) {
+  using Fn = void (*)(const SparseConvParams&, int64_t, int64_t, float*);
+  static constexpr Fn table[] = {conv_chunk<VT, IT, R + 1>...};
+  table[regs - 1](p, co, start, acc);
+}
+
+static void sparse_conv_plane(const SparseConvParams& p, int64_t co, float* acc) {
+  if (p.sh != 1 || p.sw != 1) return g_sparse_conv_plane(p, co, acc);
+  const int64_t len = p.OH * p.Wp, regs = (len + 7) / 8, chunks = (regs + 13) / 14, per = (regs + chunks - 1) / chunks;
+  g_sparse_dispatch(p.w, [&](auto vt, auto it) {
+    for (int64_t r = 0; r < regs; r += per)
+      conv_chunk_any<decltype(vt)::value, decltype(it)>(p, co, 8 * r, std::min(per, regs - r), acc,
+                                                        std::make_integer_sequence<int, 14>{});
+  });
+  const float scale = p.w.scales[co], bias = p.w.bias ? p.w.bias[co] : 0.0f;
+  float* out = p.y + co * p.OH * p.OW;
+  for (int64_t oh = 0; oh < p.OH; ++oh)
+    for (int64_t ow = 0; ow < p.OW; ++ow) out[oh * p.OW + ow] = acc[oh * p.Wp + ow] * scale + bias;
 }
 
 // ---------------------------------------------------------------- Xnor
@@ -450,7 +494,7 @@ const KernelTable* GetKernelTableAvx2() {
 #if defined(ONNXOPT_HAVE_AVX2)
   using namespace isa_avx2;
   static const KernelTable t = {"avx2", kBinaryAvx2Layout, binary_repack, binary_lut, binary_gemm, g_xnor_pack_x, xnor_gemm,
-                                g_sparse_rows<SparseGemv>, sparse_xt,   sparse_csr_acc, g_sparse_conv_plane, quant_x, quant_gemm};
+                                g_sparse_rows<SparseGemv>, sparse_xt,   sparse_csr_acc, sparse_conv_plane, quant_x, quant_gemm};
   return &t;
 #else
   return nullptr;

@@ -260,14 +260,17 @@ template <ValType VT, class IT, int R>
 static void conv_chunk(const SparseConvParams& p, int64_t co, int64_t start, int64_t len, float* acc) {
   const IT* idx = static_cast<const IT*>(p.w.indices);
   const __mmask16 last = tail16(len - 16 * (R - 1));
-  __m512 a[R];
+  __m512 a[R];  // unrolled loops keep a[] in registers (else GCC zeroes and copies it with rep stos/movs)
+#pragma GCC unroll 16
   for (int r = 0; r < R; ++r) a[r] = _mm512_setzero_ps();
   for (int64_t e = p.w.col_ptr[co]; e < p.w.col_ptr[co + 1]; ++e) {
     const __m512 v = _mm512_set1_ps(scalar_val<VT>(p.w.values, e));
     const float* src = p.xp + p.offset[idx[e]] + start;
+#pragma GCC unroll 16
     for (int r = 0; r < R - 1; ++r) a[r] = _mm512_fmadd_ps(v, _mm512_loadu_ps(src + 16 * r), a[r]);
     a[R - 1] = _mm512_fmadd_ps(v, _mm512_maskz_loadu_ps(last, src + 16 * (R - 1)), a[R - 1]);
   }
+#pragma GCC unroll 16
   for (int r = 0; r < R - 1; ++r) _mm512_storeu_ps(acc + start + 16 * r, a[r]);
   _mm512_mask_storeu_ps(acc + start + 16 * (R - 1), last, a[R - 1]);
 }

@@ -560,7 +560,7 @@ struct SparseConvKernel : SparseBase {
     auto out = ctx.GetOutput(0, {B, N, p.OH, p.OW});
     float* y = out.GetTensorMutableData<float>();
     if (B == 0) return;
-    const int64_t plane = p.Hp * p.Wp, image = C * plane + kw * dw + 16;  // slack: junk-column reads
+    const int64_t plane = p.Hp * p.Wp, image = C * plane + kw * dw + 16;  // slack: junk-column and whole-register reads
     float* xp = Buf(tls_f, (size_t)(B * image));
     int32_t* offset = Buf(tls_i32, (size_t)K);
     for (int64_t c = 0, k = 0; c < C; ++c)
@@ -587,7 +587,7 @@ struct SparseConvKernel : SparseBase {
       SparseConvParams q = p;
       q.xp = xp + b * image;
       q.y = y + b * N * p.OH * p.OW;
-      tbl->sparse_conv_plane(q, co, Buf(tls_plane, (size_t)(p.OH * std::max(p.Wp, p.OW))));
+      tbl->sparse_conv_plane(q, co, Buf(tls_plane, (size_t)(p.OH * std::max(p.Wp, p.OW) + 8)));  // +8: whole-register chunks
     };
     Parallel(ctx, B * N, run);
   }
