@@ -10,7 +10,8 @@ to that layer, it reproduces the *original* model's layer output on calibration 
 * spatially split Convs (vertical ``<layer>.lowrank_u`` then the horizontal layer, ``low-rank
   conv_split=spatial``): dense least squares of the horizontal filters on the vertical Conv's output,
   the vertical filters kept;
-* ``BinaryMatMul`` / ``XnorMatMul``: the per-column scale α and the bias, signs kept.
+* ``BinaryMatMul`` / ``XnorMatMul``: the per-column scale α (within a factor ``BINARY_ALPHA_RANGE`` of
+  the current one) and the bias, signs kept.
 
 Pruned and low-rank re-fits are pulled toward the current weights by a ridge term whose strength is
 chosen on calibration batches the fit did not see, and the current weights are kept when no strength
@@ -51,6 +52,12 @@ LOW_RANK_SUFFIX = ".lowrank_u"
 """Name suffix of the ``x @ U`` node ``low-rank`` inserts before the layer that keeps ``V``."""
 
 LAYER_OPS = ("MatMul", "Gemm", "Conv")
+
+BINARY_ALPHA_RANGE = 2.0
+"""A re-fitted binary α stays within this factor of the current one (α = mean|W| after ``binarize``).
+Unbounded, least squares shrank by more than 2x up to 42 % of the columns of a MiniLM FFN down-projection
+(some to or below zero, i.e. sign flips) and grew others up to 5.7x: the calibration error fell, WordSim-353
+fell from 0.657 to 0.557. Within 2x it rose to 0.697; the MNIST CNN's accuracy is unchanged."""
 
 RIDGE_STRENGTHS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
 """Pulls toward the current weights tried by the held-out check besides ``damping`` (× mean diagonal
@@ -272,12 +279,16 @@ class _Binary:
         return self._solve(self.halves.sum(0), damping)
 
     def _solve(self, sums: np.ndarray, damping: float) -> tuple[np.ndarray, np.ndarray]:
+        """Per column least squares α within ``BINARY_ALPHA_RANGE`` of the current α, then the best bias for it."""
         zz, z, zt, t, _, count = sums
+        current_alpha, current_bias = self.current()
         det = zz * count - z * z
         ok = det > damping * np.maximum(zz * count, 1e-30)
         safe = np.where(ok, det, 1.0)
-        alpha = np.where(ok, (zt * count - z * t) / safe, self.current()[0])
-        bias = np.where(ok, (zz * t - z * zt) / safe, self.current()[1])
+        alpha = np.where(ok, (zt * count - z * t) / safe, current_alpha)
+        trusted = np.clip(alpha, current_alpha / BINARY_ALPHA_RANGE, current_alpha * BINARY_ALPHA_RANGE)
+        alpha = np.where(current_alpha > 0, trusted, alpha)
+        bias = np.where(ok, (t - alpha * z) / np.maximum(count, 1), current_bias)
         return alpha, bias
 
     def error(self, params: tuple[np.ndarray, np.ndarray], sums: np.ndarray | None = None) -> float:

@@ -12,6 +12,7 @@ from onnxopt import io, ops, registry
 from onnxopt.calibration import Dataset
 from onnxopt.compression import packed_from_node
 from onnxopt.errors import DataError, RuntimeLibraryError
+from onnxopt.passes.recover import recover_layers
 from onnxopt.weights import scan_weights
 
 
@@ -96,3 +97,28 @@ def test_recover_reduces_error(tmp_path, mode):
         assert layer["kind"] == "binary" and layer["error_after"] < layer["error_before"]
     nodes = {n.name: n for n in model.graph}
     assert nodes["fc1"].inputs[-1].name.endswith("bias_recovered")
+
+
+def test_recovered_alpha_stays_within_trust_range(tmp_path):
+    """fc1's weights are exactly ±c per column, so least squares recovers α = c; started from α = 4c the
+    re-fit stops at the range's edge 2c, started from 1.5c it reaches c."""
+    original = load(chain_model(tmp_path, (32, 96, 96, 96, 10)))
+    weight = next(u for u in scan_weights(original, ("MatMul",)).uses if u.node.name == "fc1").value
+    c = np.linspace(0.05, 0.2, 96).astype(np.float32)
+    weight.const_value = ir.tensor(np.sign(weight.const_value.numpy()) * c)
+    compressed = original.clone()
+    binarize(compressed, min_elements=1)
+    node = next(n for n in compressed.graph if n.name == "fc1")
+    packed = packed_from_node(node)
+    np.testing.assert_allclose(packed.inputs["alpha"], c, rtol=1e-5)
+    start = np.where(np.arange(96) % 2 == 0, 4 * c, 1.5 * c).astype(np.float32)
+    node.inputs[1 + list(packed.inputs).index("alpha")].const_value = ir.tensor(start)
+    data = Dataset.from_arrays({"x": np.random.default_rng(3).standard_normal((64, 32)).astype(np.float32)})
+    try:
+        report = recover_layers(original, compressed, data, {"fc1"})["fc1"]
+    except RuntimeLibraryError:
+        pytest.skip("onnxopt kernel library not built")
+    assert report["applied"] and report["error_after"] < report["error_before"]
+    alpha = packed_from_node(node).inputs["alpha"]
+    np.testing.assert_allclose(alpha[0::2], 2 * c[0::2], rtol=1e-5)
+    np.testing.assert_allclose(alpha[1::2], c[1::2], rtol=1e-4)
