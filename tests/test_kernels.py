@@ -137,6 +137,38 @@ def test_sparse_row_walk_on_zero_rich_inputs(isa, threads, value_dtype):
             _check(y, ops.reference(packed, x, bias), f"{value_dtype} isa={isa} t={threads} M={M} K={K} N={N} zeros={zeros}")
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("path", ["panels", "walk", "columns"])
+def test_sparse_small_m_paths(isa, threads, path, monkeypatch):
+    """Each small-M path of SparseMatMul (forced by ONNXOPT_SPARSE_PATH; constant weights) on panel and
+    group edges (K around 32, N around 16), rows and columns of very different density (the panel
+    layout sorts both), an empty row and column, a full column (32 steps in one segment), N > 65536."""
+    monkeypatch.setenv("ONNXOPT_SPARSE_PATH", path)
+    rng = np.random.default_rng(abs(hash((path, threads, isa))) % 2**32)
+    for K, N in ((1, 1), (31, 17), (33, 16), (64, 15), (257, 40), (40, 70000)):
+        density = rng.random((K, 1)) * rng.random((1, N))
+        w = (rng.standard_normal((K, N)) * (rng.random((K, N)) < density)).astype(np.float32)
+        w[:, 0] = rng.standard_normal(K)
+        if K > 2 and N > 2:
+            w[1, :] = 0
+            w[:, 1] = 0
+        for value_dtype in ("float32", "float16", "int8"):
+            packed = ops.pack_sparse_matmul(w, value_dtype)
+            bias = rng.standard_normal(N).astype(np.float32) if value_dtype != "int8" else None
+            sess = _session(_model(packed, bias), threads=threads)
+            for M in (1, 3, 15):
+                x = rng.standard_normal((M, K)).astype(np.float32) * (rng.random((M, K)) >= 0.5)
+                y = sess.run(None, {"X": x})[0]
+                _check(y, ops.reference(packed, x, bias), f"{path} {value_dtype} isa={isa} t={threads} M={M} K={K} N={N}")
+
+
+def test_sparse_path_env_is_checked(monkeypatch):
+    monkeypatch.setenv("ONNXOPT_SPARSE_PATH", "fastest")
+    packed = ops.pack_sparse_matmul(np.eye(4, dtype=np.float32))
+    with pytest.raises(Exception, match="ONNXOPT_SPARSE_PATH=fastest is not one of"):
+        _session(_model(packed, None)).run(None, {"X": np.ones((1, 4), np.float32)})
+
+
 # (B, C, H, W, N, kernel_shape, strides, pads, dilations)
 CONV_CASES = [
     (1, 16, 14, 14, 32, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),

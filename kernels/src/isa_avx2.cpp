@@ -494,7 +494,7 @@ const KernelTable* GetKernelTableAvx2() {
 #if defined(ONNXOPT_HAVE_AVX2)
   using namespace isa_avx2;
   static const KernelTable t = {"avx2", kBinaryAvx2Layout, binary_repack, binary_lut, binary_gemm, g_xnor_pack_x, xnor_gemm,
-                                g_sparse_rows<SparseGemv>, sparse_xt,   sparse_csr_acc, sparse_conv_plane, quant_x, quant_gemm};
+                                g_sparse_rows<SparseGemv>, sparse_xt,   sparse_csr_acc, g_sparse_panels, 0.0f, sparse_conv_plane, quant_x, quant_gemm};
   return &t;
 #else
   return nullptr;

@@ -203,6 +203,40 @@ static void sparse_rows(const SparseParams& p, int64_t m0, int64_t m1, int64_t n
   g_sparse_rows(p, m0, m1, n0, n1);
 }
 
+// Panel GEMV: per step one vpmovzxbd of the 16 lane rows, one vpermt2ps gathering their inputs
+// from the panel's two registers, one FMA. Four accumulators rotate over the panels so the FMA
+// chains of consecutive segments overlap. MNIST fc1 (1568x512, 90 %, 9.0 k steps for 78 k
+// nonzeros), standalone on Zen 4: 9.4 us against 20.5 us for the row walk over its post-ReLU input.
+static void sparse_panels(const SparsePanels& w, const float* xp, const float* bias, int64_t g0, int64_t g1, float* y) {
+  for (int64_t g = g0; g < g1; ++g) {
+    const uint8_t* steps = w.steps + g * w.P;
+    const uint8_t* rows = w.rows + 16 * w.group_step[g];
+    const float* vals = w.values + 16 * w.group_step[g];
+    auto segment = [&](int64_t p, __m512& acc) {
+      const __m512 lo = _mm512_load_ps(xp + 32 * p), hi = _mm512_load_ps(xp + 32 * p + 16);
+      for (int l = steps[p]; l > 0; --l, rows += 16, vals += 16) {
+        const __m512i r = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rows)));
+        acc = _mm512_fmadd_ps(_mm512_permutex2var_ps(lo, r, hi), _mm512_loadu_ps(vals), acc);
+      }
+    };
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t p = 0;
+    for (; p + 4 <= w.P; p += 4) {
+      segment(p, a0);
+      segment(p + 1, a1);
+      segment(p + 2, a2);
+      segment(p + 3, a3);
+    }
+    for (; p < w.P; ++p) segment(p, a0);
+    alignas(64) float out[16];
+    _mm512_store_ps(out, _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+    for (int i = 0; i < 16; ++i) {
+      const int32_t n = w.col_of[16 * g + i];
+      if (n >= 0) y[n] = out[i] + (bias ? bias[n] : 0.0f);
+    }
+  }
+}
+
 // Transposed path: X^T in groups of 32 rows ([group][K][32], L2-resident, 64-byte aligned rows);
 // per column one pass over its entries, each = broadcast value x two 16-float rows; two entries
 // per step into 4 accumulators. Measured (4096x4096, 90% sparse, one group of 32 rows): ~0.8 ns
@@ -454,8 +488,10 @@ static void quant_gemm(const QuantParams& p, int64_t m0, int64_t m1, int64_t c0,
 
 const KernelTable* GetKernelTableAvx512() {
   using namespace isa_avx512;
+  // One panel step measured ~1.0 ns on Zen 4 (zmm vpermt2ps + FMA), L1- or L2-resident.
+  constexpr float kPanelStepNs = 1.0f;
   static const KernelTable t = {"avx512", kBinaryOpLayout, nullptr, binary_lut, binary_gemm, xnor_pack_x, xnor_gemm,
-                                sparse_rows, sparse_xt,  g_sparse_csr_acc, sparse_conv_plane, quant_x, quant_gemm};
+                                sparse_rows, sparse_xt,  g_sparse_csr_acc, sparse_panels, kPanelStepNs, sparse_conv_plane, quant_x, quant_gemm};
   return &t;
 }
 }  // namespace onnxopt

@@ -71,6 +71,21 @@ struct SparseCsr {
   const float* values;        // [nnz] value * scale of its column
 };
 
+// SparseMatMul, panel GEMV (one input row, constant weights): the rows of W, ordered by their
+// nonzero count, form panels of 32; its columns, ordered the same way, form groups of 16 lanes.
+// Segment (g, p) is `steps[g*P + p]` steps; a step holds per lane one row of panel p (0..31) and
+// its value (column scale folded in; padding lanes hold 0). A kernel gathers a step's 16 inputs
+// from the panel's 32 (two registers) by one permute, so no accumulator ever leaves registers.
+struct SparsePanels {
+  int64_t K, N, P, G;         // P = ceil(K/32) panels, G = ceil(N/16) groups
+  const int32_t* row_of;      // [P*32] row of W at each panel position, -1 past K
+  const int32_t* col_of;      // [G*16] column of W of each lane, -1 past N
+  const uint8_t* steps;       // [G*P] steps of each segment, group-major
+  const int64_t* group_step;  // [G+1] first step of each group
+  const uint8_t* rows;        // [S][16] row within the panel, per step and lane
+  const float* values;        // [S][16]
+};
+
 // ---------------------------------------------------------------- SparseConv
 // 2-D convolution (group 1) whose weight is SparseMatMul's CSC of the GEMM view:
 // row k = (c*kh + i)*kw + j, column = output channel. One image at a time.
@@ -116,6 +131,12 @@ struct KernelTable {
   void (*sparse_xt)(const SparseParams& p, int64_t t0, int64_t t1, int64_t n0, int64_t n1);
   // Sparse, row walk: acc[N] += x[k0:k1] . W[k0:k1, :], skipping zero x
   void (*sparse_csr_acc)(const SparseCsr& w, const float* x, int64_t k0, int64_t k1, float* acc);
+  // Sparse, panel GEMV: groups [g0,g1) of y = xp . W (+ bias); xp = x in panel order ([P*32],
+  // zero padded, 64-byte aligned)
+  void (*sparse_panels)(const SparsePanels& w, const float* xp, const float* bias, int64_t g0, int64_t g1, float* y);
+  // ns per panel step, used to choose the panel GEMV over the row walk and the column path
+  // (0: never chosen by cost, only when forced by ONNXOPT_SPARSE_PATH=panels)
+  float sparse_panel_step_ns;
   // SparseConv: output channel co of one image; acc: OH*Wp floats of scratch
   void (*sparse_conv_plane)(const SparseConvParams& p, int64_t co, float* acc);
   // Quant: quantize one row of x into xq (nb*bs), sx (nb), sumx (nb)

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <mutex>
@@ -346,6 +347,83 @@ struct CsrCopy {
   }
 };
 
+// The panel layout (SparsePanels) of a constant CSC weight, scales folded in; left empty when it
+// would take more than kMaxBytes (weights that large stream from DRAM, where the CSC's fewer bytes win).
+struct PanelCopy {
+  static constexpr int64_t kMaxBytes = 8 << 20;
+  int64_t P = 0, G = 0;
+  std::vector<int32_t> row_of, col_of;
+  std::vector<uint8_t> steps, rows;
+  std::vector<int64_t> group_step;
+  std::vector<float> values;
+
+  bool empty() const { return group_step.empty(); }
+  int64_t Steps() const { return group_step.empty() ? 0 : group_step.back(); }
+
+  template <class IT>
+  void Build(const SparseParams& p, int64_t nnz) {
+    const IT* idx = static_cast<const IT*>(p.indices);
+    const int32_t* cp = p.col_ptr;
+    P = Ceil(p.K, 32), G = Ceil(p.N, 16);
+    std::vector<int64_t> row_nnz((size_t)p.K, 0);
+    for (int64_t j = 0; j < nnz; ++j) ++row_nnz[idx[j]];
+    // densest rows and columns first: panels and groups of similar density need fewer padding lanes
+    std::vector<int32_t> order((size_t)p.K), pos((size_t)p.K);
+    for (int64_t k = 0; k < p.K; ++k) order[k] = (int32_t)k;
+    std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return row_nnz[a] > row_nnz[b]; });
+    row_of.assign((size_t)(P * 32), -1);
+    for (int64_t i = 0; i < p.K; ++i) row_of[i] = order[i], pos[order[i]] = (int32_t)i;
+    col_of.assign((size_t)(G * 16), -1);
+    for (int64_t n = 0; n < p.N; ++n) col_of[n] = (int32_t)n;
+    std::stable_sort(col_of.begin(), col_of.begin() + p.N,
+                     [&](int32_t a, int32_t b) { return cp[a + 1] - cp[a] > cp[b + 1] - cp[b]; });
+    // count[p*16 + lane]: entries of a lane's column in panel p (at most 32)
+    std::vector<uint8_t> count((size_t)(P * 16));
+    auto for_lanes = [&](int64_t g, auto&& f) {  // f(lane, panel, row in panel, entry, column)
+      std::fill(count.begin(), count.end(), 0);
+      for (int i = 0; i < 16; ++i) {
+        const int32_t n = col_of[16 * g + i];
+        if (n < 0) continue;
+        for (int64_t j = cp[n]; j < cp[n + 1]; ++j) {
+          const int32_t q = pos[idx[j]];
+          f(i, q / 32, q % 32, j, n);
+        }
+      }
+    };
+    steps.assign((size_t)(G * P), 0);
+    group_step.assign((size_t)G + 1, 0);
+    for (int64_t g = 0; g < G; ++g) {
+      for_lanes(g, [&](int i, int32_t pan, int32_t, int64_t, int32_t) { ++count[pan * 16 + i]; });
+      int64_t total = 0;
+      for (int64_t pan = 0; pan < P; ++pan) {
+        const uint8_t* c = &count[pan * 16];
+        steps[g * P + pan] = *std::max_element(c, c + 16);
+        total += steps[g * P + pan];
+      }
+      group_step[g + 1] = group_step[g] + total;
+    }
+    if (Steps() * 16 * 5 > kMaxBytes) {
+      group_step.clear();
+      return;
+    }
+    rows.assign((size_t)(Steps() * 16), 0);
+    values.assign((size_t)(Steps() * 16), 0.0f);
+    std::vector<int64_t> first((size_t)P);  // first step of each segment of the group
+    for (int64_t g = 0; g < G; ++g) {
+      first[0] = group_step[g];
+      for (int64_t pan = 1; pan < P; ++pan) first[pan] = first[pan - 1] + steps[g * P + pan - 1];
+      for_lanes(g, [&](int i, int32_t pan, int32_t r, int64_t j, int32_t n) {
+        const int64_t at = 16 * (first[pan] + count[pan * 16 + i]++) + i;
+        rows[at] = (uint8_t)r;
+        values[at] = ValueAt(p.vt, p.values, j) * p.scales[n];
+      });
+    }
+  }
+  SparsePanels View(const SparseParams& p) const {
+    return {p.K, p.N, P, G, row_of.data(), col_of.data(), steps.data(), group_step.data(), rows.data(), values.data()};
+  }
+};
+
 // The weight inputs shared by SparseMatMul and SparseConv: values, indices, col_ptr, scales[, bias]
 // (inputs 1-5). Constant (initializer) indices/col_ptr are validated once, on the first call that
 // sees them.
@@ -354,12 +432,14 @@ struct SparseBase : KernelBase {
   const void* const_values = nullptr;
   const void* const_indices = nullptr;
   const void* const_col_ptr = nullptr;
+  const void* const_scales = nullptr;
   std::atomic<bool> const_checked{false};
   SparseBase(const OrtKernelInfo* info, const char* name) : KernelBase(info, name), op(name) {
     Ort::ConstKernelInfo ki(info);
     const_values = ConstantInputData(ki, 1);
     const_indices = ConstantInputData(ki, 2);
     const_col_ptr = ConstantInputData(ki, 3);
+    const_scales = ConstantInputData(ki, 4);
   }
 
   // col_ptr: 0 = cp[0] <= cp[1] <= ... <= cp[N] = nnz; every index < K.
@@ -404,7 +484,7 @@ struct SparseBase : KernelBase {
     const float* bias = CheckBias(op, GetIn(ctx, 5), N);
     const int32_t* cp = cptr.as<int32_t>();
     const bool constant = indices.data == const_indices && cptr.data == const_col_ptr && const_indices;
-    all_constant = constant && values.data == const_values;
+    all_constant = constant && values.data == const_values && scales.data == const_scales;
     if (!constant || !const_checked.load(std::memory_order_acquire)) {
       if (idx32) CheckStructure(cp, indices.as<uint32_t>(), nnz);
       else CheckStructure(cp, indices.as<uint16_t>(), nnz);
@@ -416,26 +496,55 @@ struct SparseBase : KernelBase {
 
 struct SparseKernel : SparseBase {
   static constexpr const char* kName = "SparseMatMul";
-  // Inputs with at least this fraction of exact zeros take the row walk (small M only). On MNIST fc1
-  // (1568x512, batch 1, kernels/README.md) the row walk costs ~0.4 ns per visited entry and the column
-  // path ~0.33 ns per entry, so the walk wins from ~18 % zeros; 25 % leaves a margin.
-  static constexpr double kRowWalkMinZeros = 0.25;
-  // Built on the first small-M call whose input is sparse enough (constant weights only).
-  std::mutex csr_mu;
-  std::atomic<bool> csr_ready{false};
+  // Small-M paths (M < 16) and their measured costs, MNIST fc1 (1568x512, 90 %, batch 1) on Zen 4,
+  // ns: the column path per entry and row; the row walk per visited entry (rows with x != 0), taken
+  // only when at least kRowWalkMinZeros of X are exact zeros; a panel step is the table's own cost.
+  static constexpr double kColumnNs = 0.33, kWalkNs = 0.5, kRowWalkMinZeros = 0.25;
+  enum class Path { Auto, Columns, Walk, Panels };
+  // ONNXOPT_SPARSE_PATH=columns|walk|panels forces a small-M path for constant weights (tests, A/B).
+  const Path forced;
+  // Copies of constant weights, each built on the first small-M call that needs it.
+  std::mutex copy_mu;
+  std::atomic<bool> csr_ready{false}, panels_ready{false};
   CsrCopy csr;
-  explicit SparseKernel(const OrtKernelInfo* info) : SparseBase(info, kName) {}
+  PanelCopy panels;
+  explicit SparseKernel(const OrtKernelInfo* info) : SparseBase(info, kName), forced(ForcedPath()) {}
 
-  const CsrCopy& Csr(const SparseParams& p, int64_t nnz) {
-    if (!csr_ready.load(std::memory_order_acquire)) {
-      std::lock_guard<std::mutex> lk(csr_mu);
-      if (!csr_ready.load(std::memory_order_relaxed)) {
-        if (p.idx32) csr.Build<uint32_t>(p, nnz);
-        else csr.Build<uint16_t>(p, nnz);
-        csr_ready.store(true, std::memory_order_release);
+  static Path ForcedPath() {
+    const char* env = std::getenv("ONNXOPT_SPARSE_PATH");
+    const std::string v = env ? env : "";
+    if (v.empty() || v == "auto") return Path::Auto;
+    if (v == "columns") return Path::Columns;
+    if (v == "walk") return Path::Walk;
+    if (v == "panels") return Path::Panels;
+    Fail(kName, "ONNXOPT_SPARSE_PATH=", v, " is not one of auto, columns, walk, panels");
+  }
+
+  template <class Copy>
+  const Copy& Built(std::atomic<bool>& ready, Copy& copy, const SparseParams& p, int64_t nnz) {
+    if (!ready.load(std::memory_order_acquire)) {
+      std::lock_guard<std::mutex> lk(copy_mu);
+      if (!ready.load(std::memory_order_relaxed)) {
+        if (p.idx32) copy.template Build<uint32_t>(p, nnz);
+        else copy.template Build<uint16_t>(p, nnz);
+        ready.store(true, std::memory_order_release);
       }
     }
-    return csr;
+    return copy;
+  }
+
+  Path Choose(const SparseParams& p, int64_t nnz, bool constant) {
+    if (!constant) return Path::Columns;
+    if (forced == Path::Panels) return Built(panels_ready, panels, p, nnz).empty() ? Path::Columns : Path::Panels;
+    if (forced != Path::Auto) return forced;
+    const double zeros = ZeroFraction(p.x, p.M * p.K);
+    Path path = zeros >= kRowWalkMinZeros ? Path::Walk : Path::Columns;
+    const double cost = (path == Path::Walk ? kWalkNs * (1.0 - zeros) : kColumnNs) * (double)(nnz * p.M);
+    if (tbl->sparse_panel_step_ns > 0) {
+      const PanelCopy& pc = Built(panels_ready, panels, p, nnz);
+      if (!pc.empty() && tbl->sparse_panel_step_ns * (double)(pc.Steps() * p.M) < cost) path = Path::Panels;
+    }
+    return path;
   }
 
   // y = X W by rows of W, skipping zero inputs; K split into up to 4 tasks with private sums.
@@ -460,6 +569,20 @@ struct SparseKernel : SparseBase {
     }
   }
 
+  // y = X W one row at a time over the panel layout; tasks are (row, chunk of column groups).
+  void PanelGemv(const Ort::KernelContext& ctx, const SparseParams& p, const SparsePanels& w) {
+    const int64_t M = p.M, K = p.K, span = w.P * 32;
+    float* xp = AlignedBuf(tls_f, (size_t)(M * span));
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t i = 0; i < span; ++i) xp[m * span + i] = w.row_of[i] >= 0 ? p.x[m * K + w.row_of[i]] : 0.0f;
+    const int64_t chunks = std::min<int64_t>(w.G, 8), per = Ceil(w.G, chunks);
+    auto run = [&](int64_t t) {
+      const int64_t m = t / chunks, g0 = (t % chunks) * per, g1 = std::min(w.G, g0 + per);
+      if (g0 < g1) tbl->sparse_panels(w, xp + m * span, p.bias, g0, g1, p.y + m * p.N);
+    };
+    Parallel(ctx, M * chunks, run);
+  }
+
   void Compute(OrtKernelContext* context) {
     Ort::KernelContext ctx(context);
     XInfo xi = CheckX(kName, GetIn(ctx, 0), K, N);
@@ -473,8 +596,11 @@ struct SparseKernel : SparseBase {
     p.M = M;
     p.x = xi.x;
     p.y = y;
-    if (M < 16 && all_constant && ZeroFraction(xi.x, M * K) >= kRowWalkMinZeros) {
-      RowWalk(ctx, p, Csr(p, nnz).View(p));
+    const Path path = M < 16 ? Choose(p, nnz, all_constant) : Path::Auto;
+    if (path == Path::Walk) {
+      RowWalk(ctx, p, Built(csr_ready, csr, p, nnz).View(p));
+    } else if (path == Path::Panels) {
+      PanelGemv(ctx, p, panels.View(p));
     } else if (M < 16) {
       const int64_t ncols = std::max<int64_t>(1, std::min<int64_t>(N, 32));
       const int64_t chunk = Ceil(N, ncols);
