@@ -172,13 +172,14 @@ def minilm_calibration_dir(sentences: int, words: int, seq: int = 128) -> Datase
     return Dataset.load(folder)
 
 
-def bench_minilm(quick: bool) -> None:
+def bench_minilm(quick: bool, words: int) -> None:
     path = ROOT / "models/out/minilm.onnx"
     if not path.exists():
         print("MiniLM skipped: run `python -m models.minilm` first")
         return
-    samples = 16 if quick else 32
-    data = minilm_calibration_dir(samples, 0)
+    sentences = 16 if quick else 32
+    samples = sentences + words
+    data = minilm_calibration_dir(sentences, words)
     ffn, names = ffn_filter(path)
     middle = NodeFilter(name_regex="^(" + "|".join(names[2:-2]) + ")$")
     ratios = (0.25,) if quick else (0.5, 0.25, 0.1)
@@ -189,7 +190,7 @@ def bench_minilm(quick: bool) -> None:
     points.append(("binarize FFN layers 2-9", [("binarize", {"keep_first_last": False}, middle)]))
     feed = evaluate.minilm_inputs(1, 128)
     rows = run_points(path, points, data, lambda p: evaluate.word_similarity(p, "wordsim353"), feed, samples, repeat=20)
-    table(f"MiniLM-L6 (WordSim-353 Spearman, {samples} calibration snippets, batch 1 seq 128; low-rank ratios {ratios} = "
+    table(f"MiniLM-L6 (WordSim-353 Spearman, calibration {sentences} news snippets + {words} single words, batch 1 seq 128; low-rank ratios {ratios} = "
           f"fraction of parameters kept, recover = ridge re-fit chosen on held-out batches; sparsities {sparsities}; "
           "structured = fraction of FFN neurons removed)", "WordSim", rows)
 
@@ -198,12 +199,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer points and calibration samples")
     parser.add_argument("--only", choices=("cnn", "minilm"))
+    parser.add_argument("--calib-words", type=int, default=0, metavar="N",
+                        help="MiniLM: add N single words (none from the metric's lists) to the calibration snippets")
     args = parser.parse_args()
     runtime.kernel_library()  # fail early, clearly, when the kernels are not built
     if args.only in (None, "cnn"):
         bench_cnn(args.quick)
     if args.only in (None, "minilm"):
-        bench_minilm(args.quick)
+        bench_minilm(args.quick, args.calib_words)
 
 
 if __name__ == "__main__":
