@@ -496,10 +496,11 @@ struct SparseBase : KernelBase {
 
 struct SparseKernel : SparseBase {
   static constexpr const char* kName = "SparseMatMul";
-  // Small-M paths (M < 16) and their measured costs, MNIST fc1 (1568x512, 90 %, batch 1) on Zen 4,
-  // ns: the column path per entry and row; the row walk per visited entry (rows with x != 0), taken
-  // only when at least kRowWalkMinZeros of X are exact zeros; a panel step is the table's own cost.
-  static constexpr double kColumnNs = 0.33, kWalkNs = 0.5, kRowWalkMinZeros = 0.25;
+  // Small-M paths (M < 16) and their costs in ns, measured at 1568x512, 90 %, batch 1 on Zen 4
+  // (bench/sparse_gemv.py): the column path 0.35 per entry and row; the row walk 0.6 per visited entry
+  // (rows with x != 0), taken over the column path when at least kRowWalkMinZeros of X are exact
+  // zeros; a panel step costs what the table says (the panel GEMV exists where it is > 0).
+  static constexpr double kColumnNs = 0.35, kWalkNs = 0.6, kRowWalkMinZeros = 0.25;
   enum class Path { Auto, Columns, Walk, Panels };
   // ONNXOPT_SPARSE_PATH=columns|walk|panels forces a small-M path for constant weights (tests, A/B).
   const Path forced;
