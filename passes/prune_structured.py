@@ -25,12 +25,12 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.activations import Gram, layer_input_rows
+from onnxopt.activations import layer_input_rows
 from onnxopt.calibration import Dataset, capture, capture_many
-from onnxopt.compression import gemm_alpha, relative_error, solve_masked
+from onnxopt.compression import gemm_alpha, solve_masked
 from onnxopt.filters import NodeFilter
 from onnxopt.passes.prune import name_layers
-from onnxopt.passes.recover import require_data
+from onnxopt.passes.recover import GramLayer, require_data
 from onnxopt.registry import register
 from onnxopt.weights import WeightUse, constant_array, constant_tensor, scan_weights, set_weight
 
@@ -484,7 +484,8 @@ class PruneStructuredPass(ir.passes.InPlacePass):
         min_channels: Never keep fewer channels than this in a group.
         round_to: Keep channel counts a multiple of this (kernel-friendly widths).
         recover: Re-fit each consumer's weight (and bias) by least squares to the original model's
-            consumer outputs on calibration data.
+            consumer outputs on calibration data, pulled toward the current weights with the strength
+            that best predicts held-out calibration batches (kept as is when none does), as ``recover``.
         samples: Calibration samples for ``importance=activation`` and ``recover``.
         damping: Ridge term of the recovery, as a fraction of the mean diagonal of XᵀX/rows.
     """
@@ -659,7 +660,8 @@ def _bias_slot(node: ir.Node) -> tuple[ir.Node, int] | None:
 
 def _refit(original: ir.Model, orig_use: WeightUse, model: ir.Model, use: WeightUse, kept_columns: np.ndarray | None,
            data: Dataset, samples: int, damping: float) -> dict:
-    """Least squares of the layer's kept input rows (plus its bias) on the original layer output.
+    """Least squares of the layer's kept input rows (plus its bias) on the original layer output, pulled
+    toward the current weights with the strength chosen on held-out batches (:meth:`GramLayer.ridge_refit`).
 
     ``kept_columns``: the layer's own output columns that survived (when it is also a pruned producer).
     """
@@ -668,27 +670,25 @@ def _refit(original: ir.Model, orig_use: WeightUse, model: ir.Model, use: Weight
     if kept_columns is not None:
         w_orig = w_orig[:, kept_columns]
     slot = _bias_slot(use.node)
-    gram: Gram | None = None
-    yty = 0.0
+    layer = GramLayer(use.node)
 
     def on_batch(outs):
-        nonlocal gram, yty
         target = layer_input_rows(orig_use, outs[0][orig_use.activation.name]) @ w_orig
         rows = layer_input_rows(use, outs[1][use.activation.name])
         if slot is not None:
             rows = np.hstack([rows, np.ones((rows.shape[0], 1), rows.dtype)])
-        if gram is None:
-            gram = Gram.empty(rows.shape[1], target.shape[1])
-        gram.update(rows, target)
-        yty += float(np.sum(target.astype(np.float64) ** 2))
+        layer.accumulate(rows, target)
 
     capture_many([(original, [orig_use.activation.name]), (model, [use.activation.name])],
                  data.batches(original, 8, samples), on_batch)
     current = use.matrix().astype(np.float64) * alpha
     if slot is not None:
         current = np.vstack([current, np.zeros((1, current.shape[1]))])  # the bias is unchanged so far
-    fitted = solve_masked(gram.xtx, gram.xty, gram.rows, np.ones(current.shape, bool), damping)
-    before, after = relative_error(gram.xtx, gram.xty, yty, current), relative_error(gram.xtx, gram.xty, yty, fitted)
+    mask = np.ones(current.shape, bool)
+    fitted = layer.ridge_refit(lambda gram, strength: solve_masked(gram.xtx, gram.xty, gram.rows, mask, strength, current),
+                               current, damping)
+    before = layer.error(current)
+    after = before if fitted is None else layer.error(fitted)
     applied = after < before
     if applied:
         weights = fitted[:-1] if slot is not None else fitted
@@ -699,8 +699,7 @@ def _refit(original: ir.Model, orig_use: WeightUse, model: ir.Model, use: Weight
             shift = fitted[-1] / (node.attributes.get_float("beta", 1.0) if node.op_type == "Gemm" else 1.0)
             new_bias = (bias.astype(np.float64) + np.broadcast_to(shift, (bias.size,)).reshape(bias.shape))
             set_weight(WeightUse(node, index), new_bias.astype(bias.dtype), "recovered")
-    # Errors are in-sample; with fewer rows than inputs the (ridge, minimum-norm) fit interpolates the
-    # calibration set, which still measured better on held-out data than re-fitting only the bias.
+    rows = layer.gram.rows
     return {"error_before": round(before, 6), "error_after": round(after if applied else before, 6),
-            "applied": applied, "bias": slot is not None, "rows": gram.rows, "inputs": current.shape[0],
-            **({"note": "fewer rows than inputs: in-sample error"} if gram.rows <= current.shape[0] else {})}
+            "applied": applied, "bias": slot is not None, "rows": rows, "inputs": current.shape[0], **layer.report,
+            **({"note": "fewer rows than inputs: in-sample error"} if rows <= current.shape[0] else {})}

@@ -65,9 +65,10 @@ of XᵀX/rows)."""
 
 
 @dataclasses.dataclass
-class _GramLayer:
+class GramLayer:
     """Statistics XᵀX, XᵀY, YᵀY for layers whose free parameters are a (K, N) matrix, kept for two
-    halves of the calibration batches (alternating) so a re-fit can be checked on rows it did not see."""
+    halves of the calibration batches (alternating) so a re-fit can be checked on rows it did not see.
+    Every layer-wise re-fit (this pass's layers, ``prune-structured``'s consumers) goes through it."""
 
     node: ir.Node
 
@@ -121,7 +122,7 @@ class _GramLayer:
         return None if best is None else solve(self.gram, best)
 
 
-class _Masked(_GramLayer):
+class _Masked(GramLayer):
     """A dense MatMul/Gemm/Conv whose zero weights stay zero."""
 
     @property
@@ -195,7 +196,7 @@ class _SparseConv(_Sparse):
         _replace_packed_inputs(self.node, packed)
 
 
-class _LowRank(_GramLayer):
+class _LowRank(GramLayer):
     """``h = x @ U`` (node ``<name>.lowrank_u``) followed by the layer ``y = h @ V``."""
 
     def __init__(self, node: ir.Node, u_node: ir.Node):
