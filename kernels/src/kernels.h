@@ -77,7 +77,7 @@ struct SparseCsr {
 // its value (column scale folded in; padding lanes hold 0). A kernel gathers a step's 16 inputs
 // from the panel's 32 (two registers) by one permute, so no accumulator ever leaves registers.
 struct SparsePanels {
-  int64_t K, N, P, G;         // P = ceil(K/32) panels, G = ceil(N/16) groups
+  int64_t P, G;               // P = ceil(K/32) panels, G = ceil(N/16) groups
   const int32_t* row_of;      // [P*32] row of W at each panel position, -1 past K
   const int32_t* col_of;      // [G*16] column of W of each lane, -1 past N
   const uint8_t* steps;       // [G*P] steps of each segment, group-major

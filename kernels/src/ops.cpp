@@ -419,8 +419,8 @@ struct PanelCopy {
       });
     }
   }
-  SparsePanels View(const SparseParams& p) const {
-    return {p.K, p.N, P, G, row_of.data(), col_of.data(), steps.data(), group_step.data(), rows.data(), values.data()};
+  SparsePanels View() const {
+    return {P, G, row_of.data(), col_of.data(), steps.data(), group_step.data(), rows.data(), values.data()};
   }
 };
 
@@ -601,7 +601,7 @@ struct SparseKernel : SparseBase {
     if (path == Path::Walk) {
       RowWalk(ctx, p, Built(csr_ready, csr, p, nnz).View(p));
     } else if (path == Path::Panels) {
-      PanelGemv(ctx, p, panels.View(p));
+      PanelGemv(ctx, p, panels.View());
     } else if (M < 16) {
       const int64_t ncols = std::max<int64_t>(1, std::min<int64_t>(N, 32));
       const int64_t chunk = Ceil(N, ncols);
