@@ -16,12 +16,6 @@ namespace isa_avx2 {
 #include "kernels_generic.inc"
 #include "x86_helpers.inc"
 
-static inline int32_t load4(const int8_t* p) {
-  int32_t v;
-  std::memcpy(&v, p, 4);
-  return v;
-}
-
 // Tile grid: column blocks [c0, c1) in chunks of `chunk` (a chunk's weights stay in L2 while the
 // row tiles pass over it); rows in tiles of RT, then 2 (if TWO_ROWS), then 1. A row tile covers CBR
 // column blocks; a single row (GEMV) covers CB1 (remainders: one block). Calls tile(RT, CB, m, cb)
@@ -125,36 +119,6 @@ static inline void binary_tile(const BinaryParams& p, int64_t m, int64_t cb) {
 static void binary_gemm(const BinaryParams& p, int64_t m0, int64_t m1, int64_t c0, int64_t c1) {
   tile_grid<3, 3, 4, true>(m0, m1, c0, c1, std::max<int64_t>(12, (256 * 1024) / (p.KW * 32) / 12 * 12),
                            [&](auto rt, auto cb, int64_t m, int64_t c) { binary_tile<rt(), cb()>(p, m, c); });
-}
-
-// ---------------------------------------------------------------- Sparse row walk
-// uint16 columns: four per 64-bit load, four products x * value in one multiply, each lane added
-// into its accumulator by one load-add-store (2.5 memory operations per entry instead of 4).
-// MNIST fc1 (1568 x 512, 90 %, its real post-ReLU input), standalone loop on Zen 3: 21.4 -> 16.8 us.
-static inline void add_lane0(float* acc, uint64_t c, __m128 v) {
-  _mm_store_ss(acc + c, _mm_add_ss(_mm_load_ss(acc + c), v));
-}
-
-static void sparse_csr_acc(const SparseCsr& w, const float* x, int64_t k0, int64_t k1, float* acc) {
-  if (w.idx32) return g_sparse_csr_acc(w, x, k0, k1, acc);
-  const uint16_t* cols = static_cast<const uint16_t*>(w.cols);
-  for (int64_t k = k0; k < k1; ++k) {
-    const float xv = x[k];
-    if (xv == 0.0f) continue;
-    const __m128 xb = _mm_set1_ps(xv);
-    int64_t j = w.row_ptr[k];
-    const int64_t e = w.row_ptr[k + 1];
-    for (; j + 4 <= e; j += 4) {
-      const __m128 t = _mm_mul_ps(xb, _mm_loadu_ps(w.values + j));
-      uint64_t c;
-      std::memcpy(&c, cols + j, 8);
-      add_lane0(acc, c & 0xFFFF, t);
-      add_lane0(acc, (c >> 16) & 0xFFFF, _mm_movehdup_ps(t));
-      add_lane0(acc, (c >> 32) & 0xFFFF, _mm_movehl_ps(t, t));
-      add_lane0(acc, c >> 48, _mm_shuffle_ps(t, t, 3));
-    }
-    for (; j < e; ++j) acc[cols[j]] += xv * w.values[j];
-  }
 }
 
 // ---------------------------------------------------------------- SparseConv
@@ -308,53 +272,6 @@ static void sparse_xt_t(const SparseParams& p, int64_t t0, int64_t t1, int64_t n
 static void sparse_xt(const SparseParams& p, int64_t t0, int64_t t1, int64_t n0, int64_t n1) {
   g_sparse_dispatch(p, [&](auto vt, auto it) { sparse_xt_t<decltype(vt)::value, decltype(it)>(p, t0, t1, n0, n1); });
 }
-
-// GEMV with uint16 indices: four indices per 64-bit load, the four x values they name gathered
-// into an xmm by vinsertps (vgatherdps is slower on Zen 3), one 4-wide FMA against four values.
-// 4096^2 at 90 %, hot, standalone: 0.72 -> 0.52 ms (0.43 -> 0.31 ns per entry).
-template <ValType VT>
-static inline __m128 sparse_val4(const void* v, int64_t j) {
-  if constexpr (VT == ValType::F32) return _mm_loadu_ps(static_cast<const float*>(v) + j);
-  else if constexpr (VT == ValType::F16)
-    return _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(v) + j)));
-  else return _mm_cvtepi32_ps(_mm_cvtepi8_epi32(_mm_cvtsi32_si128(load4(static_cast<const int8_t*>(v) + j))));
-}
-
-static inline __m128 gather4(const float* x, uint64_t i) {
-  __m128 g = _mm_load_ss(x + (i & 0xFFFF));
-  g = _mm_insert_ps(g, _mm_load_ss(x + ((i >> 16) & 0xFFFF)), 0x10);
-  g = _mm_insert_ps(g, _mm_load_ss(x + ((i >> 32) & 0xFFFF)), 0x20);
-  return _mm_insert_ps(g, _mm_load_ss(x + (i >> 48)), 0x30);
-}
-
-struct SparseGemv {
-  template <ValType VT, class IT>
-  static void run(const SparseParams& p, int64_t m, int64_t n0, int64_t n1) {
-    if constexpr (!std::is_same_v<IT, uint16_t>) {
-      g_sparse_gemv<VT, IT>(p, m, n0, n1);
-    } else {
-      const float* xm = p.x + m * p.K;
-      const uint16_t* idx = static_cast<const uint16_t*>(p.indices);
-      for (int64_t n = n0; n < n1; ++n) {
-        __m128 a = _mm_setzero_ps(), b = _mm_setzero_ps();
-        const int64_t e = p.col_ptr[n + 1];
-        int64_t j = p.col_ptr[n];
-        for (; j + 8 <= e; j += 8) {
-          uint64_t i0, i1;
-          std::memcpy(&i0, idx + j, 8);
-          std::memcpy(&i1, idx + j + 4, 8);
-          a = _mm_fmadd_ps(sparse_val4<VT>(p.values, j), gather4(xm, i0), a);
-          b = _mm_fmadd_ps(sparse_val4<VT>(p.values, j + 4), gather4(xm, i1), b);
-        }
-        a = _mm_add_ps(a, b);
-        a = _mm_hadd_ps(a, a);
-        float s = _mm_cvtss_f32(_mm_hadd_ps(a, a));
-        for (; j < e; ++j) s += g_val<VT>(p.values, j) * xm[idx[j]];
-        p.y[m * p.N + n] = s * p.scales[n] + (p.bias ? p.bias[n] : 0.0f);
-      }
-    }
-  }
-};
 
 // ---------------------------------------------------------------- Quant
 static void quant_x(const float* x, int64_t K, int64_t bs, int64_t nb, int8_t* xq, float* sx, int32_t* sumx) {
