@@ -197,9 +197,6 @@ static inline __m512 load_vals(const void* v, int64_t j, __mmask16 mk) {
 }
 
 
-// Row path (M < 16): single rows through the x86 GEMV (x86_helpers.inc), tiles of 2-4 rows through
-// the portable kernel. vgatherdps measured no faster (0.61 vs 0.55 ms at 4096x4096, 90 % sparse).
-
 // Panel GEMV: per step one vpmovzxbd of the 16 lane rows, one vpermt2ps gathering their inputs
 // from the panel's two registers, one FMA. Four accumulators rotate over the panels so the FMA
 // chains of consecutive segments overlap. MNIST fc1 (1568x512, 90 %, 9.0 k steps for 78 k
@@ -487,6 +484,9 @@ const KernelTable* GetKernelTableAvx512() {
   using namespace isa_avx512;
   // One panel step measured ~1.0 ns on Zen 4 (zmm vpermt2ps + FMA), L1- or L2-resident.
   constexpr float kPanelStepNs = 1.0f;
+  // Sparse row path (M < 16): single rows through the x86 GEMV and the row walk of x86_helpers.inc,
+  // tiles of 2-4 rows through the portable kernel; vgatherdps measured no faster (0.61 vs 0.55 ms at
+  // 4096x4096, 90 % sparse).
   static const KernelTable t = {"avx512", kBinaryOpLayout, nullptr, binary_lut, binary_gemm, xnor_pack_x, xnor_gemm,
                                 g_sparse_rows<SparseGemv>, sparse_xt, sparse_csr_acc, sparse_panels, kPanelStepNs, sparse_conv_plane, quant_x, quant_gemm};
   return &t;
