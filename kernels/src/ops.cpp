@@ -72,12 +72,9 @@ struct In {
   const T* as() const { return static_cast<const T*>(data); }
 };
 
-In GetIn(const Ort::KernelContext& ctx, size_t i) {
+In Describe(const Ort::ConstValue& val) {
   In v;
-  if (i >= ctx.GetInputCount()) return v;
-  Ort::ConstValue val = ctx.GetInput(i);
-  if (!val) return v;
-  if (!val.IsTensor()) return v;
+  if (!val || !val.IsTensor()) return v;
   auto info = val.GetTensorTypeAndShapeInfo();
   v.present = true;
   v.type = info.GetElementType();
@@ -87,6 +84,8 @@ In GetIn(const Ort::KernelContext& ctx, size_t i) {
   if (v.numel > 0 && !v.data) v.present = false;
   return v;
 }
+
+In GetIn(const Ort::KernelContext& ctx, size_t i) { return i < ctx.GetInputCount() ? Describe(ctx.GetInput(i)) : In{}; }
 
 void Expect(const char* op, const In& v, const char* name, ONNXTensorElementDataType t, const std::vector<int64_t>& shape) {
   if (!v.present) Fail(op, "input '", name, "' is required");
@@ -187,23 +186,29 @@ thread_local std::vector<int32_t> tls_i32;
 
 // ------------------------------------------------------------------ kernels
 
-// Data of input i when it is a constant initializer, else null.
-const void* ConstantInputData(const Ort::ConstKernelInfo& ki, size_t i) {
-  int is_const = 0;
-  Ort::ConstValue v = ki.GetTensorConstantInput(i, &is_const);
-  return is_const && v ? v.GetTensorRawData() : nullptr;
-}
-
 struct KernelBase {
   const KernelTable* tbl;
   int64_t K, N;
+  std::vector<In> constants;  // per input: described once if it is a constant initializer, else not present
   KernelBase(const OrtKernelInfo* info, const char* op) {
     Ort::ConstKernelInfo ki(info);
     tbl = SelectKernelTable();
     K = GetInt(ki, op, "K", -1);
     N = GetInt(ki, op, "N", -1);
     if (K < 1 || N < 1) Fail(op, "attributes K and N are required and must be >= 1 (K=", K, ", N=", N, ")");
+    constants.resize(ki.GetInputCount());
+    for (size_t i = 0; i < constants.size(); ++i) {
+      int is_const = 0;
+      Ort::ConstValue v = ki.GetTensorConstantInput(i, &is_const);
+      if (is_const) constants[i] = Describe(v);
+    }
   }
+  // Input i; a constant initializer's description is the one made at creation (GetIn costs ~0.3 us
+  // of onnxruntime API calls per input, several us per call for a six-input op).
+  In Input(const Ort::KernelContext& ctx, size_t i) const {
+    return i < constants.size() && constants[i].present ? constants[i] : GetIn(ctx, i);
+  }
+  bool IsConstant(size_t i) const { return i < constants.size() && constants[i].present; }
   static int64_t GetInt(const Ort::ConstKernelInfo& ki, const char* op, const char* name, int64_t def) {
     int64_t v = def;
     OrtStatus* st = Ort::GetApi().KernelInfoGetAttribute_int64(ki, name, &v);
@@ -219,18 +224,15 @@ struct KernelBase {
 struct BinaryKernel : KernelBase {
   static constexpr const char* kName = "BinaryMatMul";
   // The table's copy of constant bits in its own layout (tables with binary_repack), built once.
-  const void* const_bits = nullptr;
   std::once_flag repack_once;
   std::vector<uint32_t> repacked;
-  explicit BinaryKernel(const OrtKernelInfo* info) : KernelBase(info, kName) {
-    const_bits = ConstantInputData(Ort::ConstKernelInfo(info), 1);
-  }
+  explicit BinaryKernel(const OrtKernelInfo* info) : KernelBase(info, kName) {}
 
   // bits in the table's layout: the input itself, the constant copy, or a per-call repack.
   const uint32_t* TableBits(const In& bits, int64_t KW, int64_t NB) {
     if (!tbl->binary_repack) return bits.as<uint32_t>();
     const size_t n = (size_t)(NB * KW * tbl->binary_layout.block);
-    if (bits.data == const_bits && const_bits) {
+    if (IsConstant(1)) {
       std::call_once(repack_once, [&] {
         repacked.resize(n);
         tbl->binary_repack(bits.as<uint32_t>(), K, N, repacked.data());
@@ -245,11 +247,11 @@ struct BinaryKernel : KernelBase {
   void Compute(OrtKernelContext* context) {
     Ort::KernelContext ctx(context);
     XInfo xi = CheckX(kName, GetIn(ctx, 0), K, N);
-    In bits = GetIn(ctx, 1), alpha = GetIn(ctx, 2);
+    In bits = Input(ctx, 1), alpha = Input(ctx, 2);
     constexpr BinaryLayout op = kBinaryOpLayout;
     Expect(kName, bits, "bits", ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT32, {Ceil(N, op.block), Ceil(K, op.per_word()), op.block});
     Expect(kName, alpha, "alpha", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, {N});
-    const float* bias = CheckBias(kName, GetIn(ctx, 3), N);
+    const float* bias = CheckBias(kName, Input(ctx, 3), N);
     auto out = ctx.GetOutput(0, xi.out_shape);
     float* y = out.GetTensorMutableData<float>();
     const int64_t M = xi.M;
@@ -280,10 +282,10 @@ struct XnorKernel : KernelBase {
     Ort::KernelContext ctx(context);
     const int64_t KW = Ceil(K, 64), NB = Ceil(N, 8);
     XInfo xi = CheckX(kName, GetIn(ctx, 0), K, N);
-    In bits = GetIn(ctx, 1), alpha = GetIn(ctx, 2);
+    In bits = Input(ctx, 1), alpha = Input(ctx, 2);
     Expect(kName, bits, "bits", ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT64, {NB, KW, 8});
     Expect(kName, alpha, "alpha", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, {N});
-    const float* bias = CheckBias(kName, GetIn(ctx, 3), N);
+    const float* bias = CheckBias(kName, Input(ctx, 3), N);
     auto out = ctx.GetOutput(0, xi.out_shape);
     float* y = out.GetTensorMutableData<float>();
     const int64_t M = xi.M;
@@ -429,18 +431,8 @@ struct PanelCopy {
 // sees them.
 struct SparseBase : KernelBase {
   const char* op;
-  const void* const_values = nullptr;
-  const void* const_indices = nullptr;
-  const void* const_col_ptr = nullptr;
-  const void* const_scales = nullptr;
   std::atomic<bool> const_checked{false};
-  SparseBase(const OrtKernelInfo* info, const char* name) : KernelBase(info, name), op(name) {
-    Ort::ConstKernelInfo ki(info);
-    const_values = ConstantInputData(ki, 1);
-    const_indices = ConstantInputData(ki, 2);
-    const_col_ptr = ConstantInputData(ki, 3);
-    const_scales = ConstantInputData(ki, 4);
-  }
+  SparseBase(const OrtKernelInfo* info, const char* name) : KernelBase(info, name), op(name) {}
 
   // col_ptr: 0 = cp[0] <= cp[1] <= ... <= cp[N] = nnz; every index < K.
   template <class IT>
@@ -463,7 +455,7 @@ struct SparseBase : KernelBase {
 
   // Validates the weight inputs; fills every weight field of the returned params (M, x, y: caller).
   SparseParams Weights(const Ort::KernelContext& ctx, int64_t& nnz, bool& all_constant) {
-    In values = GetIn(ctx, 1), indices = GetIn(ctx, 2), cptr = GetIn(ctx, 3), scales = GetIn(ctx, 4);
+    In values = Input(ctx, 1), indices = Input(ctx, 2), cptr = Input(ctx, 3), scales = Input(ctx, 4);
     if (!values.present) Fail(op, "input 'values' is required");
     ValType vt;
     switch (values.type) {
@@ -481,10 +473,10 @@ struct SparseBase : KernelBase {
     Expect(op, indices, "indices", indices.type, {nnz});
     Expect(op, cptr, "col_ptr", ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32, {N + 1});
     Expect(op, scales, "scales", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, {N});
-    const float* bias = CheckBias(op, GetIn(ctx, 5), N);
+    const float* bias = CheckBias(op, Input(ctx, 5), N);
     const int32_t* cp = cptr.as<int32_t>();
-    const bool constant = indices.data == const_indices && cptr.data == const_col_ptr && const_indices;
-    all_constant = constant && values.data == const_values && scales.data == const_scales;
+    const bool constant = IsConstant(2) && IsConstant(3);
+    all_constant = constant && IsConstant(1) && IsConstant(4);
     if (!constant || !const_checked.load(std::memory_order_acquire)) {
       if (idx32) CheckStructure(cp, indices.as<uint32_t>(), nnz);
       else CheckStructure(cp, indices.as<uint16_t>(), nnz);
@@ -734,14 +726,14 @@ struct QuantKernel : KernelBase {
     Ort::KernelContext ctx(context);
     const int64_t nb = Ceil(K, bs), NB = Ceil(N, 16);
     XInfo xi = CheckX(kName, GetIn(ctx, 0), K, N);
-    In w = GetIn(ctx, 1), sc = GetIn(ctx, 2), zp = GetIn(ctx, 3);
+    In w = Input(ctx, 1), sc = Input(ctx, 2), zp = Input(ctx, 3);
     Expect(kName, w, "weights", ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, {NB, nb, bs * 2 * bits});
     if (!sc.present) Fail(kName, "input 'scales' is required");
     if (sc.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && sc.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16)
       Fail(kName, "input 'scales' must be float32 or float16, got ", TypeName(sc.type));
     Expect(kName, sc, "scales", sc.type, {NB, nb, 16});
     if (zp.present) Expect(kName, zp, "zero_points", ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, {NB, nb, 16});
-    const float* bias = CheckBias(kName, GetIn(ctx, 4), N);
+    const float* bias = CheckBias(kName, Input(ctx, 4), N);
     auto out = ctx.GetOutput(0, xi.out_shape);
     float* y = out.GetTensorMutableData<float>();
     const int64_t M = xi.M;
