@@ -142,7 +142,8 @@ def test_sparse_row_walk_on_zero_rich_inputs(isa, threads, value_dtype):
 def test_sparse_small_m_paths(isa, threads, path, monkeypatch):
     """Each small-M path of SparseMatMul (forced by ONNXOPT_SPARSE_PATH; constant weights) on panel and
     group edges (K around 32, N around 16), rows and columns of very different density (the panel
-    layout sorts both), an empty row and column, a full column (32 steps in one segment), N > 65536."""
+    layout sorts both), an empty row and column, a full column (32 steps in one segment), N > 65536,
+    and 3:32 patterns (which the panel layout keeps in row order)."""
     monkeypatch.setenv("ONNXOPT_SPARSE_PATH", path)
     rng = np.random.default_rng(abs(hash((path, threads, isa))) % 2**32)
     for K, N in ((1, 1), (31, 17), (33, 16), (64, 15), (257, 40), (40, 70000)):
@@ -152,14 +153,27 @@ def test_sparse_small_m_paths(isa, threads, path, monkeypatch):
         if K > 2 and N > 2:
             w[1, :] = 0
             w[:, 1] = 0
-        for value_dtype in ("float32", "float16", "int8"):
-            packed = ops.pack_sparse_matmul(w, value_dtype)
-            bias = rng.standard_normal(N).astype(np.float32) if value_dtype != "int8" else None
-            sess = _session(_model(packed, bias), threads=threads)
-            for M in (1, 3, 15):
-                x = rng.standard_normal((M, K)).astype(np.float32) * (rng.random((M, K)) >= 0.5)
-                y = sess.run(None, {"X": x})[0]
-                _check(y, ops.reference(packed, x, bias), f"{path} {value_dtype} isa={isa} t={threads} M={M} K={K} N={N}")
+        _check_small_m(rng, w, f"{path} isa={isa} t={threads}", threads)
+    # 3 of every 32 rows per column (an N:M pattern): the panels keep the rows in their own order there
+    for K, N in ((70, 33), (96, 16)):
+        w = np.zeros((K, N), np.float32)
+        for n in range(N):
+            for k0 in range(0, K, 32):
+                rows = k0 + rng.choice(min(32, K - k0), 3, replace=False)
+                w[rows, n] = rng.standard_normal(3)
+        _check_small_m(rng, w, f"{path} 3:32 isa={isa} t={threads}", threads)
+
+
+def _check_small_m(rng, w, label, threads):
+    K, N = w.shape
+    for value_dtype in ("float32", "float16", "int8"):
+        packed = ops.pack_sparse_matmul(w, value_dtype)
+        bias = rng.standard_normal(N).astype(np.float32) if value_dtype != "int8" else None
+        sess = _session(_model(packed, bias), threads=threads)
+        for M in (1, 3, 15):
+            x = rng.standard_normal((M, K)).astype(np.float32) * (rng.random((M, K)) >= 0.5)
+            y = sess.run(None, {"X": x})[0]
+            _check(y, ops.reference(packed, x, bias), f"{label} {value_dtype} M={M} K={K} N={N}")
 
 
 def test_sparse_path_env_is_checked(monkeypatch):

@@ -71,13 +71,14 @@ struct SparseCsr {
   const float* values;        // [nnz] value * scale of its column
 };
 
-// SparseMatMul, panel GEMV (one input row, constant weights): the rows of W, ordered by their
-// nonzero count, form panels of 32; its columns, ordered the same way, form groups of 16 lanes.
+// SparseMatMul, panel GEMV (one input row, constant weights): the rows of W, in their own order
+// or by nonzero count (whichever needs fewer steps), form panels of 32; its columns, ordered the same way, form groups of 16 lanes.
 // Segment (g, p) is `steps[g*P + p]` steps; a step holds per lane one row of panel p (0..31) and
 // its value (column scale folded in; padding lanes hold 0). A kernel gathers a step's 16 inputs
 // from the panel's 32 (two registers) by one permute, so no accumulator ever leaves registers.
 struct SparsePanels {
   int64_t P, G;               // P = ceil(K/32) panels, G = ceil(N/16) groups
+  bool rows_in_order;         // row_of[i] = i (else rows are ordered by nonzero count)
   const int32_t* row_of;      // [P*32] row of W at each panel position, -1 past K
   const int32_t* col_of;      // [G*16] column of W of each lane, -1 past N
   const uint8_t* steps;       // [G*P] steps of each segment, group-major

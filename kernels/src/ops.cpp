@@ -354,6 +354,7 @@ struct CsrCopy {
 struct PanelCopy {
   static constexpr int64_t kMaxBytes = 8 << 20;
   int64_t P = 0, G = 0;
+  bool rows_in_order = false;  // row_of[i] = i
   std::vector<int32_t> row_of, col_of;
   std::vector<uint8_t> steps, rows;
   std::vector<int64_t> group_step;
@@ -369,16 +370,12 @@ struct PanelCopy {
     P = Ceil(p.K, 32), G = Ceil(p.N, 16);
     std::vector<int64_t> row_nnz((size_t)p.K, 0);
     for (int64_t j = 0; j < nnz; ++j) ++row_nnz[idx[j]];
-    // densest rows and columns first: panels and groups of similar density need fewer padding lanes
-    std::vector<int32_t> order((size_t)p.K), pos((size_t)p.K);
-    for (int64_t k = 0; k < p.K; ++k) order[k] = (int32_t)k;
-    std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return row_nnz[a] > row_nnz[b]; });
-    row_of.assign((size_t)(P * 32), -1);
-    for (int64_t i = 0; i < p.K; ++i) row_of[i] = order[i], pos[order[i]] = (int32_t)i;
+    // densest columns first: groups of similar density need fewer padding lanes
     col_of.assign((size_t)(G * 16), -1);
     for (int64_t n = 0; n < p.N; ++n) col_of[n] = (int32_t)n;
     std::stable_sort(col_of.begin(), col_of.begin() + p.N,
                      [&](int32_t a, int32_t b) { return cp[a + 1] - cp[a] > cp[b + 1] - cp[b]; });
+    std::vector<int32_t> pos((size_t)p.K);  // panel position of each row of W
     // count[p*16 + lane]: entries of a lane's column in panel p (at most 32)
     std::vector<uint8_t> count((size_t)(P * 16));
     auto for_lanes = [&](int64_t g, auto&& f) {  // f(lane, panel, row in panel, entry, column)
@@ -392,18 +389,31 @@ struct PanelCopy {
         }
       }
     };
-    steps.assign((size_t)(G * P), 0);
-    group_step.assign((size_t)G + 1, 0);
-    for (int64_t g = 0; g < G; ++g) {
-      for_lanes(g, [&](int i, int32_t pan, int32_t, int64_t, int32_t) { ++count[pan * 16 + i]; });
-      int64_t total = 0;
-      for (int64_t pan = 0; pan < P; ++pan) {
-        const uint8_t* c = &count[pan * 16];
-        steps[g * P + pan] = *std::max_element(c, c + 16);
-        total += steps[g * P + pan];
+    auto lay_out = [&](const std::vector<int32_t>& order) {  // rows in this order; the steps it takes
+      row_of.assign((size_t)(P * 32), -1);
+      for (int64_t i = 0; i < p.K; ++i) row_of[i] = order[i], pos[order[i]] = (int32_t)i;
+      steps.assign((size_t)(G * P), 0);
+      group_step.assign((size_t)G + 1, 0);
+      for (int64_t g = 0; g < G; ++g) {
+        for_lanes(g, [&](int i, int32_t pan, int32_t, int64_t, int32_t) { ++count[pan * 16 + i]; });
+        int64_t total = 0;
+        for (int64_t pan = 0; pan < P; ++pan) {
+          const uint8_t* c = &count[pan * 16];
+          steps[g * P + pan] = *std::max_element(c, c + 16);
+          total += steps[g * P + pan];
+        }
+        group_step[g + 1] = group_step[g] + total;
       }
-      group_step[g + 1] = group_step[g] + total;
-    }
+      return Steps();
+    };
+    // Rows in their own order (N:M patterns fill every lane of every step there) or densest first
+    // (unstructured: panels of similar density need fewer padding lanes), whichever takes fewer steps.
+    std::vector<int32_t> own((size_t)p.K), densest;
+    for (int64_t k = 0; k < p.K; ++k) own[k] = (int32_t)k;
+    densest = own;
+    std::stable_sort(densest.begin(), densest.end(), [&](int32_t a, int32_t b) { return row_nnz[a] > row_nnz[b]; });
+    rows_in_order = lay_out(own) < lay_out(densest);
+    if (rows_in_order) lay_out(own);
     if (Steps() * 16 * 5 > kMaxBytes) {
       group_step.clear();
       return;
@@ -422,7 +432,7 @@ struct PanelCopy {
     }
   }
   SparsePanels View() const {
-    return {P, G, row_of.data(), col_of.data(), steps.data(), group_step.data(), rows.data(), values.data()};
+    return {P, G, rows_in_order, row_of.data(), col_of.data(), steps.data(), group_step.data(), rows.data(), values.data()};
   }
 };
 
@@ -566,8 +576,14 @@ struct SparseKernel : SparseBase {
   void PanelGemv(const Ort::KernelContext& ctx, const SparseParams& p, const SparsePanels& w) {
     const int64_t M = p.M, K = p.K, span = w.P * 32;
     float* xp = AlignedBuf(tls_f, (size_t)(M * span));
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t i = 0; i < span; ++i) xp[m * span + i] = w.row_of[i] >= 0 ? p.x[m * K + w.row_of[i]] : 0.0f;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* x = p.x + m * K;
+      float* d = xp + m * span;
+      if (w.rows_in_order) std::copy(x, x + K, d);
+      else
+        for (int64_t i = 0; i < K; ++i) d[i] = x[w.row_of[i]];
+      std::fill(d + K, d + span, 0.0f);
+    }
     const int64_t chunks = std::min<int64_t>(w.G, 8), per = Ceil(w.G, chunks);
     auto run = [&](int64_t t) {
       const int64_t m = t / chunks, g0 = (t % chunks) * per, g1 = std::min(w.G, g0 + per);
