@@ -89,6 +89,8 @@ class PrunePass(ir.passes.InPlacePass):
         scope: ``layer`` prunes each layer to ``sparsity``; ``column`` each output column (Wanda's
             grouping); ``global`` uses one threshold over all selected layers.
         pattern: N:M structured sparsity such as ``2:4`` (keep N of every M consecutive input weights).
+            With M a multiple of 32 (e.g. ``3:32``, 90.6 %) SparseMatMul's batch-1 kernel has no padding
+            (MNIST fc1: 2.0x the fp32 model end to end, against 1.65x for unstructured 90 %).
         op_types: Layer op types pruned (Conv through its GEMM view).
         min_elements: Layers with fewer weights are left alone.
         min_sparse_ratio: Layer sparsity from which a MatMul/Gemm becomes a SparseMatMul node (a Conv

@@ -72,6 +72,24 @@ def test_nm_and_global_scope(tmp_path):
     assert unique and abs(zeros / total - 0.8) < 0.01
 
 
+def test_nm_32_lowers_to_sparse_matmul(tmp_path):
+    """3:32 (the pattern SparseMatMul's batch-1 panels pack without padding) on K not a multiple of 32."""
+    path = chain_model(tmp_path, (70, 96, 40))
+    dense, lowered = load(path), load(path)
+    prune(dense, pattern="3:32", sparse_op=False, min_elements=1)
+    prune(lowered, pattern="3:32", min_elements=1, min_sparse_ratio=0.5)
+    w = weights_by_node(dense)["fc0"]
+    counts = (w != 0)[:64].reshape(2, 32, -1).sum(axis=1)
+    assert counts.max() == 3 and np.count_nonzero(w[64:], axis=0).max() == 1  # last 6 rows: ceil(3 * 6 / 32)
+    assert [n.op_type for n in lowered.graph if n.name in ("fc0", "fc1")] == ["SparseMatMul", "SparseMatMul"]
+    x = {"x": np.random.default_rng(2).standard_normal((1, 70)).astype(np.float32)}
+    try:
+        got = run(lowered, x)[0]
+    except RuntimeLibraryError:
+        pytest.skip("onnxopt kernel library not built")
+    np.testing.assert_allclose(got, run(dense, x)[0], rtol=1e-4, atol=1e-5)
+
+
 def test_sparse_initializers_round_trip(tmp_path):
     path = chain_model(tmp_path, (64, 128, 128, 10))
     model = load(path)
