@@ -72,7 +72,8 @@ struct SparseCsr {
 };
 
 // SparseMatMul, panel GEMV (one input row, constant weights): the rows of W, in their own order
-// or by nonzero count (whichever needs fewer steps), form panels of 32; its columns, ordered the same way, form groups of 16 lanes.
+// or by nonzero count (whichever needs fewer steps), form panels of 32; its columns, ordered by
+// nonzero count, form groups of 16 lanes.
 // Segment (g, p) is `steps[g*P + p]` steps; a step holds per lane one row of panel p (0..31) and
 // its value (column scale folded in; padding lanes hold 0). A kernel gathers a step's 16 inputs
 // from the panel's 32 (two registers) by one permute, so no accumulator ever leaves registers.
