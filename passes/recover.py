@@ -46,7 +46,7 @@ from onnxopt.compression import (
 )
 from onnxopt.errors import DataError
 from onnxopt.registry import register
-from onnxopt.weights import WeightUse, constant_array, new_initializer, scan_weights, set_weight
+from onnxopt.weights import WeightUse, constant_array, drop_if_unused, new_initializer, scan_weights, set_weight
 
 LOW_RANK_SUFFIX = ".lowrank_u"
 """Name suffix of the ``x @ U`` node ``low-rank`` inserts before the layer that keeps ``V``."""
@@ -304,11 +304,16 @@ class _Binary:
         alpha, bias = (p.astype(np.float32) for p in params)
         graph = self.node.graph
         alpha_index = 1 + list(self.packed.inputs).index("alpha")
+        old_alpha = self.node.inputs[alpha_index]
         self.node.replace_input_with(alpha_index, new_initializer(graph, f"{self.node.name}.alpha_recovered", alpha))
+        drop_if_unused(old_alpha)
         bias_value = new_initializer(graph, f"{self.node.name}.bias_recovered", bias)
         bias_index = bias_input_index(self.node)
         if len(self.node.inputs) > bias_index:
+            old_bias = self.node.inputs[bias_index]
             self.node.replace_input_with(bias_index, bias_value)
+            if old_bias is not None:
+                drop_if_unused(old_bias)
         else:
             inputs = list(self.node.inputs) + [None] * (bias_index - len(self.node.inputs)) + [bias_value]
             _set_inputs(self.node, inputs)
@@ -319,6 +324,7 @@ def _replace_packed_inputs(node: ir.Node, packed: ops.PackedWeight) -> None:
         if key in packed.inputs:
             old = node.inputs[position]
             node.replace_input_with(position, new_initializer(node.graph, old.name, packed.inputs[key]))
+            drop_if_unused(old)
 
 
 def _set_inputs(node: ir.Node, inputs: list[ir.Value | None]) -> None:

@@ -97,6 +97,7 @@ def test_recover_reduces_error(tmp_path, mode):
         assert layer["kind"] == "binary" and layer["error_after"] < layer["error_before"]
     nodes = {n.name: n for n in model.graph}
     assert nodes["fc1"].inputs[-1].name.endswith("bias_recovered")
+    assert not [name for name, value in model.graph.initializers.items() if not value.uses()]  # replaced α, bias dropped
 
 
 def test_recovered_alpha_stays_within_trust_range(tmp_path):
