@@ -9,7 +9,7 @@
   pulled toward a prior (ridge toward the current weights);
 * :func:`lower_to_custom_op`: THE helper replacing a MatMul/Gemm by an ``ai.onnxopt`` node
   (Gemm ``alpha``/``beta``/``transB`` and its bias handled), with :func:`custom_op_blocker` saying why
-  a layer cannot be lowered.
+  a layer cannot be lowered, and :func:`absorb_relu` folding a following Relu into a sparse node.
 """
 
 from __future__ import annotations
@@ -290,6 +290,21 @@ def lower_to_custom_op(
         drop_if_unused(value)
     model.opset_imports.setdefault(ops.DOMAIN, ops.OPSET_VERSION)
     return new_node
+
+
+def absorb_relu(node: ir.Node) -> bool:
+    """Fold the Relu that alone consumes a ``SparseMatMul``/``SparseConv`` output into the node
+    (``activation="relu"``; one op and one pass over the output fewer). False when there is none."""
+    out = node.outputs[0]
+    uses = out.uses()
+    if len(uses) != 1 or out.is_graph_output() or node.attributes.get_string("activation", "none") != "none":
+        return False
+    relu = uses[0].node
+    if relu.op_type != "Relu" or relu.domain not in ("", "ai.onnx"):
+        return False
+    node.attributes["activation"] = ir.AttrString("activation", "relu")
+    ir.convenience.replace_nodes_and_values(node.graph, relu, [relu], [], relu.outputs, [out])
+    return True
 
 
 def new_initializer_name(graph: ir.Graph, name: str) -> str:

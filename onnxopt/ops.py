@@ -17,15 +17,17 @@ Weight layouts (all arrays are C-contiguous, little-endian; padding bits/bytes a
     ``W[64*w + j, 8*c + l] >= 0``. Activations are binarized per row on the fly:
     ``xa = (x >= 0)``, ``beta = mean(|x|)`` over K; ``Y = beta * alpha * (K - 2*popcount(xa ^ wb))``.
 
-``SparseMatMul``  inputs ``X, values, indices, col_ptr, scales[, bias]``; attributes ``K, N``.
+``SparseMatMul``  inputs ``X, values, indices, col_ptr, scales[, bias]``; attributes ``K, N[, activation]``.
     Compressed sparse columns (CSC) of ``W``: column ``n`` holds entries
     ``col_ptr[n] : col_ptr[n+1]``; entry ``j`` is ``W[indices[j], n] = values[j] * scales[n]``
     (absolute row indices, ascending within a column). ``col_ptr`` int32 ``(N + 1,)``,
     ``indices`` uint16 ``(nnz,)`` when ``K <= 65536`` else uint32, ``values`` float32 / float16 /
-    int8 ``(nnz,)``, ``scales`` float32 ``(N,)`` (ones unless int8).
+    int8 ``(nnz,)``, ``scales`` float32 ``(N,)`` (ones unless int8). ``activation``: ``"none"``
+    (default) or ``"relu"``, applied to ``Y`` (a following Relu folded into the op).
 
 ``SparseConv``  inputs ``X, values, indices, col_ptr, scales[, bias]``; attributes ``K, N,
-    kernel_shape, strides, pads, dilations`` (as Conv's, 2-D, group 1). ``X`` float32
+    kernel_shape, strides, pads, dilations`` (as Conv's, 2-D, group 1) and ``activation`` (as
+    SparseMatMul's). ``X`` float32
     ``(B, C, H, W)``, ``Y`` ``(B, N, OH, OW)``. The weight ``(N, C, kh, kw)`` is stored as
     SparseMatMul's CSC of its GEMM view ``W[(c*kh + i)*kw + j, n]`` (``K = C*kh*kw``).
 
@@ -447,7 +449,15 @@ def _conv_reference(packed: PackedWeight, x: np.ndarray, bias: np.ndarray | None
     y = rows @ dense_weight(packed).astype(np.float64)  # (B*OH*OW, N)
     if bias is not None:
         y = y + np.asarray(bias, dtype=np.float64).reshape(1, -1)
+    y = _activation(packed, y)
     return y.reshape(x.shape[0], oh, ow, packed.N).transpose(0, 3, 1, 2).astype(np.float32)
+
+
+def _activation(packed: PackedWeight, y: np.ndarray) -> np.ndarray:
+    activation = packed.attributes.get("activation", "none")
+    if activation not in ("none", "relu"):
+        raise ValueError(f"activation must be 'none' or 'relu', got {activation!r}")
+    return np.maximum(y, 0.0) if activation == "relu" else y
 
 
 def reference(packed: PackedWeight, x: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
@@ -481,7 +491,7 @@ def reference(packed: PackedWeight, x: np.ndarray, bias: np.ndarray | None = Non
         y = x2 @ dense_weight(packed).astype(np.float64)
     if bias is not None:
         y = y + np.asarray(bias, dtype=np.float64).reshape(N)[None, :]
-    return y.astype(np.float32).reshape(*lead, N)
+    return _activation(packed, y).astype(np.float32).reshape(*lead, N)
 
 
 # --------------------------------------------------------------------------- onnx_ir node
@@ -642,6 +652,7 @@ def _schema(op_type: str, doc: str, inputs, attrs, type_constraints):
 def _schemas():
     KN = [("K", "reduction size", True, None), ("N", "output columns", True, None)]
     bias = ("bias", "T", "optional float32 (N,)", True)
+    activation = ("activation", "none or relu, applied to Y", False, "none")
     yield _schema(
         "BinaryMatMul",
         "Y = X @ (alpha * sign(W)); sign bits uint32 (ceil(N/16), ceil(K/32), 16).",
@@ -665,7 +676,7 @@ def _schemas():
          ("indices", "TI", "uint16 (K <= 65536) or uint32 row indices (nnz,)", False),
          ("col_ptr", "TP", "int32 (N+1,)", False),
          ("scales", "T", "float32 per-column scale (N,)", False), bias],
-        KN,
+        [*KN, activation],
         [("TV", ["tensor(float)", "tensor(float16)", "tensor(int8)"], ""),
          ("TI", ["tensor(uint16)", "tensor(uint32)"], ""), ("TP", ["tensor(int32)"], "")],
     )
@@ -677,7 +688,8 @@ def _schemas():
          ("col_ptr", "TP", "int32 (N+1,)", False),
          ("scales", "T", "float32 per-output-channel scale (N,)", False), bias],
         [*KN, ("kernel_shape", "(kh, kw)", True, "ints"), ("strides", "(sh, sw)", False, [1, 1]),
-         ("pads", "(top, left, bottom, right)", False, [0, 0, 0, 0]), ("dilations", "(dh, dw)", False, [1, 1])],
+         ("pads", "(top, left, bottom, right)", False, [0, 0, 0, 0]), ("dilations", "(dh, dw)", False, [1, 1]),
+         activation],
         [("TV", ["tensor(float)", "tensor(float16)", "tensor(int8)"], ""),
          ("TI", ["tensor(uint16)", "tensor(uint32)"], ""), ("TP", ["tensor(int32)"], "")],
     )

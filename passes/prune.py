@@ -3,8 +3,8 @@
 Importance is |W| (magnitude) or |W|·‖X_k‖ from calibration data (``method=wanda``). The target sparsity
 applies per layer, per output column, or with one global threshold over all layers. A pruned weight is
 written as an ONNX ``sparse_initializer`` (the file shrinks); a MatMul/Gemm (Conv) whose sparsity reaches
-the kernel break-even ``min_sparse_ratio`` becomes an ``ai.onnxopt`` ``SparseMatMul`` (``SparseConv``) node.
-With ``recover=true`` the surviving weights are re-fitted layer by layer against the unpruned model.
+the kernel break-even ``min_sparse_ratio`` becomes an ``ai.onnxopt`` ``SparseMatMul`` (``SparseConv``) node,
+which takes over a Relu that alone consumes its output (``activation="relu"``). With ``recover=true`` the surviving weights are re-fitted layer by layer against the unpruned model.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from onnxopt import ops
 from onnxopt.activations import input_grams
 from onnxopt.calibration import Dataset
 from onnxopt.compression import (
+    absorb_relu,
     conv_geometry,
     custom_op_blocker,
     global_threshold,
@@ -204,5 +205,5 @@ class PrunePass(ir.passes.InPlacePass):
                     w.T.reshape(s), *g, value_dtype=self.value_dtype))
             else:
                 node = lower_to_custom_op(model, use, lambda w: ops.pack_sparse_matmul(w, self.value_dtype))
-            outcome[label] = node.op_type
+            outcome[label] = node.op_type + (" + Relu" if absorb_relu(node) else "")
         return outcome

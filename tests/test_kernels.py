@@ -112,6 +112,8 @@ def test_op_matches_numpy(isa, threads, name, pack):
         for N in NS:
             w = _weight(name, rng, K, N)
             packed = pack(w)
+            if name.startswith("sparse") and K % 2:  # a folded ReLU on every M path
+                packed.attributes["activation"] = "relu"
             bias = rng.standard_normal(N).astype(np.float32) if (K + N) % 2 else None
             sess = _session(_model(packed, bias), threads=threads)
             for M in MS:
@@ -168,6 +170,8 @@ def _check_small_m(rng, w, label, threads):
     K, N = w.shape
     for value_dtype in ("float32", "float16", "int8"):
         packed = ops.pack_sparse_matmul(w, value_dtype)
+        if value_dtype == "float16":
+            packed.attributes["activation"] = "relu"
         bias = rng.standard_normal(N).astype(np.float32) if value_dtype != "int8" else None
         sess = _session(_model(packed, bias), threads=threads)
         for M in (1, 3, 15):
@@ -203,6 +207,9 @@ def test_sparse_conv_matches_numpy_and_onnx_conv(isa, threads, value_dtype):
         density = 0.0 if i == 2 else 0.3  # one weight with no nonzeros at all: bias only
         w = rng.standard_normal((N, C, *kernel)).astype(np.float32) * (rng.random((N, C, *kernel)) < density)
         packed = ops.pack_sparse_conv(w, strides, pads, dilations, value_dtype)
+        relu = i % 3 == 0
+        if relu:
+            packed.attributes["activation"] = "relu"
         bias = rng.standard_normal(N).astype(np.float32) if i % 2 == 0 else None
         sess = _session(_model(packed, bias, x_shape=["b", C, H, W]), threads=threads)
         x = rng.standard_normal((B, C, H, W)).astype(np.float32)
@@ -216,7 +223,8 @@ def test_sparse_conv_matches_numpy_and_onnx_conv(isa, threads, value_dtype):
         g = helper.make_graph([conv], "c", [helper.make_tensor_value_info("X", TensorProto.FLOAT, None)],
                               [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], inits)
         onnx_conv = ort.InferenceSession(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=10).SerializeToString())
-        _check(y, onnx_conv.run(None, {"X": x})[0].astype(np.float64), what + " vs onnx Conv")
+        expected = onnx_conv.run(None, {"X": x})[0].astype(np.float64)
+        _check(y, np.maximum(expected, 0) if relu else expected, what + " vs onnx Conv")
 
 
 def test_sparse_conv_bad_inputs(any_isa):
@@ -240,6 +248,7 @@ def test_sparse_conv_bad_inputs(any_isa):
     _expect_error(raw({**attrs, "kernel_shape": [2, 2]}), ok, r"K=27 is not channels x kernel_shape")
     _expect_error(raw({**attrs, "strides": [0, 1]}), ok, "must be >= 1")
     _expect_error(raw({**attrs, "K": 26}), ok, r"out of range|kernel_shape")
+    _expect_error(raw({**attrs, "activation": "gelu"}), ok, r'activation must be "none" or "relu", got "gelu"')
     assert _session(raw(attrs)).run(None, {"X": ok})[0].shape == (1, 4, 5, 5)
     assert _session(raw(attrs)).run(None, {"X": np.zeros((0, 3, 5, 5), np.float32)})[0].shape == (0, 4, 5, 5)
     assert ops.reference(packed, np.zeros((0, 3, 5, 5), np.float32)).shape == (0, 4, 5, 5)

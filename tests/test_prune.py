@@ -90,6 +90,48 @@ def test_nm_32_lowers_to_sparse_matmul(tmp_path):
     np.testing.assert_allclose(got, run(dense, x)[0], rtol=1e-4, atol=1e-5)
 
 
+def test_relu_after_a_sparse_layer_is_folded(tmp_path):
+    """A Relu that alone consumes a SparseConv/SparseMatMul output becomes the op's ``activation`` (the
+    graph output name kept); after a layer whose output is also a graph output it stays a Relu."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(5)
+    inits = {"wc": rng.standard_normal((8, 3, 3, 3)), "w1": rng.standard_normal((512, 64)) / 20, "b1": rng.standard_normal(64),
+             "w2": rng.standard_normal((64, 32)) / 8, "b2": rng.standard_normal(32)}
+    nodes = [
+        helper.make_node("Conv", ["x", "wc"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["rc"]),
+        helper.make_node("Flatten", ["rc"], ["f"]),
+        helper.make_node("Gemm", ["f", "w1", "b1"], ["h1"], name="fc1"),
+        helper.make_node("Relu", ["h1"], ["r1"]),
+        helper.make_node("Gemm", ["r1", "w2", "b2"], ["h2"], name="fc2"),
+        helper.make_node("Relu", ["h2"], ["y"]),
+    ]
+    graph = helper.make_graph(nodes, "relu", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", 32]),
+                               helper.make_tensor_value_info("h1", TensorProto.FLOAT, ["B", 64])],
+                              [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()])
+    path = tmp_path / "relu.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), path)
+    dense, lowered = load(path), load(path)
+    prune(dense, sparsity=0.9, sparse_op=False, min_elements=1)
+    details = prune(lowered, sparsity=0.9, min_elements=1, min_sparse_ratio=0.5).details["layers"]
+    assert details["conv"].endswith("SparseConv + Relu") and details["fc2"].endswith("SparseMatMul + Relu")
+    assert details["fc1"].endswith("SparseMatMul")  # h1 is a graph output: its Relu stays
+    ops_by_name = {n.name: n for n in lowered.graph}
+    assert [n.op_type for n in lowered.graph].count("Relu") == 1
+    assert ops_by_name["conv"].attributes["activation"].value == "relu"
+    assert "activation" not in ops_by_name["fc1"].attributes
+    assert [v.name for v in lowered.graph.outputs] == ["y", "h1"]
+    x = {"x": rng.standard_normal((2, 3, 8, 8)).astype(np.float32)}
+    try:
+        got = run(lowered, x)
+    except RuntimeLibraryError:
+        pytest.skip("onnxopt kernel library not built")
+    for a, b in zip(got, run(dense, x)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
 def test_sparse_initializers_round_trip(tmp_path):
     path = chain_model(tmp_path, (64, 128, 128, 10))
     model = load(path)

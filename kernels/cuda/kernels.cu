@@ -738,14 +738,24 @@ size_t WorkspaceBytes(const Problem& p) {
   }
 }
 
+__global__ void __launch_bounds__(kThreads) ReluKernel(float* __restrict__ y, int64_t n) {
+  for (int64_t i = blockIdx.x * (int64_t)kThreads + threadIdx.x; i < n; i += (int64_t)gridDim.x * kThreads)
+    y[i] = fmaxf(y[i], 0.0f);
+}
+
 void Launch(const Problem& p, float* y, void* workspace, cudaStream_t stream) {
   if (p.M == 0) return;
   if (WorkspaceBytes(p) && !workspace) throw Error(std::string(OpName(p.op)) + " (CUDA): missing workspace");
   switch (p.op) {
-    case Op::Binary: return LaunchBinary(p, y, stream);
-    case Op::Xnor: return LaunchXnor(p, y, workspace, stream);
-    case Op::Sparse: return LaunchSparse(p, y, workspace, stream);
-    case Op::Quant: return LaunchQuant(p, y, workspace, stream);
+    case Op::Binary: LaunchBinary(p, y, stream); break;
+    case Op::Xnor: LaunchXnor(p, y, workspace, stream); break;
+    case Op::Sparse: LaunchSparse(p, y, workspace, stream); break;
+    case Op::Quant: LaunchQuant(p, y, workspace, stream); break;
+  }
+  if (p.attrs.relu) {
+    const int64_t n = p.M * p.attrs.N;
+    ReluKernel<<<(unsigned)std::min<int64_t>(CeilDiv(n, kThreads), 4096), kThreads, 0, stream>>>(y, n);
+    CheckLaunch("activation relu launch");
   }
 }
 

@@ -35,9 +35,10 @@ struct Tensor {
   int64_t size() const;
 };
 
-// Node attributes (bits, block_size: QuantMatMul).
+// Node attributes (bits, block_size: QuantMatMul; relu: SparseMatMul's activation="relu").
 struct Attrs {
   int64_t K = 0, N = 0, bits = 4, block_size = 32;
+  bool relu = false;
 };
 
 // Number of inputs of `op` including X and bias; inputs are in the ops.py order:

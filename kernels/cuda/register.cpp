@@ -46,6 +46,16 @@ struct CudaKernel {
       attrs_.bits = OptionalInt(ki, "bits", 4);
       attrs_.block_size = OptionalInt(ki, "block_size", 32);
     }
+    if (op == Op::Sparse) {
+      std::string activation = "none";
+      try {
+        activation = ki.GetAttribute<std::string>("activation");
+      } catch (const Ort::Exception&) {
+      }
+      if (activation != "none" && activation != "relu")
+        throw cuda::Error("SparseMatMul (CUDA): attribute activation must be \"none\" or \"relu\", got \"" + activation + "\"");
+      attrs_.relu = activation == "relu";
+    }
   }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) noexcept {

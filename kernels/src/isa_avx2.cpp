@@ -159,10 +159,23 @@ static void sparse_conv_plane(const SparseConvParams& p, int64_t co, float* acc)
       conv_chunk_any<decltype(vt)::value, decltype(it)>(p, co, 8 * r, std::min(per, regs - r), acc,
                                                         std::make_integer_sequence<int, 14>{});
   });
+  // y = acc * scale + bias (then ReLU) row by row, 8 at a time, then a scalar tail
   const float scale = p.w.scales[co], bias = p.w.bias ? p.w.bias[co] : 0.0f;
+  const __m256 vs = _mm256_set1_ps(scale), vb = _mm256_set1_ps(bias), zero = _mm256_setzero_ps();
   float* out = p.y + co * p.OH * p.OW;
-  for (int64_t oh = 0; oh < p.OH; ++oh)
-    for (int64_t ow = 0; ow < p.OW; ++ow) out[oh * p.OW + ow] = acc[oh * p.Wp + ow] * scale + bias;
+  for (int64_t oh = 0; oh < p.OH; ++oh) {
+    const float* a = acc + oh * p.Wp;
+    float* o = out + oh * p.OW;
+    int64_t ow = 0;
+    for (; ow + 8 <= p.OW; ow += 8) {
+      const __m256 v = _mm256_fmadd_ps(_mm256_loadu_ps(a + ow), vs, vb);
+      _mm256_storeu_ps(o + ow, p.relu ? _mm256_max_ps(v, zero) : v);
+    }
+    for (; ow < p.OW; ++ow) {
+      const float v = a[ow] * scale + bias;
+      o[ow] = p.relu && v < 0.0f ? 0.0f : v;
+    }
+  }
 }
 
 // ---------------------------------------------------------------- Xnor
@@ -411,7 +424,7 @@ const KernelTable* GetKernelTableAvx2() {
 #if defined(ONNXOPT_HAVE_AVX2)
   using namespace isa_avx2;
   static const KernelTable t = {"avx2", kBinaryAvx2Layout, binary_repack, binary_lut, binary_gemm, g_xnor_pack_x, xnor_gemm,
-                                g_sparse_rows<SparseGemv>, sparse_xt,   sparse_csr_acc, g_sparse_panels, 0.0f, sparse_conv_plane, quant_x, quant_gemm};
+                                g_sparse_rows<SparseGemv>, sparse_xt,   sparse_csr_acc, g_sparse_panel_input, g_sparse_panels, 0.0f, sparse_conv_plane, g_sparse_conv_pad, quant_x, quant_gemm};
   return &t;
 #else
   return nullptr;

@@ -98,6 +98,7 @@ struct SparseConvParams {
   const int32_t* offset;              // [K]: start in xp of weight row k = (c*kh + i)*kw + j
   const float* xp;                    // [C][Hp][Wp] zero-padded image (+ kw*dw floats of slack)
   float* y;                           // [N][OH][OW] of that image
+  bool relu = false;                  // y = max(y, 0) (attribute activation="relu")
 };
 
 // ---------------------------------------------------------------- QuantMatMul
@@ -133,14 +134,17 @@ struct KernelTable {
   void (*sparse_xt)(const SparseParams& p, int64_t t0, int64_t t1, int64_t n0, int64_t n1);
   // Sparse, row walk: acc[N] += x[k0:k1] . W[k0:k1, :], skipping zero x
   void (*sparse_csr_acc)(const SparseCsr& w, const float* x, int64_t k0, int64_t k1, float* acc);
-  // Sparse, panel GEMV: groups [g0,g1) of y = xp . W (+ bias); xp = x in panel order ([P*32],
-  // zero padded, 64-byte aligned)
+  // Sparse, panel GEMV: xp = one row x (K) in panel order, zero padded to P*32 (64-byte aligned)
+  void (*sparse_panel_input)(const SparsePanels& w, const float* x, int64_t K, float* xp);
+  // groups [g0,g1) of y = xp . W (+ bias)
   void (*sparse_panels)(const SparsePanels& w, const float* xp, const float* bias, int64_t g0, int64_t g1, float* y);
   // ns per panel step, used to choose the panel GEMV over the row walk and the column path
   // (0: never chosen by cost, only when forced by ONNXOPT_SPARSE_PATH=panels)
   float sparse_panel_step_ns;
   // SparseConv: output channel co of one image; acc: OH*Wp floats of scratch
   void (*sparse_conv_plane)(const SparseConvParams& p, int64_t co, float* acc);
+  // SparseConv: one input plane src (H x W) into dst (Hp x Wp), pt rows and pl columns of zeros before
+  void (*sparse_conv_pad)(const float* src, int64_t H, int64_t W, int64_t pt, int64_t pl, int64_t Hp, int64_t Wp, float* dst);
   // Quant: quantize one row of x into xq (nb*bs), sx (nb), sumx (nb)
   void (*quant_x)(const float* x, int64_t K, int64_t bs, int64_t nb, int8_t* xq, float* sx, int32_t* sumx);
   // rows [m0,m1), column blocks of 16 [c0,c1)

@@ -441,8 +441,17 @@ struct PanelCopy {
 // sees them.
 struct SparseBase : KernelBase {
   const char* op;
+  bool relu = false;  // attribute activation: "none" (default) or "relu", applied to Y
   std::atomic<bool> const_checked{false};
-  SparseBase(const OrtKernelInfo* info, const char* name) : KernelBase(info, name), op(name) {}
+  SparseBase(const OrtKernelInfo* info, const char* name) : KernelBase(info, name), op(name) {
+    std::string activation = "none";
+    try {
+      activation = Ort::ConstKernelInfo(info).GetAttribute<std::string>("activation");
+    } catch (const Ort::Exception&) {
+    }
+    if (activation != "none" && activation != "relu") Fail(op, "attribute activation must be \"none\" or \"relu\", got \"", activation, "\"");
+    relu = activation == "relu";
+  }
 
   // col_ptr: 0 = cp[0] <= cp[1] <= ... <= cp[N] = nnz; every index < K.
   template <class IT>
@@ -577,12 +586,7 @@ struct SparseKernel : SparseBase {
     const int64_t M = p.M, K = p.K, span = w.P * 32;
     float* xp = AlignedBuf(tls_f, (size_t)(M * span));
     for (int64_t m = 0; m < M; ++m) {
-      const float* x = p.x + m * K;
-      float* d = xp + m * span;
-      if (w.rows_in_order) std::copy(x, x + K, d);
-      else
-        for (int64_t i = 0; i < K; ++i) d[i] = x[w.row_of[i]];
-      std::fill(d + K, d + span, 0.0f);
+      tbl->sparse_panel_input(w, p.x + m * K, K, xp + m * span);
     }
     const int64_t chunks = std::min<int64_t>(w.G, 8), per = Ceil(w.G, chunks);
     auto run = [&](int64_t t) {
@@ -645,6 +649,13 @@ struct SparseKernel : SparseBase {
       };
       Parallel(ctx, T * nchunks, run);
     }
+    if (relu) {  // the output of every path is in cache at batch 1; larger ones in parallel slices
+      const int64_t total = M * N, slice = 1 << 16;
+      auto clamp = [&](int64_t t) {
+        for (float *v = y + t * slice, *end = y + std::min(total, (t + 1) * slice); v < end; ++v) *v = *v < 0.0f ? 0.0f : *v;
+      };
+      Parallel(ctx, Ceil(total, slice), clamp);
+    }
   }
 };
 
@@ -685,6 +696,7 @@ struct SparseConvKernel : SparseBase {
     int64_t nnz;
     bool all_constant;
     SparseConvParams p{Weights(ctx, nnz, all_constant), C, kh, kw, sh, sw, dh, dw};
+    p.relu = relu;
     const int64_t B = x.shape[0], H = x.shape[2], W = x.shape[3];
     p.Hp = H + pt + pb, p.Wp = W + pl + pr;
     p.OH = p.Hp < dh * (kh - 1) + 1 ? 0 : (p.Hp - dh * (kh - 1) - 1) / sh + 1;
@@ -705,15 +717,7 @@ struct SparseConvKernel : SparseBase {
     auto pad = [&](int64_t t) {  // one (image, channel) plane per task
       const int64_t b = t / C, c = t % C;
       float* d = xp + b * image + c * plane;
-      const float* s = x.as<float>() + (b * C + c) * H * W;
-      std::fill(d, d + pt * p.Wp, 0.0f);
-      for (int64_t h = 0; h < H; ++h) {
-        float* row = d + (pt + h) * p.Wp;
-        std::fill(row, row + pl, 0.0f);
-        std::memcpy(row + pl, s + h * W, (size_t)W * sizeof(float));
-        std::fill(row + pl + W, row + p.Wp, 0.0f);
-      }
-      std::fill(d + (pt + H) * p.Wp, d + plane, 0.0f);
+      tbl->sparse_conv_pad(x.as<float>() + (b * C + c) * H * W, H, W, pt, pl, p.Hp, p.Wp, d);
       if (c == C - 1) std::fill(d + plane, xp + (b + 1) * image, 0.0f);
     };
     Parallel(ctx, B * C, pad);
