@@ -363,6 +363,67 @@ struct PanelCopy {
   bool empty() const { return group_step.empty(); }
   int64_t Steps() const { return group_step.empty() ? 0 : group_step.back(); }
 
+  // Local search over the row order (panel positions): swap two rows of different panels when that
+  // does not add steps (sum over groups of the larger per-lane count in each of the two panels).
+  // Seeded, so a weight always gets the same layout. MNIST fc1 at 90 %: 8.95 k -> 7.64 k steps with
+  // 30 swaps tried per row (45 ms, once per kernel; 100 per row: 150 ms for no faster a model), and
+  // the CNN 35 -> 32 us end to end; work capped at ~2e8 lane updates.
+  template <class IT>
+  void Balance(const SparseParams& p, const IT* idx, std::vector<int32_t>& order) const {
+    const int64_t slots = P * 32;
+    if (P < 2) return;
+    std::vector<uint16_t> bits((size_t)(p.K * G), 0);  // bits[row*G + g]: lanes of group g with an entry in row
+    for (int64_t g = 0; g < G; ++g)
+      for (int i = 0; i < 16; ++i) {
+        const int32_t n = col_of[16 * g + i];
+        if (n >= 0)
+          for (int64_t j = p.col_ptr[n]; j < p.col_ptr[n + 1]; ++j) bits[(size_t)(idx[j] * G + g)] |= (uint16_t)(1u << i);
+      }
+    std::vector<int32_t> at((size_t)slots, -1);  // row at each panel position, -1 past K
+    std::copy(order.begin(), order.end(), at.begin());
+    auto row_bits = [&](int32_t r, int64_t g) -> unsigned { return r < 0 ? 0u : bits[(size_t)(r * G + g)]; };
+    std::vector<uint8_t> count((size_t)(P * G * 16), 0), top((size_t)(P * G), 0);  // per (panel, group): lanes, max
+    for (int64_t s = 0; s < slots; ++s)
+      for (int64_t g = 0; g < G; ++g)
+        for (int i = 0; i < 16; ++i) count[(size_t)(((s / 32) * G + g) * 16 + i)] += (row_bits(at[s], g) >> i) & 1;
+    for (int64_t q = 0; q < P * G; ++q) top[q] = *std::max_element(&count[q * 16], &count[q * 16] + 16);
+    uint64_t rng = 0x9E3779B97F4A7C15ull;
+    const int64_t tries = std::min<int64_t>(30 * p.K, (int64_t)2e8 / (32 * G));
+    for (int64_t t = 0; t < tries; ++t) {
+      rng ^= rng << 13, rng ^= rng >> 7, rng ^= rng << 17;
+      const int64_t a = (int64_t)(rng % (uint64_t)slots), b = (int64_t)((rng >> 32) % (uint64_t)slots);
+      const int64_t pa = a / 32, pb = b / 32;
+      if (pa == pb || (at[a] < 0 && at[b] < 0)) continue;
+      auto swapped = [&](int64_t g, uint8_t* na, uint8_t* nb) {  // both panels' lane counts after the swap
+        const unsigned ba = row_bits(at[a], g), bb = row_bits(at[b], g);
+        const uint8_t *ca = &count[(size_t)((pa * G + g) * 16)], *cb = &count[(size_t)((pb * G + g) * 16)];
+        for (int i = 0; i < 16; ++i) {
+          na[i] = (uint8_t)(ca[i] - ((ba >> i) & 1) + ((bb >> i) & 1));
+          nb[i] = (uint8_t)(cb[i] - ((bb >> i) & 1) + ((ba >> i) & 1));
+        }
+      };
+      uint8_t na[16], nb[16];
+      int64_t delta = 0;
+      for (int64_t g = 0; g < G; ++g) {
+        if (row_bits(at[a], g) == row_bits(at[b], g)) continue;
+        swapped(g, na, nb);
+        delta += *std::max_element(na, na + 16) + *std::max_element(nb, nb + 16) - top[pa * G + g] - top[pb * G + g];
+      }
+      if (delta > 0) continue;
+      for (int64_t g = 0; g < G; ++g) {
+        if (row_bits(at[a], g) == row_bits(at[b], g)) continue;
+        swapped(g, na, nb);
+        std::copy(na, na + 16, &count[(size_t)((pa * G + g) * 16)]);
+        std::copy(nb, nb + 16, &count[(size_t)((pb * G + g) * 16)]);
+        top[pa * G + g] = *std::max_element(na, na + 16), top[pb * G + g] = *std::max_element(nb, nb + 16);
+      }
+      std::swap(at[a], at[b]);
+    }
+    order.clear();
+    for (int32_t r : at)
+      if (r >= 0) order.push_back(r);
+  }
+
   template <class IT>
   void Build(const SparseParams& p, int64_t nnz) {
     const IT* idx = static_cast<const IT*>(p.indices);
@@ -407,12 +468,14 @@ struct PanelCopy {
       return Steps();
     };
     // Rows in their own order (N:M patterns fill every lane of every step there) or densest first
-    // (unstructured: panels of similar density need fewer padding lanes), whichever takes fewer steps.
-    std::vector<int32_t> own((size_t)p.K), densest;
+    // (unstructured: panels of similar density need fewer padding lanes) then balanced between
+    // panels, whichever takes fewer steps.
+    std::vector<int32_t> own((size_t)p.K), balanced;
     for (int64_t k = 0; k < p.K; ++k) own[k] = (int32_t)k;
-    densest = own;
-    std::stable_sort(densest.begin(), densest.end(), [&](int32_t a, int32_t b) { return row_nnz[a] > row_nnz[b]; });
-    rows_in_order = lay_out(own) < lay_out(densest);
+    balanced = own;
+    std::stable_sort(balanced.begin(), balanced.end(), [&](int32_t a, int32_t b) { return row_nnz[a] > row_nnz[b]; });
+    Balance(p, idx, balanced);
+    rows_in_order = lay_out(own) < lay_out(balanced);
     if (rows_in_order) lay_out(own);
     if (Steps() * 16 * 5 > kMaxBytes) {
       group_step.clear();
