@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from models import build, evaluate  # noqa: E402
-from onnxopt import io, registry, runtime, validate  # noqa: E402
+from onnxopt import io, pipeline, registry, runtime, validate  # noqa: E402
 from onnxopt.calibration import Dataset  # noqa: E402
 from onnxopt.filters import NodeFilter  # noqa: E402
 
@@ -36,18 +36,12 @@ TMP = Path(tempfile.mkdtemp(prefix="onnxopt-bench-"))
 
 
 def compress(path: Path, passes: list[tuple[str, dict, object]], data: Dataset) -> tuple[object, dict, float]:
-    """Run ``passes`` on the model at ``path``. A ``recover`` pass re-fits against the model as it was after
-    the leading lossless passes (e.g. ``fuse``), whose node names the compressed layers keep."""
-    model = io.load(path)
-    details, start, reference = {}, time.perf_counter(), path
-    for i, (name, options, node_filter) in enumerate(passes):
-        if name == "recover":
-            options = {**options, "reference": str(reference)}
-        instance = registry.get(name).create(options, data=data, node_filter=node_filter)
-        instance(model)
-        details[f"{i}:{name}"] = instance.details
-        if registry.get(name).lossless and all(registry.get(n).lossless for n, _, _ in passes[:i]):
-            reference = io.save(model, TMP / f"reference_{id(passes)}.onnx")
+    """Run ``passes`` on the model at ``path`` as one pipeline (a ``recover`` pass without a reference
+    re-fits toward the model before the first lossy pass)."""
+    start = time.perf_counter()
+    specs = [pipeline.PassSpec(name, options, node_filter) for name, options, node_filter in passes]
+    model, report = pipeline.run_pipeline(io.load(path), specs, data, check=False, numeric_check=False)
+    details = {f"{i}:{record.name}": record.details for i, record in enumerate(report.records)}
     return model, details, time.perf_counter() - start
 
 
@@ -131,14 +125,9 @@ def bench_cnn(quick: bool) -> None:
     # per output (its 97 % of the weights), half of conv2's and fc2's
     points.append(("fc1 3:32 + conv2, fc2 50% (90.1%)", [("prune", {"pattern": "3:32"}, NodeFilter(name_regex="fc1")),
                                                         ("prune", {"sparsity": 0.5}, NodeFilter(name_regex="features.4|fc2"))]))
-    # Unstructured 90.4 % of all weights, allocated by layer: conv2 at 90 % runs as a SparseConv (global
-    # magnitude leaves it at 54 %, dense), the classifier keeps a quarter; BatchNorm folded first (fuse)
-    # so conv2's Relu folds into the SparseConv too; one re-fit of the three layers at the end.
-    conv2 = "node_Conv_1"  # conv2 after fuse (onnxscript's BatchNorm folding names the Convs it writes)
-    points.append(("unstructured 90.4% by layer: conv2 90%, fc1 90.5%, fc2 75%", [
-        ("fuse", {}, None), ("prune", {"sparsity": 0.9}, NodeFilter(name_regex=conv2)),
-        ("prune", {"sparsity": 0.905}, NodeFilter(name_regex="fc1")), ("prune", {"sparsity": 0.75}, NodeFilter(name_regex="fc2")),
-        ("recover", {}, None)]))
+    # Unstructured 90.4 % of all weights allocated by layer (the recipe file says why)
+    recipe = pipeline.load_recipe(ROOT / "models/recipes/cnn_mnist_sparse90.toml")
+    points.append(("unstructured 90.4% by layer: conv2 90%, fc1 90.5%, fc2 75%", [(s.name, s.options, s.node_filter) for s in recipe]))
     points += [(f"structured {r:.0%} removed", [("prune-structured", {"ratio": r}, None)]) for r in (0.25, 0.5)]
     points.append(("binarize fc1", [("binarize", {"keep_first_last": False}, NodeFilter(name_regex="fc1"))]))
     points += [(f"conv2 spatial split rank {r}", [("low-rank", {"rank": r, "conv_split": "spatial"}, NodeFilter(name_regex="features.4"))])

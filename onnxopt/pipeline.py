@@ -180,7 +180,14 @@ def run_pipeline(
             report.notes.append(f"structural checks off: the input model already fails them ({exc})")
     feeds = validate.feeds_for(model, data) if numeric_check else []
     previous_outputs = _outputs(model, feeds) if numeric_check else {}
-    for name, instance, lossless in instances:
+    # the model before the first lossy pass: what a `recover` without a reference path re-fits toward
+    wants_reference = [getattr(i, "reference", None) == "" and getattr(i, "original", False) is None for _, i, _ in instances]
+    reference = None
+    for (name, instance, lossless), wants in zip(instances, wants_reference):
+        if not lossless and reference is None and any(wants_reference):
+            reference = model.clone()
+        if wants:
+            instance.original = reference
         before = stats.model_stats(model)
         snapshot = model.clone() if (numeric_check or on_error == "skip") else None
         start = time.perf_counter()

@@ -44,7 +44,7 @@ from onnxopt.compression import (
     solve_low_rank_ridge,
     solve_masked,
 )
-from onnxopt.errors import DataError
+from onnxopt.errors import DataError, PassOptionError
 from onnxopt.registry import register
 from onnxopt.weights import WeightUse, constant_array, drop_if_unused, new_initializer, scan_weights, set_weight
 
@@ -429,26 +429,32 @@ class RecoverPass(ir.passes.InPlacePass):
     """Re-fit compressed layers to reproduce the original model's layer outputs (layer-wise distillation).
 
     Args:
-        reference: Path of the original, uncompressed model; layers are matched by node name.
+        reference: Path of the original, uncompressed model; layers are matched by node name. In a
+            pipeline it may be left out: the model as it was before the pipeline's first lossy pass
+            is the reference then (so several lossy passes can be re-fitted once, together).
         samples: Calibration samples used to collect the layer statistics.
         damping: Ridge term, as a fraction of the mean diagonal of XᵀX/rows.
     """
 
-    def __init__(self, reference: str, samples: int = 128, damping: float = 1e-4, data: Dataset | None = None):
+    def __init__(self, reference: str = "", samples: int = 128, damping: float = 1e-4, data: Dataset | None = None,
+                 original: ir.Model | None = None):
         super().__init__()
-        if not reference:
-            raise ValueError("reference must be the path of the original model")
         if samples < 1 or damping < 0:
             raise ValueError("samples must be >= 1 and damping >= 0")
         self.reference = reference
+        self.original = original
+        """The reference as a model (``run_pipeline`` sets it when ``reference`` is empty)."""
         self.samples = samples
         self.damping = damping
         self.data = data
         self.details: dict = {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        if not self.reference and self.original is None:
+            raise PassOptionError("recover needs the original model: reference=PATH, or run it in a pipeline "
+                                  "after the lossy passes it re-fits")
         data = require_data(self.data, "recover")
-        original = io.load(self.reference)
+        original = io.load(self.reference) if self.reference else self.original
         results = recover_layers(original, model, data, None, self.samples, self.damping)
         self.details = {"layers": results} if results else {"layers": "no compressed layer matched the reference"}
         return ir.passes.PassResult(model, any(r.get("applied") for r in results.values()))

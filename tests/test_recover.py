@@ -171,5 +171,26 @@ def test_recover_needs_data_and_reference(tmp_path):
     path = chain_model(tmp_path, (8, 8))
     with pytest.raises(DataError):
         make("recover", reference=str(path))(load(path))
-    with pytest.raises(PassOptionError):
-        registry.get("recover").create({})
+    with pytest.raises(PassOptionError, match="recover needs the original model"):
+        registry.get("recover").create({}, data=Dataset.from_arrays({"x": np.ones((4, 8), np.float32)}))(load(path))
+
+
+def test_recover_in_a_pipeline_refits_toward_the_model_before_the_lossy_passes(tmp_path):
+    """Without ``reference``, a pipeline's ``recover`` re-fits every layer the lossy passes before it
+    compressed, toward the model as it was before the first of them (here after a lossless ``fuse``,
+    whose renamed layers the reference shares), in one pass."""
+    from onnxopt import pipeline
+    from onnxopt.pipeline import PassSpec
+
+    path, _ = conv_model(tmp_path)
+    noise = np.random.default_rng(9).standard_normal((288, 3, 13, 13))
+    smooth = (noise[:, :, 1:, 1:] + noise[:, :, :-1, :-1]).astype(np.float32)
+    data, feeds = Dataset.from_arrays({"x": smooth[:256]}), {"x": smooth[256:]}
+    specs = [PassSpec("fuse"), PassSpec("prune", {"sparsity": "0.8", "op_types": "Conv", "min_elements": "1"}),
+             PassSpec("prune", {"sparsity": "0.6", "op_types": "Gemm"})]
+    pruned, _ = pipeline.run_pipeline(load(path), specs, data, numeric_check=False)
+    model, report = pipeline.run_pipeline(load(path), [*specs, PassSpec("recover", {"samples": "256"})], data, numeric_check=False)
+    layers = report.records[-1].details["layers"]
+    assert len(layers) == 3 and all(v["error_after"] < v["error_before"] for v in layers.values())
+    expected = run(load(path), feeds)[0]
+    assert np.abs(run(model, feeds)[0] - expected).mean() < np.abs(run(pruned, feeds)[0] - expected).mean()
