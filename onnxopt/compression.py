@@ -300,7 +300,7 @@ def absorb_relu(node: ir.Node) -> bool:
     if len(uses) != 1 or out.is_graph_output() or node.attributes.get_string("activation", "none") != "none":
         return False
     relu = uses[0].node
-    if relu.op_type != "Relu" or relu.domain not in ("", "ai.onnx"):
+    if relu.op_type != "Relu" or relu.domain not in ("", "ai.onnx") or relu.graph is not node.graph:
         return False
     node.attributes["activation"] = ir.AttrString("activation", "relu")
     ir.convenience.replace_nodes_and_values(node.graph, relu, [relu], [], relu.outputs, [out])

@@ -180,14 +180,14 @@ def run_pipeline(
             report.notes.append(f"structural checks off: the input model already fails them ({exc})")
     feeds = validate.feeds_for(model, data) if numeric_check else []
     previous_outputs = _outputs(model, feeds) if numeric_check else {}
-    # the model before the first lossy pass: what a `recover` without a reference path re-fits toward
-    wants_reference = [getattr(i, "reference", None) == "" and getattr(i, "original", False) is None for _, i, _ in instances]
+    # the model before the first other lossy pass: what a `recover` given no reference re-fits toward
+    wants_reference = [hasattr(i, "pipeline_original") and not i.reference and i.original is None for _, i, _ in instances]
     reference = None
     for (name, instance, lossless), wants in zip(instances, wants_reference):
-        if not lossless and reference is None and any(wants_reference):
-            reference = model.clone()
         if wants:
-            instance.original = reference
+            instance.pipeline_original = reference  # None (nothing compressed before it): the pass says so
+        elif not lossless and reference is None and any(wants_reference):
+            reference = model.clone()
         before = stats.model_stats(model)
         snapshot = model.clone() if (numeric_check or on_error == "skip") else None
         start = time.perf_counter()

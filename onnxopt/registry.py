@@ -22,7 +22,7 @@ import onnx_ir as ir
 
 from onnxopt.errors import PassOptionError
 
-INJECTED = ("data", "node_filter")
+INJECTED = ("data", "node_filter", "original")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -442,19 +442,20 @@ class RecoverPass(ir.passes.InPlacePass):
         if samples < 1 or damping < 0:
             raise ValueError("samples must be >= 1 and damping >= 0")
         self.reference = reference
-        self.original = original
-        """The reference as a model (``run_pipeline`` sets it when ``reference`` is empty)."""
+        self.original = original  # the reference as a model (Python API)
+        self.pipeline_original: ir.Model | None = None
+        """Set by ``run_pipeline`` when neither is given: the model before its first other lossy pass."""
         self.samples = samples
         self.damping = damping
         self.data = data
         self.details: dict = {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        if not self.reference and self.original is None:
+        original = io.load(self.reference) if self.reference else self.original or self.pipeline_original
+        if original is None:
             raise PassOptionError("recover needs the original model: reference=PATH, or run it in a pipeline "
                                   "after the lossy passes it re-fits")
         data = require_data(self.data, "recover")
-        original = io.load(self.reference) if self.reference else self.original
         results = recover_layers(original, model, data, None, self.samples, self.damping)
         self.details = {"layers": results} if results else {"layers": "no compressed layer matched the reference"}
         return ir.passes.PassResult(model, any(r.get("applied") for r in results.values()))

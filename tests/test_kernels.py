@@ -538,3 +538,27 @@ def test_quant_extreme_codes(isa, bits, symmetric):
     sess = _session(_model(packed, None))
     for rows in (x[:1], x):
         _check(sess.run(None, {"X": rows})[0], ops.reference(packed, rows), f"int{bits} sym={symmetric} isa={isa}")
+
+
+@pytest.mark.parametrize("op", ["SparseConv", "SparseMatMul"])
+def test_folded_relu_keeps_nan(isa, op, monkeypatch):
+    """The folded ReLU maps the op's own output as onnxruntime's Relu would: negatives to 0, NaN (from a
+    NaN input read by a stored weight) stays NaN, in vector bodies and scalar tails alike."""
+    rng = np.random.default_rng(8)
+    if op == "SparseConv":
+        w = rng.standard_normal((5, 3, 3, 3)).astype(np.float32) * (rng.random((5, 3, 3, 3)) < 0.3)
+        packed = ops.pack_sparse_conv(w, pads=(1, 1, 1, 1))
+        x = rng.standard_normal((1, 3, 9, 20)).astype(np.float32)
+        x[0, 1, 4, 17] = np.nan
+    else:
+        monkeypatch.setenv("ONNXOPT_SPARSE_PATH", "columns")  # the panel GEMV's padding lanes read a real input
+        w = rng.standard_normal((40, 24)).astype(np.float32) * (rng.random((40, 24)) < 0.3)
+        packed = ops.pack_sparse_matmul(w)
+        x = rng.standard_normal((20, 40)).astype(np.float32)
+        x[[0, 19], 7] = np.nan
+    plain = _session(_model(packed, None, x_shape=list(x.shape))).run(None, {"X": x})[0]
+    packed.attributes["activation"] = "relu"
+    y = _session(_model(packed, None, x_shape=list(x.shape))).run(None, {"X": x})[0]
+    assert np.isnan(plain).any() and (plain < 0).any()
+    np.testing.assert_array_equal(np.isnan(y), np.isnan(plain))
+    np.testing.assert_array_equal(np.nan_to_num(y), np.maximum(np.nan_to_num(plain), 0))

@@ -192,5 +192,9 @@ def test_recover_in_a_pipeline_refits_toward_the_model_before_the_lossy_passes(t
     model, report = pipeline.run_pipeline(load(path), [*specs, PassSpec("recover", {"samples": "256"})], data, numeric_check=False)
     layers = report.records[-1].details["layers"]
     assert len(layers) == 3 and all(v["error_after"] < v["error_before"] for v in layers.values())
+    with pytest.raises(PassOptionError, match="recover needs the original model"):  # nothing lossy before it
+        pipeline.run_pipeline(pruned, [PassSpec("fuse"), PassSpec("recover")], data, numeric_check=False)
+    with pytest.raises(PassOptionError, match="no option 'original'"):
+        registry.get("recover").create({"original": "x.onnx"})
     expected = run(load(path), feeds)[0]
     assert np.abs(run(model, feeds)[0] - expected).mean() < np.abs(run(pruned, feeds)[0] - expected).mean()

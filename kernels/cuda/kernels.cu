@@ -740,7 +740,7 @@ size_t WorkspaceBytes(const Problem& p) {
 
 __global__ void __launch_bounds__(kThreads) ReluKernel(float* __restrict__ y, int64_t n) {
   for (int64_t i = blockIdx.x * (int64_t)kThreads + threadIdx.x; i < n; i += (int64_t)gridDim.x * kThreads)
-    y[i] = fmaxf(y[i], 0.0f);
+    y[i] = y[i] < 0.0f ? 0.0f : y[i];  // NaN stays NaN, as on the CPU
 }
 
 void Launch(const Problem& p, float* y, void* workspace, cudaStream_t stream) {

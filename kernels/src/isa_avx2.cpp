@@ -169,7 +169,7 @@ static void sparse_conv_plane(const SparseConvParams& p, int64_t co, float* acc)
     int64_t ow = 0;
     for (; ow + 8 <= p.OW; ow += 8) {
       const __m256 v = _mm256_fmadd_ps(_mm256_loadu_ps(a + ow), vs, vb);
-      _mm256_storeu_ps(o + ow, p.relu ? _mm256_max_ps(v, zero) : v);
+      _mm256_storeu_ps(o + ow, p.relu ? _mm256_max_ps(zero, v) : v);  // NaN stays NaN
     }
     for (; ow < p.OW; ++ow) {
       const float v = a[ow] * scale + bias;

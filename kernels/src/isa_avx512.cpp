@@ -344,7 +344,7 @@ static void sparse_conv_plane(const SparseConvParams& p, int64_t co, float* acc)
     for (int64_t ow = 0; ow < p.OW; ow += 16) {
       const __mmask16 m = tail16(p.OW - ow);
       const __m512 v = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + ow), vs, vb);
-      _mm512_mask_storeu_ps(o + ow, m, p.relu ? _mm512_max_ps(v, _mm512_setzero_ps()) : v);
+      _mm512_mask_storeu_ps(o + ow, m, p.relu ? _mm512_max_ps(_mm512_setzero_ps(), v) : v);  // NaN stays NaN
     }
   }
 }

@@ -371,7 +371,7 @@ struct PanelCopy {
   template <class IT>
   void Balance(const SparseParams& p, const IT* idx, std::vector<int32_t>& order) const {
     const int64_t slots = P * 32;
-    if (P < 2) return;
+    if (P < 2 || p.K * G > (1 << 22)) return;  // bits: 2 B per (row, group), at most 8 MB
     std::vector<uint16_t> bits((size_t)(p.K * G), 0);  // bits[row*G + g]: lanes of group g with an entry in row
     for (int64_t g = 0; g < G; ++g)
       for (int i = 0; i < 16; ++i) {
@@ -393,7 +393,7 @@ struct PanelCopy {
       rng ^= rng << 13, rng ^= rng >> 7, rng ^= rng << 17;
       const int64_t a = (int64_t)(rng % (uint64_t)slots), b = (int64_t)((rng >> 32) % (uint64_t)slots);
       const int64_t pa = a / 32, pb = b / 32;
-      if (pa == pb || (at[a] < 0 && at[b] < 0)) continue;
+      if (pa == pb || at[a] < 0 || at[b] < 0) continue;  // positions past K stay last: no gap shifts rows
       auto swapped = [&](int64_t g, uint8_t* na, uint8_t* nb) {  // both panels' lane counts after the swap
         const unsigned ba = row_bits(at[a], g), bb = row_bits(at[b], g);
         const uint8_t *ca = &count[(size_t)((pa * G + g) * 16)], *cb = &count[(size_t)((pb * G + g) * 16)];
@@ -467,6 +467,7 @@ struct PanelCopy {
       }
       return Steps();
     };
+    if (nnz * 5 > kMaxBytes) return;  // steps >= nnz/16 at 80 B each: over the cap whatever the layout
     // Rows in their own order (N:M patterns fill every lane of every step there) or densest first
     // (unstructured: panels of similar density need fewer padding lanes) then balanced between
     // panels, whichever takes fewer steps.
