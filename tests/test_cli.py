@@ -421,3 +421,12 @@ def test_on_error_stop_names_pass_and_first_divergence(tmp_path, mlp_path, test_
 def test_on_error_stop_structural(tmp_path, mlp_path, test_passes):
     out = tmp_path / "out.onnx"
     assert_usage_error(invoke("optimize", mlp_path, "-o", out, "-p", "test-dangling"), out, "pass 'test-dangling' failed")
+
+
+def test_recover_with_nothing_to_refit_toward(tmp_path, mlp_path):
+    """`-p recover` with no reference and no lossy pass before it: exit 2, one line, nothing written."""
+    data = tmp_path / "data.npz"
+    np.savez(data, x=X)
+    out = tmp_path / "out.onnx"
+    result = invoke("optimize", mlp_path, "-o", out, "-p", "cleanup", "-p", "recover", "--data", data)
+    assert_usage_error(result, out, "recover needs the original model")
