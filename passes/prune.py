@@ -4,7 +4,8 @@ Importance is |W| (magnitude) or |W|·‖X_k‖ from calibration data (``method=
 applies per layer, per output column, or with one global threshold over all layers. A pruned weight is
 written as an ONNX ``sparse_initializer`` (the file shrinks); a MatMul/Gemm (Conv) whose sparsity reaches
 the kernel break-even ``min_sparse_ratio`` becomes an ``ai.onnxopt`` ``SparseMatMul`` (``SparseConv``) node,
-which takes over a Relu that alone consumes its output (``activation="relu"``). With ``recover=true`` the surviving weights are re-fitted layer by layer against the unpruned model.
+which takes over a Relu that alone consumes its output (``activation="relu"``). With ``recover=true`` the
+surviving weights are re-fitted layer by layer against the unpruned model.
 """
 
 from __future__ import annotations
