@@ -249,6 +249,7 @@ def test_sparse_conv_bad_inputs(any_isa):
     _expect_error(raw({**attrs, "strides": [0, 1]}), ok, "must be >= 1")
     _expect_error(raw({**attrs, "K": 26}), ok, r"out of range|kernel_shape")
     _expect_error(raw({**attrs, "activation": "gelu"}), ok, r'activation must be "none" or "relu", got "gelu"')
+    _expect_error(raw({**attrs, "activation": 1}), ok, "attribute activation must be a string")
     assert _session(raw(attrs)).run(None, {"X": ok})[0].shape == (1, 4, 5, 5)
     assert _session(raw(attrs)).run(None, {"X": np.zeros((0, 3, 5, 5), np.float32)})[0].shape == (0, 4, 5, 5)
     assert ops.reference(packed, np.zeros((0, 3, 5, 5), np.float32)).shape == (0, 4, 5, 5)

@@ -50,7 +50,10 @@ struct CudaKernel {
       std::string activation = "none";
       try {
         activation = ki.GetAttribute<std::string>("activation");
-      } catch (const Ort::Exception&) {
+      } catch (const Ort::Exception&) {  // absent, or of another type: the C++ API throws alike
+        int64_t i = 0;
+        if (Ort::Status(Ort::GetApi().KernelInfoGetAttribute_int64(ki, "activation", &i)).IsOK())
+          throw cuda::Error("SparseMatMul (CUDA): attribute activation must be a string");
       }
       if (activation != "none" && activation != "relu")
         throw cuda::Error("SparseMatMul (CUDA): attribute activation must be \"none\" or \"relu\", got \"" + activation + "\"");

@@ -209,6 +209,20 @@ struct KernelBase {
     return i < constants.size() && constants[i].present ? constants[i] : GetIn(ctx, i);
   }
   bool IsConstant(size_t i) const { return i < constants.size() && constants[i].present; }
+  // A string attribute, `def` when absent; one of another type fails (the C++ API throws alike for both).
+  static std::string GetString(const Ort::ConstKernelInfo& ki, const char* op, const char* name, const char* def) {
+    try {
+      return ki.GetAttribute<std::string>(name);
+    } catch (const Ort::Exception&) {
+    }
+    int64_t i = 0;
+    float f = 0.0f;
+    for (OrtStatus* st : {Ort::GetApi().KernelInfoGetAttribute_int64(ki, name, &i), Ort::GetApi().KernelInfoGetAttribute_float(ki, name, &f)}) {
+      if (!st) Fail(op, "attribute ", name, " must be a string");
+      Ort::GetApi().ReleaseStatus(st);
+    }
+    return def;
+  }
   static int64_t GetInt(const Ort::ConstKernelInfo& ki, const char* op, const char* name, int64_t def) {
     int64_t v = def;
     OrtStatus* st = Ort::GetApi().KernelInfoGetAttribute_int64(ki, name, &v);
@@ -508,11 +522,7 @@ struct SparseBase : KernelBase {
   bool relu = false;  // attribute activation: "none" (default) or "relu", applied to Y
   std::atomic<bool> const_checked{false};
   SparseBase(const OrtKernelInfo* info, const char* name) : KernelBase(info, name), op(name) {
-    std::string activation = "none";
-    try {
-      activation = Ort::ConstKernelInfo(info).GetAttribute<std::string>("activation");
-    } catch (const Ort::Exception&) {
-    }
+    const std::string activation = GetString(Ort::ConstKernelInfo(info), op, "activation", "none");
     if (activation != "none" && activation != "relu") Fail(op, "attribute activation must be \"none\" or \"relu\", got \"", activation, "\"");
     relu = activation == "relu";
   }
