@@ -70,6 +70,7 @@ def test_report_contents(mlp_path):
     assert fuse.parameters == (212, 212) and fuse.tensor_bytes == (848, 848)
     assert fuse.op_delta == {"Add": -2, "Gemm": 2, "MatMul": -2}
     assert fuse.details.get("batchnorm/gemm") == 2
+    assert [n.name for n in model.graph if n.op_type == "Gemm"] == ["fc1", "fc2"]  # the layers keep their names
     assert all(r.seconds > 0 for r in report.records)
     for record in report.records:
         (error,) = record.errors
@@ -144,3 +145,19 @@ def test_option_conversion():
     assert registry.convert("none", int | None, "w") is None
     with pytest.raises(errors.PassOptionError, match="must be a number"):
         registry.convert(True, float, "w")
+
+
+def test_fuse_keeps_the_names_of_the_layers_it_folds_batchnorm_into(tmp_path):
+    """Conv + BatchNormalization folded: the Conv written keeps the layer's name (node filters, recipes and
+    ``recover`` address layers by name), and outputs are unchanged."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from compression_graphs import conv_model, run
+
+    path, feeds = conv_model(tmp_path)
+    model, _ = pipeline.run_pipeline(io.load(path), ["fuse"])
+    assert [n.name for n in model.graph if n.op_type in ("Conv", "Gemm")] == ["conv1", "conv2", "fc"]
+    assert "BatchNormalization" not in [n.op_type for n in model.graph]
+    np.testing.assert_allclose(run(model, feeds)[0], run(io.load(path), feeds)[0], rtol=1e-4, atol=1e-4)
