@@ -22,6 +22,17 @@ def prune(model, data=None, **options):
     return pass_
 
 
+def assert_runs_like(lowered, dense, feeds, atol=1e-5):
+    """Every output of the lowered model (onnxopt kernels) matches the dense pruned one's; skips when the
+    kernel library is not built."""
+    try:
+        got = run(lowered, feeds)
+    except RuntimeLibraryError:
+        pytest.skip("onnxopt kernel library not built")
+    for a, b in zip(got, run(dense, feeds), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=atol)
+
+
 def weights_by_node(model):
     return {u.node.name: u.matrix() for u in scan_weights(model, ("MatMul", "Gemm", "Conv")).uses}
 
@@ -83,11 +94,7 @@ def test_nm_32_lowers_to_sparse_matmul(tmp_path):
     assert counts.max() == 3 and np.count_nonzero(w[64:], axis=0).max() == 1  # last 6 rows: ceil(3 * 6 / 32)
     assert [n.op_type for n in lowered.graph if n.name in ("fc0", "fc1")] == ["SparseMatMul", "SparseMatMul"]
     x = {"x": np.random.default_rng(2).standard_normal((1, 70)).astype(np.float32)}
-    try:
-        got = run(lowered, x)[0]
-    except RuntimeLibraryError:
-        pytest.skip("onnxopt kernel library not built")
-    np.testing.assert_allclose(got, run(dense, x)[0], rtol=1e-4, atol=1e-5)
+    assert_runs_like(lowered, dense, x)
 
 
 def test_relu_after_a_sparse_layer_is_folded(tmp_path):
@@ -124,12 +131,7 @@ def test_relu_after_a_sparse_layer_is_folded(tmp_path):
     assert "activation" not in ops_by_name["fc1"].attributes
     assert [v.name for v in lowered.graph.outputs] == ["y", "h1"]
     x = {"x": rng.standard_normal((2, 3, 8, 8)).astype(np.float32)}
-    try:
-        got = run(lowered, x)
-    except RuntimeLibraryError:
-        pytest.skip("onnxopt kernel library not built")
-    for a, b in zip(got, run(dense, x)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    assert_runs_like(lowered, dense, x, atol=1e-4)
 
 
 def test_sparse_initializers_round_trip(tmp_path):
@@ -166,11 +168,7 @@ def test_sparse_matmul_lowering_matches_dense(tmp_path):
     bias = fc2.inputs[-1].const_value.numpy()
     np.testing.assert_allclose(bias, dense_fc2.inputs[2].const_value.numpy() * 2.0, rtol=1e-6)
     onnx.checker.check_model(onnx.load_from_string(io.to_bytes(lowered)))
-    try:
-        got = run(lowered, feeds)[0]
-    except RuntimeLibraryError:
-        pytest.skip("onnxopt kernel library not built")
-    np.testing.assert_allclose(got, run(dense, feeds)[0], rtol=1e-4, atol=1e-5)
+    assert_runs_like(lowered, dense, feeds)
 
 
 def test_sparse_conv_lowering_matches_dense(tmp_path):
@@ -186,11 +184,7 @@ def test_sparse_conv_lowering_matches_dense(tmp_path):
     # conv1 keeps its bias; conv2 has none
     assert len(by_name["conv1"].inputs) == 6 and len(by_name["conv2"].inputs) == 5
     onnx.checker.check_model(onnx.load_from_string(io.to_bytes(lowered)), full_check=True)
-    try:
-        got = run(lowered, feeds)[0]
-    except RuntimeLibraryError:
-        pytest.skip("onnxopt kernel library not built")
-    np.testing.assert_allclose(got, run(dense, feeds)[0], rtol=1e-4, atol=1e-5)
+    assert_runs_like(lowered, dense, feeds)
 
 
 def test_conv_break_even_and_blockers(tmp_path):
