@@ -66,8 +66,13 @@ def load(path: str | os.PathLike, *, lift_constants: bool = True) -> ir.Model:
 
 
 def normalize(model: ir.Model) -> ir.Model:
-    """Lift weights held in Constant nodes to initializers (main graph and subgraphs), in place."""
+    """Lift weights held in Constant nodes to initializers (main graph and subgraphs), and make
+    initializers listed as graph inputs too (IR 3 style, overridable defaults) plain constants, in place:
+    passes replace weights, and onnxruntime neither folds an initializer that is an input nor runs a
+    model whose weight became a required input."""
     LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=16)(model)
+    for value in [v for v in model.graph.inputs if v.is_initializer()]:
+        model.graph.inputs.remove(value)
     return model
 
 

@@ -3,6 +3,7 @@ common-subexpression elimination, initializer de-duplication and dead-code remov
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
 from onnxscript import rewriter
@@ -65,6 +66,7 @@ class CleanupPass(ir.passes.InPlacePass):
             rewriter.RewritePass(rewriter._DEFAULT_REWRITE_RULES),
             common_passes.IdentityEliminationPass(),
             common_passes.CommonSubexpressionEliminationPass(),
+            ContiguousInitializersPass(),
             common_passes.DeduplicateHashedInitializersPass(),  # any size; bytes compared on a hash match
             common_passes.RemoveUnusedNodesPass(),
             common_passes.RemoveUnusedFunctionsPass(),
@@ -97,3 +99,23 @@ def folding_hazard(model: ir.Model) -> str | None:
         ):
             return node.op_type
     return None
+
+
+class ContiguousInitializersPass(ir.passes.InPlacePass):
+    """Copy initializers held as non-contiguous numpy views into contiguous arrays.
+
+    onnxscript's folder stores a folded Transpose as a transposed view, which onnx_ir's initializer
+    de-duplication cannot hash ("ndarray is not C-contiguous"); seen on onnx's pytorch-converted
+    ``test_Linear_no_bias`` once its weight is a constant rather than a graph input.
+    """
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        modified = False
+        for graph in (model.graph, *model.graph.subgraphs()):
+            for value in graph.initializers.values():
+                tensor = value.const_value
+                raw = getattr(tensor, "raw", None)
+                if isinstance(raw, np.ndarray) and not raw.flags.c_contiguous:
+                    value.const_value = ir.Tensor(np.ascontiguousarray(raw), dtype=tensor.dtype, name=value.name)
+                    modified = True
+        return ir.passes.PassResult(model, modified)

@@ -337,6 +337,24 @@ def test_ir3_model_written_valid_after_fuse(tmp_path, mlp_proto):
     np.testing.assert_allclose(_run(tmp_path / "out.onnx", {"x": X})[0], _run(path, {"x": X})[0], rtol=1e-6)
 
 
+def test_initializers_listed_as_inputs_become_constants(tmp_path):
+    """IR 3 style: every initializer is also a graph input. Passes replace weights; the output must not
+    ask the user to feed the weight they dropped."""
+    w = np.random.default_rng(0).standard_normal((16, 16)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"], name="fc")], "g",
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in (("x", ["B", 16]), ("W", [16, 16]))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", 16])], [numpy_helper.from_array(w, "W")])
+    src = tmp_path / "ir3.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)], ir_version=3), src)
+    model = io.load(src)
+    assert [v.name for v in model.graph.inputs] == ["x"]
+    model, _ = pipeline.run_pipeline(model, ["low-rank:rank=2,min_elements=1"])
+    out = io.save(model, tmp_path / "out.onnx")
+    sess = runtime.session(str(out))
+    assert [i.name for i in sess.get_inputs()] == ["x"]
+    assert sess.run(None, {"x": np.ones((2, 16), np.float32)})[0].shape == (2, 16)
+
+
 def test_optimize_never_touches_input_files(tmp_path, wide_path):
     external = io.save(io.load(wide_path), tmp_path / "in.onnx", external_data=True)
     data_file = tmp_path / "in.onnx.data"
