@@ -76,18 +76,18 @@ def input_grams(
 
     Only layers of the main graph can be observed; uses inside subgraphs are left out of the result.
     """
-    observable = _observable(model, uses)
+    readers: dict[str, WeightUse] = {}  # one per activation: layers reading the same input count it once
+    for use in _observable(model, uses):
+        readers.setdefault(use.activation.name, use)
     grams: dict[str, Gram] = {}
 
     def on_batch(outputs: dict[str, np.ndarray]) -> None:
-        for use in observable:
-            name = use.activation.name
+        for name, use in readers.items():
             rows = layer_input_rows(use, outputs[name])
             grams.setdefault(name, Gram.empty(rows.shape[1])).update(rows)
 
-    names = [u.activation.name for u in observable]
-    if names:
-        capture(model, names, data.batches(model, batch_size, limit), on_batch)
+    if readers:
+        capture(model, list(readers), data.batches(model, batch_size, limit), on_batch)
     return grams
 
 

@@ -13,7 +13,7 @@ import os
 import pathlib
 import tempfile
 import zipfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -89,20 +89,26 @@ class Dataset:
         for file in self.files:
             with np.load(file) as npz:
                 arrays = {v.name: _cast(npz[v.name], v.dtype) for v in model.graph.inputs}
-            count = min(a.shape[0] for a in arrays.values())
+            count = _samples(arrays.values())
             for start in range(0, count, batch_size):
                 if limit is not None and served >= limit:
                     return
                 stop = min(start + batch_size, count, start + (limit - served if limit else batch_size))
-                yield {k: a[start:stop] for k, a in arrays.items()}
+                yield {k: a[start:stop] if a.ndim else a for k, a in arrays.items()}  # scalars go whole
                 served += stop - start
 
     def num_samples(self) -> int:
         total = 0
         for file in self.files:
             with np.load(file) as npz:
-                total += min(npz[k].shape[0] for k in npz.files)
+                total += _samples(npz[k] for k in npz.files)
         return total
+
+
+def _samples(arrays: Iterable[np.ndarray]) -> int:
+    """Samples in one file: the shortest first dimension; scalar inputs (an If condition, a step count)
+    are fed whole with every batch and do not count."""
+    return min((a.shape[0] for a in arrays if a.ndim), default=1)
 
 
 def _cast(array: np.ndarray, dtype: ir.DataType | None) -> np.ndarray:

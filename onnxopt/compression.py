@@ -1,7 +1,7 @@
 """Shared helpers of the structural compression passes (prune, low-rank, binarize, recover).
 
 * importance and masks: :func:`importance` (|W|, or Wanda's |W|·‖X_k‖), :func:`keep_mask` (per layer
-  or per output column), :func:`nm_mask` (N:M along K), :func:`global_threshold`;
+  or per output column), :func:`nm_mask` (N:M along K), :func:`global_keep_masks`;
 * shared weights: :func:`group_by_weight` and :func:`replace_weight` put one new tensor behind every
   consumer of a weight, so a weight shared by several layers stays shared;
 * least squares: :func:`solve_masked` (re-fit of the surviving weights of a pruned layer) and
@@ -14,7 +14,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -67,13 +67,19 @@ def nm_mask(scores: np.ndarray, n: int, m: int) -> np.ndarray:
     return mask
 
 
-def global_threshold(scores: Iterable[np.ndarray], sparsity: float) -> float:
-    """Score below which a fraction ``sparsity`` of all entries of all layers falls."""
+def global_keep_masks(scores: Sequence[np.ndarray], sparsity: float) -> list[np.ndarray]:
+    """Masks keeping the highest scores of all layers ranked together: exactly ``round(sparsity × total)``
+    entries pruned. Ties at the cut are broken by a seeded random order, so layers holding equal scores
+    (e.g. already quantized weights) lose them in proportion, not first layer first."""
+    if not scores:
+        return []
     everything = np.concatenate([s.reshape(-1) for s in scores])
-    if sparsity <= 0 or everything.size == 0:
-        return -np.inf
-    drop = min(int(round(sparsity * everything.size)), everything.size)
-    return float(np.partition(everything, drop - 1)[drop - 1]) if drop else -np.inf
+    drop = int(round(sparsity * everything.size))
+    order = np.lexsort((np.random.default_rng(0).random(everything.size), everything))
+    flat = np.ones(everything.size, dtype=bool)
+    flat[order[:drop]] = False
+    pieces = np.split(flat, np.cumsum([s.size for s in scores])[:-1])
+    return [piece.reshape(s.shape) for piece, s in zip(pieces, scores)]
 
 
 def sparsity(array: np.ndarray) -> float:

@@ -22,6 +22,7 @@ import onnx_ir as ir
 from onnxopt import calibration, io, registry, stats, validate
 from onnxopt.errors import OnnxoptError, PassFailedError, PassOptionError
 from onnxopt.filters import NodeFilter
+from onnxopt.weights import name_layers, scan_weights
 
 
 @dataclasses.dataclass
@@ -187,6 +188,7 @@ def run_pipeline(
         if wants:
             instance.pipeline_original = reference  # None (nothing compressed before it): the pass says so
         elif not lossless and reference is None and any(wants_reference):
+            name_layers(scan_weights(model, ("MatMul", "Gemm", "Conv")).uses)  # recover matches layers by name
             reference = model.clone()
         before = stats.model_stats(model)
         snapshot = model.clone() if (numeric_check or on_error == "skip") else None

@@ -118,6 +118,27 @@ def scan_weights(
     return WeightScan(uses, skipped)
 
 
+def edge_layers(model: ir.Model, op_types: Iterable[str]) -> set[int]:
+    """``id()`` of the first and the last ``op_types`` node with a constant weight in the main graph: the
+    input and classifier layers that lossy passes can be told to leave alone."""
+    main = [use.node for use in scan_weights(model, op_types).uses if use.graph is model.graph]
+    return {id(main[0]), id(main[-1])} if main else set()
+
+
+def name_layers(uses: list[WeightUse]) -> None:
+    """Give unnamed layer nodes a unique name (layers are matched by name during recovery)."""
+    for i, use in enumerate(uses):
+        if not use.node.name:
+            use.node.name = f"{use.node.op_type}_{use.value.name}_{i}"
+
+
+def other_readers(use: WeightUse, rewritten: Iterable[ir.Node]) -> list[str]:
+    """The nodes besides ``rewritten`` that read ``use``'s weight: a lossy pass rewriting the weight for
+    its own layers would add its result to a file that must keep the original for them."""
+    ids = {id(node) for node in rewritten}
+    return [f"{node.op_type} '{node.name}'" for node, _ in use.value.uses() if id(node) not in ids]
+
+
 def _unsupported_reason(use: WeightUse) -> str | None:
     node = use.node
     if len(node.inputs) <= use.index or node.inputs[use.index] is None:
@@ -186,7 +207,7 @@ def set_weight(use: WeightUse, array: np.ndarray, suffix: str) -> ir.Value:
 
 def drop_if_unused(value: ir.Value) -> None:
     """Remove an initializer (or the Constant node producing it) that nothing consumes any more."""
-    if value.uses() or value.is_graph_output():
+    if value.uses() or value.is_graph_output() or value.is_graph_input():
         return
     producer = value.producer()
     if producer is not None and producer.op_type == "Constant":

@@ -19,10 +19,9 @@ from onnxopt import ops
 from onnxopt.calibration import Dataset
 from onnxopt.compression import custom_op_blocker, lower_to_custom_op
 from onnxopt.filters import NodeFilter
-from onnxopt.passes.prune import name_layers
 from onnxopt.passes.recover import recover_layers, require_data
 from onnxopt.registry import register
-from onnxopt.weights import scan_weights
+from onnxopt.weights import edge_layers, name_layers, scan_weights
 
 PACKERS = {"weights": ops.pack_binary_matmul, "xnor": ops.pack_xnor_matmul}
 
@@ -64,9 +63,7 @@ class BinarizePass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         if self.recover:
             require_data(self.data, "binarize with recover=true")
-        everything = scan_weights(model, ("MatMul", "Gemm"))
-        main = [u for u in everything.uses if u.graph is model.graph]
-        edges = {id(main[0].node), id(main[-1].node)} if self.keep_first_last and main else set()
+        edges = edge_layers(model, ("MatMul", "Gemm")) if self.keep_first_last else set()
         scan = scan_weights(model, ("MatMul", "Gemm"), self.node_filter, self.min_elements)
         name_layers(scan.uses)
         original = model.clone() if self.recover else None

@@ -5,7 +5,8 @@ original node multiplying by V (Gemm keeps its bias, alpha and beta). The rank c
 ``ratio`` (fraction of the layer's parameters kept) or ``energy`` (fraction of the squared singular
 values kept). ``activation_aware`` whitens W with the Cholesky factor L of the calibration inputs'
 covariance before the SVD (minimizing ``‖X(W − UV)‖`` instead of ``‖W − UV‖``). Layers where
-``r(K+N) >= KN`` are left alone.
+``r(K+N) >= KN`` are left alone (``n·r(K+N) >= KN`` for a weight n layers share, each with its own factors),
+and so are weights that a layer the pass does not factor reads too (the file would keep both).
 
 With ``conv_split=spatial``, a 2-D Conv W (C_out, C_in, kh, kw) is split as in Jaderberg et al. 2014
 (scheme 2): the truncated SVD of its (C_in·kh, C_out·kw) view gives a vertical kh×1 Conv C_in → r
@@ -26,10 +27,17 @@ from onnxopt.activations import input_grams
 from onnxopt.calibration import Dataset
 from onnxopt.compression import conv_geometry, factorize, whitening
 from onnxopt.filters import NodeFilter
-from onnxopt.passes.prune import name_layers
 from onnxopt.passes.recover import LOW_RANK_SUFFIX, recover_layers, require_data
 from onnxopt.registry import register
-from onnxopt.weights import WeightUse, drop_if_unused, new_initializer, scan_weights
+from onnxopt.weights import (
+    WeightUse,
+    drop_if_unused,
+    edge_layers,
+    name_layers,
+    new_initializer,
+    other_readers,
+    scan_weights,
+)
 
 
 @register("low-rank", lossless=False)
@@ -47,6 +55,8 @@ class LowRankPass(ir.passes.InPlacePass):
         min_elements: Layers with fewer weights are left alone.
         conv_split: ``spatial`` also splits 2-D Convs (group 1, auto_pad NOTSET) into a vertical kh×1
             and a horizontal 1×kw Conv; ``none`` leaves Convs alone.
+        keep_first_last: Leave the first and the last MatMul/Gemm/Conv of the main graph whole (a small
+            classifier head loses far more end to end than its layer error suggests).
         recover: Re-fit U and V layer by layer to the original model's layer outputs.
         samples: Calibration samples for ``activation_aware`` and ``recover``.
         damping: Ridge added to the covariance, as a fraction of its mean diagonal.
@@ -61,6 +71,7 @@ class LowRankPass(ir.passes.InPlacePass):
         activation_aware: bool = False,
         min_elements: int = 4096,
         conv_split: Literal["none", "spatial"] = "none",
+        keep_first_last: bool = False,
         recover: bool = False,
         samples: int = 128,
         damping: float = 1e-2,
@@ -72,6 +83,8 @@ class LowRankPass(ir.passes.InPlacePass):
             raise ValueError(f"rank must be >= 1, got {rank}")
         if ratio is not None and not 0 < ratio <= 1:
             raise ValueError(f"ratio must be in (0, 1], got {ratio}")
+        if samples < 1 or damping < 0:
+            raise ValueError(f"samples must be >= 1 and damping >= 0, got {samples} and {damping}")
         if energy is not None and not 0 < energy <= 1:
             raise ValueError(f"energy must be in (0, 1], got {energy}")
         if rank is None and ratio is None and energy is None:
@@ -83,6 +96,7 @@ class LowRankPass(ir.passes.InPlacePass):
         self.activation_aware = activation_aware
         self.min_elements = min_elements
         self.op_types = ("MatMul", "Gemm", "Conv") if conv_split == "spatial" else ("MatMul", "Gemm")
+        self.keep_first_last = keep_first_last
         self.recover = recover
         self.samples = samples
         self.damping = damping
@@ -103,11 +117,22 @@ class LowRankPass(ir.passes.InPlacePass):
         if self.activation_aware or self.recover:
             require_data(self.data, "low-rank with activation_aware or recover")
         layers = dict(scan.skipped)
-        uses = []
+        edges = edge_layers(model, ("MatMul", "Gemm", "Conv")) if self.keep_first_last else set()
+        candidates = []
         for use in scan.uses:
+            if id(use.node) in edges:
+                layers[use.label] = "kept dense (first or last layer)"
+                continue
             blocker = spatial_split_blocker(use) if use.node.op_type == "Conv" else None
             if blocker:
                 layers[use.label] = f"kept dense ({blocker})"
+            else:
+                candidates.append(use)
+        uses = []
+        for use in candidates:
+            others = other_readers(use, [c.node for c in candidates])
+            if others:
+                layers[use.label] = f"kept dense (weight also read by {others[0]})"
             else:
                 uses.append(use)
         name_layers(uses)
@@ -128,8 +153,10 @@ class LowRankPass(ir.passes.InPlacePass):
             ranks = [self._choose_rank(*shape, sigma) for _, shape, _, _, sigma, _ in factors]
         factored = set()
         for (use, (k, n), u, v, _, aware), r in zip(factors, ranks):
-            if r * (k + n) >= k * n:
-                layers[use.label] = f"kept dense (rank {r}: {r * (k + n)} >= {k * n} parameters)"
+            readers = len(use.value.uses())  # a shared weight gets one pair of factors per layer
+            if readers * r * (k + n) >= k * n:
+                shared = f" for each of {readers} layers sharing the weight" if readers > 1 else ""
+                layers[use.label] = f"kept dense (rank {r}{shared}: {readers * r * (k + n)} >= {k * n} parameters)"
                 continue
             how = "activation-aware" if aware else "plain SVD"
             summary = f"rank {r} of {min(k, n)} ({how}), parameters {r * (k + n) / (k * n):.3f}"

@@ -23,7 +23,7 @@ from onnxopt.compression import (
     absorb_relu,
     conv_geometry,
     custom_op_blocker,
-    global_threshold,
+    global_keep_masks,
     group_by_weight,
     importance,
     keep_mask,
@@ -36,7 +36,7 @@ from onnxopt.compression import (
 from onnxopt.filters import NodeFilter
 from onnxopt.passes.recover import recover_layers, require_data
 from onnxopt.registry import register
-from onnxopt.weights import WeightUse, scan_weights
+from onnxopt.weights import WeightUse, name_layers, other_readers, scan_weights
 
 # Sparsity from which SparseMatMul beats dense fp32 MatMul, by dense weight size (measured with
 # /work/main kernels, 1 thread, interleaved medians): a weight streamed from DRAM (4096x4096, 64 MiB)
@@ -72,13 +72,6 @@ def sparse_break_even(k: int, n: int, conv: bool = False) -> float:
     if dense_bytes < TINY_BYTES:
         return float("inf")
     return BREAK_EVEN_CACHED if dense_bytes <= CACHE_RESIDENT_BYTES else BREAK_EVEN_DRAM
-
-
-def name_layers(uses: list[WeightUse]) -> None:
-    """Give unnamed layer nodes a unique name (layers are matched by name during recovery)."""
-    for i, use in enumerate(uses):
-        if not use.node.name:
-            use.node.name = f"{use.node.op_type}_{use.value.name}_{i}"
 
 
 @register("prune", lossless=False)
@@ -159,15 +152,21 @@ class PrunePass(ir.passes.InPlacePass):
         norms = {}
         if self.method == "wanda":
             norms = {name: gram.column_norms for name, gram in input_grams(model, scan.uses, self.data, self.samples).items()}
-        groups = group_by_weight(scan.uses)
+        groups, layers = [], {}
+        for group in group_by_weight(scan.uses):
+            others = other_readers(group[0], [use.node for use in group])
+            if others:
+                layers.update({use.label: f"kept (weight also read by {others[0]})" for use in group})
+            else:
+                groups.append(group)
+        uses = [use for group in groups for use in group]
         scores = [sum(importance(u.matrix(), norms.get(u.activation.name)) for u in group) for group in groups]
-        threshold = global_threshold(scores, self.sparsity) if self.scope == "global" and not self.nm else None
-        layers = {}
-        for group, score in zip(groups, scores):
+        global_masks = global_keep_masks(scores, self.sparsity) if self.scope == "global" and not self.nm else None
+        for index, (group, score) in enumerate(zip(groups, scores)):
             if self.nm:
                 mask = nm_mask(score, *self.nm)
-            elif threshold is not None:
-                mask = score > threshold
+            elif global_masks is not None:
+                mask = global_masks[index]
             else:
                 mask = keep_mask(score, self.sparsity, per_column=self.scope == "column")
             pruned = group[0].matrix() * mask
@@ -177,12 +176,12 @@ class PrunePass(ir.passes.InPlacePass):
                 note = "" if self.method != "wanda" or use.activation.name in norms else " (magnitude: not observable)"
                 layers[use.label] = f"sparsity {sparsity(pruned):.3f}{note}, {stored}"
         if self.recover:
-            self.details["recover"] = recover_layers(original, model, self.data, {u.node.name for u in scan.uses}, self.samples)
-        lowered = self._lower(model, scan.uses) if self.sparse_op else {}
+            self.details["recover"] = recover_layers(original, model, self.data, {u.node.name for u in uses}, self.samples)
+        lowered = self._lower(model, uses) if self.sparse_op else {}
         for label, how in lowered.items():
             layers[label] += f", {how}"
         self.details.update(layers=layers, skipped=dict(scan.skipped))
-        return ir.passes.PassResult(model, bool(scan.uses))
+        return ir.passes.PassResult(model, bool(uses))
 
     def _lower(self, model: ir.Model, uses: list[WeightUse]) -> dict[str, str]:
         """SparseMatMul for layers at or above the break-even; why not for the others."""

@@ -29,10 +29,9 @@ from onnxopt.activations import layer_input_rows
 from onnxopt.calibration import Dataset, capture, capture_many
 from onnxopt.compression import gemm_alpha, solve_masked
 from onnxopt.filters import NodeFilter
-from onnxopt.passes.prune import name_layers
 from onnxopt.passes.recover import GramLayer, require_data
 from onnxopt.registry import register
-from onnxopt.weights import WeightUse, constant_array, constant_tensor, scan_weights, set_weight
+from onnxopt.weights import WeightUse, constant_array, constant_tensor, name_layers, scan_weights, set_weight
 
 UNARY_OPS = {
     "Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Gelu", "Erf", "Sigmoid", "HardSigmoid", "HardSwish",

@@ -231,7 +231,8 @@ class _LowRank(GramLayer):
 
     def apply(self, factors: tuple[np.ndarray, np.ndarray]) -> None:
         u, v = factors
-        set_weight(WeightUse(self.u_node, 1), u.astype(np.float32), "recovered")
+        u_use = WeightUse(self.u_node, 1)
+        set_weight(u_use, u_use.from_matrix(u), "recovered")  # from_matrix: back to the weight's dtype
         use = WeightUse(self.node, 1)
         set_weight(use, use.from_matrix((v / gemm_alpha(self.node)).astype(np.float32)), "recovered")
 

@@ -120,6 +120,23 @@ def conv_model(tmp_path):
     return path, {"x": RNG.standard_normal((16, 3, 12, 12)).astype(np.float32)}
 
 
+def tied_model(tmp_path, vocab: int = 256, dim: int = 64):
+    """ids -> Gather(E) (emb) -> Gemm(·, E, transB) (lm_head): one weight read by an embedding and a layer."""
+    nodes = [
+        helper.make_node("Gather", ["E", "ids"], ["h"], name="emb"),
+        helper.make_node("Gemm", ["h", "E"], ["y"], name="lm_head", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "tied",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["B"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", vocab])],
+        [_init("E", RNG.standard_normal((vocab, dim)))],
+    )
+    path = tmp_path / "tied.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), path)
+    return path
+
+
 def run(model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     """Run an onnx_ir model (or path) with onnxruntime on the feeds it declares."""
     sess = runtime.session(model)

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from compression_graphs import chain_model, conv_model, load, mixed_model, run
+from compression_graphs import chain_model, conv_model, load, mixed_model, run, tied_model
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxopt import registry
@@ -74,6 +74,27 @@ def test_ratio_sets_parameter_budget(tmp_path):
     assert details["layers"]["fc0"].startswith(f"rank {int(0.25 * 128 * 256 / 384)} of 128")
 
 
+def test_keep_first_last_leaves_edge_layers_whole(tmp_path):
+    path = chain_model(tmp_path, (64, 96, 96, 10), name="edges")
+    model = load(path)
+    layers = low_rank(model, rank=4, min_elements=1, keep_first_last=True).details["layers"]
+    assert layers["fc0"] == layers["fc2"] == "kept dense (first or last layer)"
+    assert layers["fc1"].startswith("rank 4 of 96")
+    assert {n.name for n in model.graph if n.name.endswith(".lowrank_u")} == {"fc1.lowrank_u"}
+    layers = low_rank(load(path), rank=4, min_elements=1).details["layers"]
+    assert all(layers[name].startswith("rank 4") for name in ("fc0", "fc1", "fc2"))
+
+
+def test_shared_weights_are_factored_only_when_that_shrinks_them(tmp_path):
+    path = tied_model(tmp_path)
+    layers = low_rank(load(path), ratio=0.5, min_elements=1).details["layers"]
+    assert layers["lm_head"] == "kept dense (weight also read by Gather 'emb')"
+    path, _ = mixed_model(tmp_path, k=32, hidden=48, n=24)  # shared_a, shared_b: one 48x48 weight
+    layers = low_rank(load(path), rank=12, min_elements=1).details["layers"]
+    assert layers["shared_a"] == "kept dense (rank 12 for each of 2 layers sharing the weight: 2304 >= 2304 parameters)"
+    assert layers["fc1"].startswith("rank 12")
+
+
 def test_activation_aware_beats_plain_svd_on_output_error():
     rng = np.random.default_rng(8)
     x = rng.standard_normal((500, 40)) * np.geomspace(10, 0.01, 40)  # anisotropic inputs
@@ -102,7 +123,7 @@ def test_recover_reduces_layer_error(tmp_path):
 
 
 def test_bad_options():
-    for options in ({"ratio": "0"}, {"rank": "0"}, {"energy": "2"}, {"conv_split": "channel"}):
+    for options in ({"ratio": "0"}, {"rank": "0"}, {"energy": "2"}, {"conv_split": "channel"}, {"damping": "-1"}):
         with pytest.raises(PassOptionError):
             registry.get("low-rank").create(options)
 

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from compression_graphs import chain_model, conv_model, load, mixed_model, run
+from compression_graphs import chain_model, conv_model, load, mixed_model, run, tied_model
 
 from onnxopt import io, ops, registry
 from onnxopt.calibration import Dataset
@@ -81,6 +81,30 @@ def test_nm_and_global_scope(tmp_path):
     total = sum(w.size for name, w in weights.items() if name != "shared_b")
     zeros = sum(np.sum(w == 0) for name, w in weights.items() if name != "shared_b")
     assert unique and abs(zeros / total - 0.8) < 0.01
+
+
+def test_global_scope_prunes_exactly_with_tied_scores(tmp_path):
+    """All magnitudes equal (±0.5): a threshold would prune everything; the ranking prunes exactly 10 %,
+    spread over both layers."""
+    path = chain_model(tmp_path, (32, 32, 32), gemm_last=False, name="ties")
+    model = load(path)
+    signs = np.where(np.random.default_rng(4).random((32, 32)) > 0.5, 0.5, -0.5).astype(np.float32)
+    for name in ("w0", "w1"):
+        model.graph.initializers[name].const_value = ir.tensor(signs, name=name)
+    prune(model, sparsity=0.1, scope="global", sparse_op=False, min_elements=1)
+    zeros = [float(np.mean(w == 0)) for w in weights_by_node(model).values()]
+    assert np.sum(zeros) * 32 * 32 == round(0.1 * 2 * 32 * 32)
+    assert all(0.05 < z < 0.15 for z in zeros)
+
+
+def test_weight_also_read_by_an_embedding_is_kept(tmp_path):
+    """A tied embedding (Gather and lm_head Gemm reading one weight): pruning a copy for the Gemm would
+    leave the dense weight for the Gather and grow the file."""
+    path = tied_model(tmp_path)
+    model = load(path)
+    details = prune(model, sparsity=0.5, min_elements=1).details
+    assert details["layers"]["lm_head"] == "kept (weight also read by Gather 'emb')"
+    assert list(model.graph.initializers) == ["E"]
 
 
 def test_nm_32_lowers_to_sparse_matmul(tmp_path):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
+import onnx_ir as ir
 import pytest
 from compression_graphs import chain_model, conv_model, load, run
 
@@ -198,3 +200,30 @@ def test_recover_in_a_pipeline_refits_toward_the_model_before_the_lossy_passes(t
         registry.get("recover").create({"original": "x.onnx"})
     expected = run(load(path), feeds)[0]
     assert np.abs(run(model, feeds)[0] - expected).mean() < np.abs(run(pruned, feeds)[0] - expected).mean()
+
+
+def test_recovered_float16_low_rank_factors_stay_float16(tmp_path):
+    path = chain_model(tmp_path, (32, 48, 16), gemm_last=False, name="half")
+    model = load(path)
+    convert = registry.get("convert-fp16").create({"keep_io_types": "false"})
+    convert(model)
+    x = np.random.default_rng(5).standard_normal((64, 32)).astype(np.float16)
+    pass_ = make("low-rank", Dataset.from_arrays({"x": x}), rank=4, recover=True, min_elements=1)
+    pass_(model)
+    assert any(v["applied"] for v in pass_.details["recover"].values())
+    assert {v.dtype for v in model.graph.initializers.values()} == {ir.DataType.FLOAT16}
+    assert run(model, {"x": x[:4]})[0].dtype == np.float16
+
+
+def test_pipeline_recover_matches_layers_that_had_no_names(tmp_path):
+    from onnxopt import pipeline
+
+    proto = onnx.load(chain_model(tmp_path, (32, 48, 16), name="unnamed"))
+    for node in proto.graph.node:
+        node.name = ""
+    onnx.save(proto, tmp_path / "unnamed.onnx")
+    x = np.random.default_rng(6).standard_normal((128, 32)).astype(np.float32)
+    _, report = pipeline.run_pipeline(load(tmp_path / "unnamed.onnx"), ["prune:sparsity=0.7,sparse_op=false,min_elements=1", "recover"],
+                                      Dataset.from_arrays({"x": x}), numeric_check=False)
+    layers = report.records[-1].details["layers"]
+    assert len(layers) == 2 and all(v["kind"] == "masked" for v in layers.values())

@@ -108,6 +108,39 @@ def test_input_grams_match_numpy_and_stream():
     np.testing.assert_allclose(grams["x"].column_norms, np.linalg.norm(rows, axis=0), rtol=1e-6)
 
 
+def test_input_grams_count_an_input_read_by_several_layers_once():
+    w = RNG.standard_normal((6, 4)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "wa"], ["a"], name="a"), helper.make_node("MatMul", ["x", "wb"], ["b"], name="b"),
+             helper.make_node("Add", ["a", "b"], ["y"])]
+    model = _model(nodes, [_f("x", ["B", 6])], [_f("y", ["B", 4])], [numpy_helper.from_array(w, "wa"), numpy_helper.from_array(w, "wb")])
+    x = RNG.standard_normal((10, 6)).astype(np.float32)
+    grams = activations.input_grams(model, weights.scan_weights(model).uses, calibration.Dataset.from_arrays({"x": x}))
+    assert grams["x"].rows == 10
+    np.testing.assert_allclose(grams["x"].xtx, x.T.astype(np.float64) @ x, rtol=1e-6)
+
+
+def test_scalar_inputs_are_fed_whole_with_every_batch():
+    nodes = [helper.make_node("Mul", ["x", "s"], ["y"])]
+    model = _model(nodes, [_f("x", ["B", 3]), _f("s", [])], [_f("y", ["B", 3])])
+    data = calibration.Dataset.from_arrays({"x": np.ones((5, 3), np.float32), "s": np.array(2.0, np.float32)})
+    batches = list(data.batches(model, batch_size=2))
+    assert [b["x"].shape[0] for b in batches] == [2, 2, 1] and all(b["s"].shape == () for b in batches)
+    assert data.num_samples() == 5
+
+
+def test_other_readers_and_edge_layers():
+    nodes = [helper.make_node("Gather", ["E", "ids"], ["h"], name="emb"),
+             helper.make_node("MatMul", ["h", "w"], ["z"], name="mid"),
+             helper.make_node("Gemm", ["z", "E"], ["y"], name="head", transB=1)]
+    inits = [numpy_helper.from_array(RNG.standard_normal((8, 4)).astype(np.float32), "E"),
+             numpy_helper.from_array(RNG.standard_normal((4, 4)).astype(np.float32), "w")]
+    model = _model(nodes, [helper.make_tensor_value_info("ids", TensorProto.INT64, ["B"])], [_f("y", ["B", 8])], inits)
+    uses = {u.node.name: u for u in weights.scan_weights(model).uses}
+    assert weights.other_readers(uses["head"], [uses["head"].node]) == ["Gather 'emb'"]
+    assert weights.other_readers(uses["mid"], [uses["mid"].node]) == []
+    assert weights.edge_layers(model, ("MatMul", "Gemm")) == {id(uses["mid"].node), id(uses["head"].node)}
+
+
 def test_cross_gram_least_squares_recovers_the_original_weight():
     w = RNG.standard_normal((6, 4)).astype(np.float32)
     nodes = [helper.make_node("Relu", ["x"], ["h"]), helper.make_node("MatMul", ["h", "w"], ["y"])]
