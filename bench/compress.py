@@ -203,7 +203,7 @@ def minilm_calibration_dir(sentences: int, words: int, seq: int = 128) -> Datase
     return Dataset.load(folder)
 
 
-def bench_minilm(quick: bool, words: int) -> None:
+def bench_minilm(quick: bool, words: int, target: str) -> None:
     path = ROOT / "models/out/minilm.onnx"
     if not path.exists():
         print("MiniLM skipped: run `python -m models.minilm` first")
@@ -219,11 +219,13 @@ def bench_minilm(quick: bool, words: int) -> None:
     points += [(f"sparsity {s:.0%}", [("prune", {"sparsity": s, "method": "wanda", "scope": "column"}, None)]) for s in sparsities]
     points += [(f"structured FFN {r:.0%} removed", [("prune-structured", {"ratio": r}, ffn)]) for r in (0.25, 0.5)]
     points.append(("binarize FFN layers 2-9", [("binarize", {"keep_first_last": False}, middle)]))
+    # one explicit recover pass per point, with the chosen target (`layer` suits MiniLM, see bench/README.md)
+    points = [(label, [*passes, ("recover", {"target": target}, None)]) for label, passes in points]
     feed = evaluate.minilm_inputs(1, 128)
     rows = run_points(path, points, data, lambda p: evaluate.word_similarity(p, "wordsim353"), feed, samples, repeat=20)
     table(f"MiniLM-L6 (WordSim-353 Spearman, calibration {sentences} news snippets + {words} single words, batch 1 seq 128; low-rank ratios {ratios} = "
           f"fraction of parameters kept, recover = ridge re-fit chosen on held-out batches; sparsities {sparsities}; "
-          "structured = fraction of FFN neurons removed)", "WordSim", rows)
+          f"structured = fraction of FFN neurons removed; recover target={target})", "WordSim", rows)
 
 
 def main() -> None:
@@ -233,6 +235,8 @@ def main() -> None:
     parser.add_argument("--points", default="", metavar="REGEX", help="only the points whose label matches")
     parser.add_argument("--calib-words", type=int, default=0, metavar="N",
                         help="MiniLM: add N single words (none from the metric's lists) to the calibration snippets")
+    parser.add_argument("--minilm-recover-target", choices=("model", "layer"), default="layer",
+                        help="MiniLM: what recover fits each layer to (the CNN uses the default, model)")
     args = parser.parse_args()
     global POINTS
     POINTS = re.compile(args.points)
@@ -240,7 +244,7 @@ def main() -> None:
     if args.only in (None, "cnn"):
         bench_cnn(args.quick)
     if args.only in (None, "minilm"):
-        bench_minilm(args.quick, args.calib_words)
+        bench_minilm(args.quick, args.calib_words, args.minilm_recover_target)
 
 
 if __name__ == "__main__":

@@ -227,3 +227,27 @@ def test_pipeline_recover_matches_layers_that_had_no_names(tmp_path):
                                       Dataset.from_arrays({"x": x}), numeric_check=False)
     layers = report.records[-1].details["layers"]
     assert len(layers) == 2 and all(v["kind"] == "masked" for v in layers.values())
+
+
+@pytest.mark.parametrize("target", ["model", "layer"])
+def test_target_sets_what_each_layer_reproduces(tmp_path, target):
+    """``model``: fc1 is fitted to the original model's fc1 output (x_o W_o); ``layer``: to the original fc1
+    weight applied to the pruned model's own fc1 input (x_c W_o). The reported error before the re-fit
+    shows which one was used."""
+    path = chain_model(tmp_path, (24, 64, 16), gemm_last=False, name="target")
+    x = np.random.default_rng(7).standard_normal((64, 24)).astype(np.float32)
+    original = load(path)
+    model = load(path)
+    make("prune", sparsity=0.7, sparse_op=False, min_elements=1)(model)
+    w0, w1 = weight(model, "fc0"), weight(model, "fc1")
+    o0, o1 = weight(original, "fc0"), weight(original, "fc1")
+    b0 = model.graph.initializers["b0"].const_value.numpy()
+    h_c, h_o = np.maximum(x @ w0 + b0, 0), np.maximum(x @ o0 + b0, 0)
+    goal = (h_o if target == "model" else h_c) @ o1
+    expected = np.sum((h_c @ w1 - goal) ** 2) / np.sum(goal**2)
+    pass_ = make("recover", Dataset.from_arrays({"x": x}), samples=64, target=target)
+    pass_.original = original
+    pass_(model)
+    assert pass_.details["layers"]["fc1"]["error_before"] == pytest.approx(expected, rel=1e-3)
+    with pytest.raises(PassOptionError):
+        make("recover", target="network")
