@@ -58,8 +58,10 @@ def load(path: str | os.PathLike, *, lift_constants: bool = True) -> ir.Model:
     except Exception as exc:
         raise ModelLoadError(f"cannot read model {path}: {exc}") from None
     ir.external_data.set_base_dir(model.graph, str(path.parent))
-    for name in sparse_names:
-        model.graph.initializers[name].meta[SPARSE_META_KEY] = True
+    for graph in (model.graph, *model.graph.subgraphs()):
+        for name, value in graph.initializers.items():
+            if name in sparse_names:
+                value.meta[SPARSE_META_KEY] = True
     if lift_constants:
         normalize(model)
     return model
@@ -210,27 +212,35 @@ def _check_external_files(graph: onnx.GraphProto, base: pathlib.Path) -> None:
             raise ModelLoadError(f"external data file for tensor '{tensor.name}' not found: {base / str(location)}")
 
 
-def _all_initializer_protos(graph: onnx.GraphProto):
-    yield from graph.initializer
-    for sparse in graph.sparse_initializer:
-        yield sparse.values
+def _graph_protos(graph: onnx.GraphProto):
+    """``graph`` and its subgraphs (If/Loop/Scan bodies), recursively."""
+    yield graph
     for node in graph.node:
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _all_initializer_protos(attr.g)
+                yield from _graph_protos(attr.g)
             elif attr.type == onnx.AttributeProto.GRAPHS:
                 for g in attr.graphs:
-                    yield from _all_initializer_protos(g)
+                    yield from _graph_protos(g)
+
+
+def _all_initializer_protos(graph: onnx.GraphProto):
+    for g in _graph_protos(graph):
+        yield from g.initializer
+        for sparse in g.sparse_initializer:
+            yield sparse.values
 
 
 def _densify_sparse_initializers(graph: onnx.GraphProto) -> list[str]:
-    """onnx_ir drops ``sparse_initializer``: turn them into dense initializers before deserializing."""
+    """onnx_ir drops ``sparse_initializer``: turn them (in every graph) into dense initializers before
+    deserializing."""
     names = []
-    for sparse in list(graph.sparse_initializer):
-        dense = _sparse_to_dense(sparse)
-        graph.initializer.append(dense)
-        names.append(dense.name)
-    del graph.sparse_initializer[:]
+    for g in _graph_protos(graph):
+        for sparse in list(g.sparse_initializer):
+            dense = _sparse_to_dense(sparse)
+            g.initializer.append(dense)
+            names.append(dense.name)
+        del g.sparse_initializer[:]
     return names
 
 
@@ -246,12 +256,21 @@ def _sparse_to_dense(sparse: onnx.SparseTensorProto) -> onnx.TensorProto:
 
 
 def _sparse_flagged(model: ir.Model) -> set[str]:
-    return {name for name, v in model.graph.initializers.items() if v.meta.get(SPARSE_META_KEY)}
+    return {
+        name
+        for graph in (model.graph, *model.graph.subgraphs())
+        for name, v in graph.initializers.items()
+        if v.meta.get(SPARSE_META_KEY)
+    }
 
 
 def _sparsify_initializers(graph: onnx.GraphProto, names: set[str]) -> None:
-    if not names:
-        return
+    if names:
+        for g in _graph_protos(graph):
+            _sparsify_graph_initializers(g, names)
+
+
+def _sparsify_graph_initializers(graph: onnx.GraphProto, names: set[str]) -> None:
     keep = []
     for tensor in graph.initializer:
         if tensor.name not in names:

@@ -174,6 +174,22 @@ def test_sparse_initializers_round_trip(tmp_path):
     np.testing.assert_allclose(run(reloaded, x)[0], run(model, x)[0], rtol=1e-6)
 
 
+def test_sparse_initializers_inside_subgraphs_round_trip(tmp_path):
+    """Pruned weights of If branches are written as their branch's sparse_initializer and read back."""
+    path, feeds = mixed_model(tmp_path)
+    model = load(path)
+    prune(model, sparsity=0.9, sparse_op=False, min_elements=1)
+    out = io.save(model, tmp_path / "pruned.onnx")
+    branches = [a.g for n in onnx.load(out).graph.node if n.op_type == "If" for a in n.attribute]
+    assert [len(g.sparse_initializer) for g in branches] == [1, 1] and not any(g.initializer for g in branches)
+    reloaded = io.load(out)
+    assert weights_by_node(reloaded)["sub_matmul"].tolist() == weights_by_node(model)["sub_matmul"].tolist()
+    for cond in (True, False):
+        feeds = {**feeds, "cond": np.array(cond)}
+        np.testing.assert_allclose(run(reloaded, feeds)[0], run(model, feeds)[0], rtol=1e-6)
+    assert len(io.to_bytes(reloaded)) < len(io.to_bytes(load(path)))  # still sparse when written again
+
+
 def test_sparse_matmul_lowering_matches_dense(tmp_path):
     path, feeds = mixed_model(tmp_path)
     dense = load(path)
