@@ -127,7 +127,7 @@ def synthesize_inputs(model: ir.Model, batch: int = 1, seq: int = 16, seed: int 
         dtype = NUMPY_DTYPE.get(value.dtype, np.float32)
         name = value.name.lower()
         if dtype == np.bool_:
-            feeds[value.name] = rng.random(dims) > 0.5
+            feeds[value.name] = np.asarray(rng.random(dims) > 0.5)  # a 0-d comparison gives a numpy scalar
         elif np.issubdtype(dtype, np.integer):
             if "mask" in name:
                 feeds[value.name] = np.ones(dims, dtype)

@@ -128,6 +128,16 @@ def test_scalar_inputs_are_fed_whole_with_every_batch():
     assert data.num_samples() == 5
 
 
+def test_synthesized_scalar_inputs_are_arrays_onnxruntime_takes():
+    nodes = [helper.make_node("If", ["c"], ["y"], then_branch=helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["t"])], "then", [], [_f("t", ["B", 3])]), else_branch=helper.make_graph(
+        [helper.make_node("Neg", ["x"], ["e"])], "else", [], [_f("e", ["B", 3])]))]
+    model = _model(nodes, [_f("x", ["B", 3]), helper.make_tensor_value_info("c", TensorProto.BOOL, [])], [_f("y", ["B", 3])])
+    feeds = calibration.synthesize_inputs(model, batch=2)
+    assert isinstance(feeds["c"], np.ndarray) and feeds["c"].shape == ()
+    assert runtime.session(model).run(None, feeds)[0].shape == (2, 3)
+
+
 def test_other_readers_and_edge_layers():
     nodes = [helper.make_node("Gather", ["E", "ids"], ["h"], name="emb"),
              helper.make_node("MatMul", ["h", "w"], ["z"], name="mid"),
