@@ -332,6 +332,15 @@ class HeadGroup:
         return group
 
 
+def _looks_like_attention_output(use: WeightUse) -> bool:
+    """``use`` reads Reshape(Transpose(...)): the way attention merges its heads before the output projection."""
+    merge = use.activation.producer() if use.activation is not None else None
+    if merge is None or merge.op_type != "Reshape":
+        return False
+    transpose = merge.inputs[0].producer()
+    return transpose is not None and transpose.op_type == "Transpose"
+
+
 def trace_heads(output: WeightUse) -> HeadGroup:
     """Match the attention pattern ending at output projection ``output``; :class:`Refused` otherwise."""
     values: list[ir.Value] = []
@@ -349,7 +358,7 @@ def trace_heads(output: WeightUse) -> HeadGroup:
         if node.op_type == "Add":  # attention mask: must be the same for every head
             path = 1 if _is_one_along(node.inputs[0], -3) and not _is_one_along(node.inputs[1], -3) else 0
             if not _is_one_along(node.inputs[1 - path], -3):
-                raise Refused(f"attention mask added by '{node.name}' is not broadcast over heads")
+                raise Refused(f"attention mask added by '{node.name or node.op_type}' is not broadcast over heads")
         elif _scalar_input(node) != 1:
             raise Refused(f"scores scaled by '{node.name}' with a non-scalar")
         else:
@@ -546,7 +555,8 @@ class PruneStructuredPass(ir.passes.InPlacePass):
             kept_outputs.update(apply_group(group, keep))
             layers[group.label] = f"{unit} {group.channels} -> {kept}, importance removed {removed:.4f} ({how})"
         params_after = _parameters(model)
-        self.details.update(layers=layers, refused=refused, parameters=f"{params_before} -> {params_after}")
+        self.details.update(layers=layers, refused=refused, skipped=dict(scan.skipped),
+                            parameters=f"{params_before} -> {params_after}")
         changed = params_after != params_before
         if self.recover and changed:
             self.details["recover"] = self._recover(original, model, groups, kept_outputs)
@@ -560,8 +570,10 @@ class PruneStructuredPass(ir.passes.InPlacePass):
                     continue
                 try:
                     head_group = trace_heads(use)
-                except Refused:
-                    continue  # not an output projection
+                except Refused as exc:
+                    if _looks_like_attention_output(use):  # else: not an output projection, nothing to say
+                        refused[f"{use.label} (heads)"] = str(exc)
+                    continue
                 groups.append(head_group.as_channel_group())
                 claimed.update(u.node for u in head_group.projections)
                 claimed.add(use.node)

@@ -142,6 +142,20 @@ def test_attention_head_removal_is_exact_for_a_dead_head():
     np.testing.assert_allclose(run(model, BLOCK_FEEDS)[0], expected, rtol=1e-5, atol=1e-5)
 
 
+def test_heads_refused_for_a_per_head_mask_say_why():
+    """A mask that differs per head cannot follow removed heads: the block is left alone, with the reason."""
+    proto = onnx.load(MODELS / "transformer_block.onnx")
+    softmax = next(n for n in proto.graph.node if n.op_type == "Softmax")
+    proto.graph.input.append(helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["B", 4, 16, 16]))
+    proto.graph.node.insert(list(proto.graph.node).index(softmax), helper.make_node("Add", ["mask", softmax.input[0]], ["masked"]))
+    softmax.input[0] = "masked"
+    model = ir.serde.deserialize_model(proto)
+    details = prune(model, ratio=0.5, heads=True, op_types="")
+    assert details["layers"] == {}
+    assert details["refused"] == {"node_MatMul_27 (heads)": "attention mask added by 'Add' is not broadcast over heads"}
+    assert set(details["skipped"].values()) == {"weight is not a constant"}  # the score and context MatMuls
+
+
 def test_heads_and_ffn_together_run():
     model = load(MODELS / "transformer_block.onnx")
     details = prune(model, ratio=0.5, heads=True)
