@@ -75,9 +75,14 @@ def global_keep_masks(scores: Sequence[np.ndarray], sparsity: float) -> list[np.
         return []
     everything = np.concatenate([s.reshape(-1) for s in scores])
     drop = int(round(sparsity * everything.size))
-    order = np.lexsort((np.random.default_rng(0).random(everything.size), everything))
-    flat = np.ones(everything.size, dtype=bool)
-    flat[order[:drop]] = False
+    if drop == 0:
+        flat = np.ones(everything.size, dtype=bool)
+    else:
+        cut = np.partition(everything, drop - 1)[drop - 1]
+        flat = everything >= cut  # everything below the cut goes; then as many ties as still missing
+        ties = np.flatnonzero(everything == cut)
+        missing = drop - np.count_nonzero(~flat)
+        flat[np.random.default_rng(0).choice(ties, missing, replace=False)] = False
     pieces = np.split(flat, np.cumsum([s.size for s in scores])[:-1])
     return [piece.reshape(s.shape) for piece, s in zip(pieces, scores)]
 
