@@ -396,14 +396,16 @@ def recover_layers(
         act_orig, act_comp = run[0][2].activation.name, run[0][1].activation.name
         targets = [orig.matrix() * np.float32(gemm_alpha(orig.node)) for _, _, orig in run]
 
-        def on_batch(outs, run=run, targets=targets, act_orig=act_orig, act_comp=act_comp):
-            reference_input = outs[0][act_orig] if target == "model" else outs[1][act_comp]
-            for (_, layer, orig), target_matrix in zip(run, targets):
-                layer.accumulate(layer.rows(outs[1][act_comp]), layer_input_rows(orig, reference_input) @ target_matrix)
+        # target=layer needs only the compressed model's activations: the original model is not run
+        models = [(compressed, [act_comp])] if target == "layer" else [(original, [act_orig]), (compressed, [act_comp])]
 
-        capture_many(
-            [(original, [act_orig]), (compressed, [act_comp])], data.batches(original, 8, samples), on_batch
-        )
+        def on_batch(outs, run=run, targets=targets, act_orig=act_orig, act_comp=act_comp):
+            own = outs[-1][act_comp]
+            reference_input = own if target == "layer" else outs[0][act_orig]
+            for (_, layer, orig), target_matrix in zip(run, targets):
+                layer.accumulate(layer.rows(own), layer_input_rows(orig, reference_input) @ target_matrix)
+
+        capture_many(models, data.batches(original, 8, samples), on_batch)
         for name, layer, _ in run:
             current = layer.current()
             fitted = layer.refit(damping)
