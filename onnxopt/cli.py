@@ -6,12 +6,15 @@ Exit codes: 0 ok, 1 validation threshold exceeded, 2 bad input or usage. Errors 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import json
 import os
 import pathlib
+import shutil
 import sys
+import tempfile
 
 import click
 from onnxopt import calibration, io, pipeline, registry, runtime, stats, validate
@@ -43,9 +46,14 @@ def handle_errors(func):
             expected = isinstance(exc, (OSError, ValueError, RuntimeError)) or _from_onnxruntime(exc)
             if debug or not expected:
                 raise
-            _fail(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
+            _fail(f"{type(exc).__name__}: {_first_line(exc)}")
 
     return wrapper
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
 
 
 def _from_onnxruntime(exc: Exception) -> bool:
@@ -114,14 +122,21 @@ def optimize(model_path, output, pass_specs, recipe, data, report, on_error, che
     model, rep = pipeline.run_pipeline(
         model, specs, dataset, check=check, numeric_check=numeric_check, on_error=on_error, on_record=progress
     )
-    io.save(model, out, external_data=external_data)
     after = stats.model_stats(model)
-    del model  # the sessions below hold their own copies of the weights: unmap ours first
-    gc.collect()
-    if report:
-        _write_report(rep, pathlib.Path(report))
-    errors, lat = _measure_output(src, out, reference, feeds, threads, one_at_a_time=before.tensor_bytes > LARGE_MODEL_BYTES)
-    size_in, size_out = _file_size(src), _file_size(out)
+    with _staging_dir(out) as staging:
+        staged = io.save(model, staging / out.name, external_data=external_data)
+        del model  # the sessions below hold their own copies of the weights: unmap ours first
+        gc.collect()
+        if report:
+            _write_report(rep, pathlib.Path(report))
+        try:
+            errors, lat = _measure_output(src, staged, reference, feeds, threads, one_at_a_time=before.tensor_bytes > LARGE_MODEL_BYTES)
+        except Exception as exc:
+            if not (_from_onnxruntime(exc) or isinstance(exc, RuntimeError)):
+                raise
+            raise OnnxoptError(f"the optimized model fails in onnxruntime, {out} not written: {_first_line(exc)}") from exc
+        size_in, size_out = _file_size(src), _file_size(staged)
+        _publish(staged, out)
     worst = max(errors, key=lambda e: e.max_abs, default=None)
     click.echo(f"\n{'':<22}{'before':>14}{'after':>14}{'ratio':>9}")
     click.echo(f"{'file size':<22}{stats.human_bytes(size_in):>14}{stats.human_bytes(size_out):>14}{size_out / size_in:>9.3f}")
@@ -151,6 +166,27 @@ def _measure_output(src, out, reference, feeds, threads, one_at_a_time: bool):
     single = validate.latency_ms(sessions[0], feeds[0], warmup=2, repeat=5) / 1e3
     repeat = int(min(1000, max(10, 0.05 / max(single, 1e-6))))  # rounds of ~50 ms: sub-ms models need many runs
     return errors, validate.interleaved_latency_ms(sessions, feeds[0], rounds=5, repeat=repeat)
+
+
+@contextlib.contextmanager
+def _staging_dir(out: pathlib.Path):
+    """A scratch directory beside ``out`` (same file system, so publishing is a rename), removed on exit."""
+    try:
+        staging = tempfile.mkdtemp(prefix=".onnxopt-", dir=out.parent if str(out.parent) else ".")
+    except OSError as exc:
+        raise OnnxoptError(f"cannot write {out}: {exc.strerror or exc}") from None
+    try:
+        yield pathlib.Path(staging)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _publish(staged: pathlib.Path, out: pathlib.Path) -> None:
+    """Move a checked model (and its external data) from the staging directory to ``out``."""
+    data = staged.with_name(staged.name + ".data")
+    if data.exists():
+        os.replace(data, out.with_name(out.name + ".data"))
+    os.replace(staged, out)
 
 
 def _file_size(path: pathlib.Path) -> int:

@@ -430,3 +430,19 @@ def test_recover_with_nothing_to_refit_toward(tmp_path, mlp_path):
     out = tmp_path / "out.onnx"
     result = invoke("optimize", mlp_path, "-o", out, "-p", "cleanup", "-p", "recover", "--data", data)
     assert_usage_error(result, out, "recover needs the original model")
+
+
+def test_output_failing_in_onnxruntime_is_not_written(tmp_path, mlp_path, monkeypatch):
+    """A model that onnxruntime refuses after saving leaves neither it nor a scratch file; an earlier output stays."""
+    out = tmp_path / "out.onnx"
+    out.write_bytes(b"earlier output")
+    files = sorted(tmp_path.iterdir())
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : Load model failed")
+
+    monkeypatch.setattr(cli, "_measure_output", refuse)
+    result = invoke("optimize", mlp_path, "-o", out, "-p", "cleanup", "--no-numeric-check")
+    assert result.exit_code == 2 and f"{out} not written" in result.stderr and "Load model failed" in result.stderr
+    assert out.read_bytes() == b"earlier output"
+    assert sorted(tmp_path.iterdir()) == files
