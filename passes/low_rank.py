@@ -46,8 +46,9 @@ class LowRankPass(ir.passes.InPlacePass):
 
     Args:
         rank: Fixed rank r for every layer (overrides ``ratio`` and ``energy``).
-        ratio: Fraction of each layer's K·N parameters kept: r = floor(ratio·K·N / (K+N)); with
-            ``allocation=global``, the fraction of all selected layers' parameters kept.
+        ratio: Fraction of each layer's K·N parameters kept: r = floor(ratio·K·N / (K+N)), divided among
+            the layers sharing a weight; with ``allocation=global``, the fraction of all selected weights'
+            parameters kept.
         allocation: ``uniform`` gives every layer the ``ratio``; ``global`` distributes the ratio's
             parameter budget across layers by relative error reduction per parameter.
         energy: Keep the smallest rank whose singular values hold this fraction of the squared sum.
@@ -104,13 +105,13 @@ class LowRankPass(ir.passes.InPlacePass):
         self.node_filter = node_filter
         self.details: dict = {}
 
-    def _choose_rank(self, k: int, n: int, sigma: np.ndarray) -> int:
+    def _choose_rank(self, k: int, n: int, sigma: np.ndarray, readers: int) -> int:
         if self.rank is not None:
             return min(self.rank, k, n)
         if self.energy is not None:
             cumulative = np.cumsum(sigma**2) / max(float(np.sum(sigma**2)), 1e-30)
             return int(np.searchsorted(cumulative, self.energy - 1e-12) + 1)
-        return max(1, int(self.ratio * k * n / (k + n)))
+        return max(1, int(self.ratio * k * n / (readers * (k + n))))  # a shared weight's layers split its budget
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         scan = scan_weights(model, self.op_types, self.node_filter, self.min_elements)
@@ -147,13 +148,13 @@ class LowRankPass(ir.passes.InPlacePass):
                 xtx = vertical_patch_gram(gram.xtx, use.array().shape) if use.node.op_type == "Conv" else gram.xtx
                 chol = whitening(xtx, gram.rows, self.damping)
             factors.append((use, w.shape, *factorize(w, min(w.shape), chol), chol is not None))
+        readers = [len(use.value.uses()) for use, *_ in factors]  # a shared weight: one pair of factors per layer
         if self.allocation == "global":
-            ranks = allocate_ranks([(shape, sigma) for _, shape, _, _, sigma, _ in factors], self.ratio)
+            ranks = allocate_ranks([(shape, sigma, count) for (_, shape, _, _, sigma, _), count in zip(factors, readers)], self.ratio)
         else:
-            ranks = [self._choose_rank(*shape, sigma) for _, shape, _, _, sigma, _ in factors]
+            ranks = [self._choose_rank(*shape, sigma, count) for (_, shape, _, _, sigma, _), count in zip(factors, readers)]
         factored = set()
-        for (use, (k, n), u, v, _, aware), r in zip(factors, ranks):
-            readers = len(use.value.uses())  # a shared weight gets one pair of factors per layer
+        for (use, (k, n), u, v, _, aware), r, readers in zip(factors, ranks, readers):
             if readers * r * (k + n) >= k * n:
                 shared = f" for each of {readers} layers sharing the weight" if readers > 1 else ""
                 layers[use.label] = f"kept dense (rank {r}{shared}: {readers * r * (k + n)} >= {k * n} parameters)"
@@ -236,24 +237,25 @@ def vertical_patch_gram(xtx: np.ndarray, weight_shape: tuple[int, ...]) -> np.nd
     return np.einsum("aibcjb->aicj", blocks).reshape(c_in * kh, c_in * kh) / kw
 
 
-def allocate_ranks(layers: list[tuple[tuple[int, int], np.ndarray]], ratio: float) -> list[int]:
-    """Ranks of layers ``[((K, N), singular values)]`` keeping ``ratio`` of their total K·N parameters.
+def allocate_ranks(layers: list[tuple[tuple[int, int], np.ndarray, int]], ratio: float) -> list[int]:
+    """Ranks of layers ``[((K, N), singular values, readers of the weight)]`` keeping ``ratio`` of their
+    weights' K·N parameters (a weight shared by several layers counts once; each layer pays for its factors).
 
     Greedy on the relative error each rank removes (σ_r² / Σσ²) per parameter it costs (K + N); since σ
     decreases within a layer, taking candidates in that order always extends a layer's prefix. A layer
     never gets a rank at which factoring stops paying (r(K+N) >= KN); every layer gets at least rank 1.
     """
-    budget = ratio * sum(k * n for (k, n), _ in layers)
+    budget = ratio * sum(k * n / readers for (k, n), _, readers in layers)
     candidates = []
-    for index, ((k, n), sigma) in enumerate(layers):
+    for index, ((k, n), sigma, _) in enumerate(layers):
         energy = sigma.astype(np.float64) ** 2
         gain = energy / max(float(energy.sum()), 1e-30) / (k + n)
         useful = max(1, min(len(sigma), -(-k * n // (k + n)) - 1))
         candidates += [(-g, index) for g in gain[1:useful]]
     ranks = [1] * len(layers)
-    spent = sum(k + n for (k, n), _ in layers)
+    spent = sum(k + n for (k, n), _, _ in layers)
     for _, index in sorted(candidates):
-        (k, n), _ = layers[index]
+        (k, n), _, _ = layers[index]
         if spent + k + n > budget:
             continue
         ranks[index] += 1

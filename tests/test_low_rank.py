@@ -95,6 +95,19 @@ def test_shared_weights_are_factored_only_when_that_shrinks_them(tmp_path):
     assert layers["fc1"].startswith("rank 12")
 
 
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+def test_shared_weight_counts_once_in_the_ratio(tmp_path, allocation):
+    """Two layers sharing a 48x48 weight split its parameter budget: their factors together keep the ratio."""
+    path, feeds = mixed_model(tmp_path, k=32, hidden=48, n=24)
+    model = load(path)
+    options = {"ratio": "0.4", "allocation": allocation, "min_elements": "1"}
+    registry.get("low-rank").create(options, node_filter=NodeFilter(name_regex="^shared_"))(model)
+    factors = [v for name, v in model.graph.initializers.items() if "_lowrank_" in name]
+    assert len(factors) == 4  # U and V of shared_a and of shared_b
+    assert sum(v.const_value.size for v in factors) <= 0.4 * 48 * 48
+    assert run(model, feeds)[0].shape == run(load(path), feeds)[0].shape
+
+
 def test_activation_aware_beats_plain_svd_on_output_error():
     rng = np.random.default_rng(8)
     x = rng.standard_normal((500, 40)) * np.geomspace(10, 0.01, 40)  # anisotropic inputs
@@ -131,7 +144,7 @@ def test_bad_options():
 def test_global_allocation_keeps_budget_and_favors_slow_spectra():
     flat = np.ones(64)  # every rank equally useful
     steep = np.r_[np.ones(3), np.full(61, 1e-3)]  # three ranks hold all the energy
-    ranks = allocate_ranks([((64, 64), flat), ((64, 64), steep)], 0.25)
+    ranks = allocate_ranks([((64, 64), flat, 1), ((64, 64), steep, 1)], 0.25)
     assert sum(r * 128 for r in ranks) <= 0.25 * 2 * 64 * 64
     assert ranks == [13, 3]  # uniform would give both 0.25·64·64/128 = 8
     with pytest.raises(PassOptionError):
