@@ -7,6 +7,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxopt import io, runtime
+from onnxopt.calibration import Dataset
 
 RNG = np.random.default_rng(0)
 
@@ -135,6 +136,55 @@ def tied_model(tmp_path, vocab: int = 256, dim: int = 64):
     path = tmp_path / "tied.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), path)
     return path
+
+
+def subgraph_model(tmp_path, kind: str, layer: str = "sub", shared: bool = False):
+    """x (B, 16) -> fc0 -> Relu -> h -> If / Loop / Scan holding the MatMul ``layer`` -> g -> fc1 (w1) -> Relu
+    -> fc2 -> y. If: ``layer`` in the then-branch (taken: ``cond`` is fed True), Identity in the else-branch;
+    Loop: two steps of v = tanh(v @ W); Scan: h row by row. ``shared``: ``layer`` reads fc1's main-graph w1.
+
+    Returns (path, calibration Dataset of 256 rows, feeds of 64 other rows).
+    """
+    rng, hidden = np.random.default_rng(12), 32
+
+    def init(name, array, dtype=np.float32):
+        return numpy_helper.from_array(np.asarray(array, dtype), name)
+
+    def info(name, shape, dtype=TensorProto.FLOAT):
+        return helper.make_tensor_value_info(name, dtype, shape)
+
+    w_in, inner = ("w1", []) if shared else ("w_sub", [init("w_sub", rng.standard_normal((hidden, hidden)) / np.sqrt(hidden))])
+    inputs, before, after = [info("x", ["B", 16])], [], []
+    if kind == "If":
+        then = helper.make_graph([helper.make_node("MatMul", ["h", w_in], ["t"], name=layer)], "then", [], [info("t", ["B", hidden])], inner)
+        other = helper.make_graph([helper.make_node("Identity", ["h"], ["e"])], "else", [], [info("e", ["B", hidden])])
+        container = helper.make_node("If", ["cond"], ["g"], name="branch", then_branch=then, else_branch=other)
+        inputs.append(info("cond", [], TensorProto.BOOL))
+    elif kind == "Loop":
+        body = helper.make_graph(
+            [helper.make_node("MatMul", ["v", w_in], ["m"], name=layer), helper.make_node("Tanh", ["m"], ["v_out"]),
+             helper.make_node("Identity", ["c"], ["c_out"])], "body",
+            [info("i", [], TensorProto.INT64), info("c", [], TensorProto.BOOL), info("v", ["B", hidden])],
+            [info("c_out", [], TensorProto.BOOL), info("v_out", ["B", hidden])], inner)
+        container = helper.make_node("Loop", ["steps", "", "h"], ["g"], name="loop", body=body)
+    else:
+        body = helper.make_graph([helper.make_node("MatMul", ["row", w_in], ["m"], name=layer)], "body",
+                                 [info("row", [1, hidden])], [info("m", [1, hidden])], inner)
+        container = helper.make_node("Scan", ["h3"], ["g3"], name="scan", body=body, num_scan_inputs=1)
+        before, after = [helper.make_node("Unsqueeze", ["h", "axis"], ["h3"])], [helper.make_node("Squeeze", ["g3", "axis"], ["g"])]
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["z0"], name="fc0"), helper.make_node("Relu", ["z0"], ["h"]),
+             *before, container, *after,
+             helper.make_node("MatMul", ["g", "w1"], ["z1"], name="fc1"), helper.make_node("Relu", ["z1"], ["a1"]),
+             helper.make_node("MatMul", ["a1", "w2"], ["y"], name="fc2")]
+    inits = [init("w0", rng.standard_normal((16, hidden)) / 4), init("w1", rng.standard_normal((hidden, hidden)) / np.sqrt(hidden)),
+             init("w2", rng.standard_normal((hidden, 8)) / np.sqrt(hidden)), init("steps", 2, np.int64), init("axis", [1], np.int64)]
+    graph = helper.make_graph(nodes, kind, inputs, [info("y", ["B", 8])], inits)
+    path = tmp_path / f"{kind}_{layer}.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), path)
+    mixing = np.eye(16) + rng.standard_normal((16, 16)) / 4  # correlated inputs: the compressed weights are not optimal
+    x = (rng.standard_normal((320, 16)) @ mixing).astype(np.float32)
+    cond = {"cond": np.array(True)} if kind == "If" else {}
+    return path, Dataset.from_arrays({"x": x[:256], **cond}), {"x": x[256:], **cond}
 
 
 def run(model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
