@@ -121,7 +121,7 @@ def replace_weight(group: Sequence[WeightUse], array: np.ndarray, suffix: str) -
     Consumers of the old weight outside ``group`` keep the old tensor.
     """
     old = group[0].value
-    new = new_initializer(group[0].graph, f"{old.name}_{suffix}", array)
+    new = new_initializer(old.graph or group[0].graph, f"{old.name}_{suffix}", array)  # where every use sees it
     for use in group:
         use.node.replace_input_with(use.index, new)
     drop_if_unused(old)

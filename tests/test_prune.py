@@ -6,14 +6,14 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from compression_graphs import chain_model, conv_model, load, mixed_model, run, tied_model
+from compression_graphs import chain_model, conv_model, load, mixed_model, run, subgraph_model, tied_model
 
 from onnxopt import io, ops, registry
 from onnxopt.calibration import Dataset
 from onnxopt.compression import keep_mask, nm_mask, packed_from_node
 from onnxopt.errors import DataError, PassOptionError, RuntimeLibraryError
 from onnxopt.passes.prune import sparse_break_even
-from onnxopt.weights import scan_weights
+from onnxopt.weights import constant_array, scan_weights
 
 
 def prune(model, data=None, **options):
@@ -276,3 +276,22 @@ def test_default_break_even_depends_on_weight_size(tmp_path):
         details = prune(load(path), sparsity=sparsity).details
         assert details["layers"]["fc0"].endswith(fc0), details["layers"]
         assert details["layers"]["fc1"].endswith("dense (below break-even)")
+
+
+@pytest.mark.parametrize("kind", ["If", "Loop", "Scan"])
+def test_weight_shared_with_a_subgraph_layer_is_pruned_where_both_see_it(tmp_path, kind):
+    """w1 (main graph) is read by fc1 and by a layer inside an If branch / Loop body / Scan body: its
+    pruned copy must live in the main graph (it was stored in the subgraph, and onnxruntime refused fc1)."""
+    path, _, feeds = subgraph_model(tmp_path, kind, shared=True)
+    model = load(path)
+    registry.get("prune").create({"sparsity": "0.5", "sparse_op": "false", "min_elements": "1"})(model)
+    fc1 = next(n for n in model.graph if n.name == "fc1")
+    inner = next(n for g in model.graph.subgraphs() for n in g if n.name == "sub")
+    assert inner.inputs[1] is fc1.inputs[1] and fc1.inputs[1].name in model.graph.initializers
+    w1 = constant_array(fc1.inputs[1])
+    assert np.mean(w1 == 0) == pytest.approx(0.5, abs=0.01)
+    reference = load(path)
+    reference.graph.initializers["w1"].const_value = ir.tensor(w1)
+    for name in ("w0", "w2"):
+        reference.graph.initializers[name].const_value = model.graph.initializers[f"{name}_pruned"].const_value
+    np.testing.assert_allclose(run(model, feeds)[0], run(reference, feeds)[0], rtol=1e-5, atol=1e-5)
