@@ -186,10 +186,7 @@ def constant_array(value: ir.Value) -> np.ndarray:
 
 def new_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     """Register ``array`` as an initializer of ``graph`` under a name unique in that graph."""
-    unique, n = name, 1
-    taken = _names_in(graph)
-    while unique in taken:
-        unique, n = f"{name}_{n}", n + 1
+    unique = unique_name(name, value_names(graph))
     tensor = ir.tensor(np.asarray(array, order="C"), name=unique)  # asarray keeps 0-d arrays scalar
     value = ir.Value(name=unique, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
     graph.register_initializer(value)
@@ -216,7 +213,16 @@ def drop_if_unused(value: ir.Value) -> None:
         value.graph.initializers.pop(value.name, None)
 
 
-def _names_in(graph: ir.Graph) -> set[str]:
+def unique_name(name: str, taken: set[str]) -> str:
+    """``name``, or ``name_1``, ``name_2``, ... : the first not in ``taken``."""
+    unique, n = name, 1
+    while unique in taken:
+        unique, n = f"{name}_{n}", n + 1
+    return unique
+
+
+def value_names(graph: ir.Graph) -> set[str]:
+    """The names of the values defined in ``graph`` and its subgraphs."""
     names = set(graph.initializers)
     for node in ir.traversal.RecursiveGraphIterator(graph):
         names.update(v.name for v in node.outputs if v.name)

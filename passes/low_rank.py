@@ -37,6 +37,8 @@ from onnxopt.weights import (
     new_initializer,
     other_readers,
     scan_weights,
+    unique_name,
+    value_names,
 )
 
 
@@ -153,7 +155,7 @@ class LowRankPass(ir.passes.InPlacePass):
             ranks = allocate_ranks([(shape, sigma, count) for (_, shape, _, _, sigma, _), count in zip(factors, readers)], self.ratio)
         else:
             ranks = [self._choose_rank(*shape, sigma, count) for (_, shape, _, _, sigma, _), count in zip(factors, readers)]
-        factored = set()
+        factored, taken = set(), value_names(model.graph)
         for (use, (k, n), u, v, _, aware), r, readers in zip(factors, ranks, readers):
             if readers * r * (k + n) >= k * n:
                 shared = f" for each of {readers} layers sharing the weight" if readers > 1 else ""
@@ -164,9 +166,9 @@ class LowRankPass(ir.passes.InPlacePass):
             if use.node.op_type == "Conv":
                 kh, kw = use.array().shape[2:]
                 summary += f", {kh}x1 then 1x{kw} Conv"
-                self._split_conv(use, u[:, :r], v[:r])
+                self._split_conv(use, u[:, :r], v[:r], taken)
             else:
-                self._split(use, u[:, :r], v[:r])
+                self._split(use, u[:, :r], v[:r], taken)
             factored.add(use.node.name)
             layers[use.label] = summary
         if self.recover and factored:
@@ -174,12 +176,12 @@ class LowRankPass(ir.passes.InPlacePass):
         self.details["layers"] = layers
         return ir.passes.PassResult(model, bool(factored))
 
-    def _split(self, use: WeightUse, u: np.ndarray, v: np.ndarray) -> None:
+    def _split(self, use: WeightUse, u: np.ndarray, v: np.ndarray, taken: set[str]) -> None:
         """``x @ W`` → ``(x @ U) @ V``: a new MatMul for U, the layer's node keeps V in its own layout."""
         transposed = use.node.op_type == "Gemm" and use.node.attributes.get_int("transB", 0)
-        _insert_u_node(use, "MatMul", u, v.T if transposed else v, {})
+        _insert_u_node(use, "MatMul", u, v.T if transposed else v, {}, taken)
 
-    def _split_conv(self, use: WeightUse, u: np.ndarray, v: np.ndarray) -> None:
+    def _split_conv(self, use: WeightUse, u: np.ndarray, v: np.ndarray, taken: set[str]) -> None:
         """Conv kh×kw → vertical kh×1 Conv (U, new node) then horizontal 1×kw Conv (V, the layer's node)."""
         node = use.node
         c_out, c_in, kh, kw = use.array().shape
@@ -188,21 +190,23 @@ class LowRankPass(ir.passes.InPlacePass):
         vertical = u.T.reshape(rank, c_in, kh, 1)
         horizontal = v.reshape(rank, c_out, 1, kw).transpose(1, 0, 2, 3)
         vertical_attrs = {"kernel_shape": [kh, 1], "strides": [sh, 1], "pads": [top, 0, bottom, 0], "dilations": [dh, 1]}
-        _insert_u_node(use, "Conv", vertical, horizontal, vertical_attrs)
+        _insert_u_node(use, "Conv", vertical, horizontal, vertical_attrs, taken)
         horizontal_attrs = {"kernel_shape": [1, kw], "strides": [1, sw], "pads": [0, left, 0, right], "dilations": [1, dw]}
         for name, value in horizontal_attrs.items():
             node.attributes[name] = ir.AttrInt64s(name, value)
         node.attributes.pop("auto_pad", None)
 
 
-def _insert_u_node(use: WeightUse, op_type: str, u: np.ndarray, v: np.ndarray, attributes: dict) -> None:
+def _insert_u_node(use: WeightUse, op_type: str, u: np.ndarray, v: np.ndarray, attributes: dict, taken: set[str]) -> None:
     """Insert ``op_type(x, U)`` as ``<layer>.lowrank_u`` before the layer, which then reads its output with
-    weight V (both given in their op's layout, cast to the weight's dtype)."""
+    weight V (both given in their op's layout, cast to the weight's dtype). The output's name is made
+    unique against ``taken``, the model's value names (a subgraph layer may share a main layer's name)."""
     node, graph, old = use.node, use.graph, use.value
     dtype = use.array().dtype
     u_value = new_initializer(graph, f"{old.name}_lowrank_u", u.astype(dtype))
     u_node = ir.node(op_type, [use.activation, u_value], attributes, name=node.name + LOW_RANK_SUFFIX)
-    u_node.outputs[0].name = node.name + LOW_RANK_SUFFIX
+    u_node.outputs[0].name = unique_name(node.name + LOW_RANK_SUFFIX, taken)
+    taken.add(u_node.outputs[0].name)
     u_node.outputs[0].type = ir.TensorType(u_value.dtype)
     graph.insert_before(node, u_node)
     v_value = new_initializer(graph, f"{old.name}_lowrank_v", v.astype(dtype))

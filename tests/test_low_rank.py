@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from compression_graphs import chain_model, conv_model, load, mixed_model, run, tied_model
+from compression_graphs import chain_model, conv_model, load, mixed_model, run, subgraph_model, tied_model
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxopt import registry
@@ -327,3 +327,20 @@ def test_conv_split_activation_aware_and_recover(tmp_path):
     for name in ("conv1", "conv2"):
         assert recovered[name]["error_after"] < recovered[name]["error_before"], recovered[name]
     assert errors["recovered"] < errors["plain"]
+
+
+@pytest.mark.parametrize("kind", ["If", "Loop", "Scan"])
+def test_subgraph_layer_named_like_a_main_layer(tmp_path, kind):
+    """Both layers named fc0 get factored; their U outputs get distinct names (both were 'fc0.lowrank_u',
+    which onnxruntime refuses), and the model computes the original with each weight replaced by U·V."""
+    path, _, feeds = subgraph_model(tmp_path, kind, layer="fc0")
+    model = load(path)
+    low_rank(model, rank=4, min_elements=1)
+    u_nodes = [n for n in ir.traversal.RecursiveGraphIterator(model.graph) if n.name == "fc0.lowrank_u"]
+    assert len(u_nodes) == 2 and len({n.outputs[0].name for n in u_nodes}) == 2
+    reference = load(path)
+    for graph, ref_graph in [(model.graph, reference.graph), *zip(model.graph.subgraphs(), reference.graph.subgraphs())]:
+        for name in [n.removesuffix("_lowrank_u") for n in graph.initializers if n.endswith("_lowrank_u")]:
+            u, v = (graph.initializers[f"{name}_lowrank_{f}"].const_value.numpy() for f in "uv")
+            ref_graph.initializers[name].const_value = ir.tensor(u @ v)
+    np.testing.assert_allclose(run(model, feeds)[0], run(reference, feeds)[0], rtol=1e-4, atol=1e-5)
