@@ -231,8 +231,10 @@ def _add_consumer(group: ChannelGroup, node: ir.Node, layout: Layout) -> None:
         raise Refused(f"{where} weight '{use.value.name}' is shared by several nodes")
     weight = use.array()
     if node.op_type == "Conv":
-        if not layout.is_axis1 or layout.flat or node.attributes.get_int("group", 1) != 1:
-            raise Refused(f"{where}: channels are not its input channels (or grouped convolution)")
+        if (groups := node.attributes.get_int("group", 1)) != 1:
+            raise Refused(f"{where} is a grouped convolution (group={groups}): its input channels cannot be sliced")
+        if not layout.is_axis1 or layout.flat:
+            raise Refused(f"{where}: the channels are not its input channels")
         rows, per = weight.shape[1], 1
     else:
         if weight.ndim != 2 or layout.axis != -1 or (node.op_type == "Gemm" and node.attributes.get_int("transA", 0)):
@@ -536,6 +538,7 @@ class PruneStructuredPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         if self.importance == "activation" or self.recover:
             require_data(self.data, "prune-structured with importance=activation or recover=true")
+        model.graph.sort()  # tracing reads nodes in list order: every reader must follow its producer
         scan = scan_weights(model, PRODUCER_OPS, self.node_filter)
         name_layers(scan.uses)
         groups, refused = self._groups(scan.uses)

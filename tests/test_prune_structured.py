@@ -315,3 +315,185 @@ def test_reshape_flatten_with_hardcoded_width_is_updated(tmp_path):
     assert initializer(model, "flat_shape").tolist() == [0, 600]
     assert initializer(model, "wf").shape == (600, 10)
     np.testing.assert_allclose(run(model, feeds)[0], expected, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- consumer patterns
+# x -> producer 'p' -> Relu -> r -> pattern. The producer's dead channels output zeros, so pruning them must
+# reproduce the unpruned model (or the layer is refused and left as is).
+WIDTH = {"mm": 8, "conv": 4}
+DEAD = {"mm": [1, 3, 5, 6], "conv": [1, 2]}
+FEEDS = {"mm": {"x": RNG.standard_normal((5, 16)).astype(np.float32)},
+         "conv": {"x": RNG.standard_normal((5, 3, 6, 6)).astype(np.float32)}}
+mk = helper.make_node
+
+
+def _pattern(kind: str, nodes: list, inits: dict, outputs=("y",), infer: bool = True) -> onnx.ModelProto:
+    """The producer (MatMul 16->8, or Conv 3->4 3x3 with bias on 6x6) and Relu, then ``nodes``."""
+    if kind == "mm":
+        weight, shape = RNG.standard_normal((16, 8)), ["B", 16]
+        weight[:, DEAD[kind]] = 0
+        head, bias = [mk("MatMul", ["x", "pw"], ["h"], name="p")], {}
+    else:
+        weight, shape = RNG.standard_normal((4, 3, 3, 3)), ["B", 3, 6, 6]
+        weight[DEAD[kind]] = 0
+        bias = {"pb": np.where(np.isin(np.arange(4), DEAD[kind]), 0, RNG.standard_normal(4))}
+        head = [mk("Conv", ["x", "pw", "pb"], ["h"], name="p", pads=[1, 1, 1, 1])]
+    inits = {"pw": weight, **bias, **inits}
+    graph = helper.make_graph(
+        [*head, mk("Relu", ["h"], ["r"]), *nodes], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs],
+        [numpy_helper.from_array(np.asarray(v, np.int64 if np.asarray(v).dtype.kind == "i" else np.float32), n)
+         for n, v in inits.items()],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    return onnx.shape_inference.infer_shapes(proto) if infer else proto
+
+
+def _check_pattern(kind: str, proto: onnx.ModelProto, reason: str | None) -> None:
+    """``reason`` None: 'p' loses its dead channels and computes the same; else 'p' is refused with it, unchanged.
+    At ratio 0 the outputs are reproduced exactly either way."""
+    feeds = FEEDS[kind]
+    expected = run(ir.serde.deserialize_model(proto), feeds)
+    model = ir.serde.deserialize_model(proto)
+    prune(model, ratio=0.0)
+    for got, want in zip(run(model, feeds), expected, strict=True):
+        np.testing.assert_array_equal(got, want)
+    model = ir.serde.deserialize_model(proto)
+    details = prune(model, ratio=0.5)
+    if reason is None:
+        width = WIDTH[kind]
+        assert details["layers"]["p"] == f"channels {width} -> {width // 2}, importance removed 0.0000 (l2)"
+    else:
+        assert reason in details["refused"]["p"]
+        assert "p" not in details["layers"]
+    for got, want in zip(run(model, feeds), expected, strict=True):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _w(*shape) -> np.ndarray:
+    return RNG.standard_normal(shape)
+
+
+@pytest.mark.parametrize(
+    ("kind", "shape", "infer", "reason"),
+    [
+        ("mm", [-1, 8], True, None), ("mm", [0, -1], True, None), ("mm", [0, 8], True, None),
+        ("mm", [5, -1], True, "not a proven"), ("mm", [-1, 4], True, "not a proven"),
+        ("mm", [-1, 8], False, "not a proven"),  # no static shape: -1 may not be the batch
+        ("conv", [-1, 144], True, None), ("conv", [0, -1], False, None), ("conv", [0, 144], False, None),
+        ("conv", [5, -1], True, "not a proven"), ("conv", [-1, 36], True, "not a proven"),
+        ("conv", [0, 4, 36], True, "not a proven"),
+    ],
+)
+def test_reshape_after_the_pruned_layer(kind, shape, infer, reason):
+    """-1 and 0 change meaning when channels disappear: only a proven (batch, C·rest) flatten is followed."""
+    rows = shape[-1] if shape[-1] > 0 else WIDTH[kind] * (36 if kind == "conv" else 1)
+    nodes = [mk("Reshape", ["r", "shape"], ["f"]), mk("MatMul", ["f", "w2"], ["y"], name="fc2")]
+    _check_pattern(kind, _pattern(kind, nodes, {"shape": shape, "w2": _w(rows, 3)}, infer=infer), reason)
+
+
+def _layer_norm(kind: str) -> tuple[list, dict]:
+    """Decomposed LayerNorm over the channels (MatMul: last axis; Conv: axis 1) of r into n."""
+    axes, const = ([-1], (8,)) if kind == "mm" else ([1], (4, 1, 1))
+    nodes = [mk("ReduceMean", ["r"], ["mu"], axes=axes), mk("Sub", ["r", "mu"], ["d"]),
+             mk("Pow", ["d", "two"], ["d2"]), mk("ReduceMean", ["d2"], ["var"], axes=axes),
+             mk("Add", ["var", "eps"], ["ve"]), mk("Sqrt", ["ve"], ["sd"]), mk("Div", ["d", "sd"], ["nd"]),
+             mk("Mul", ["nd", "g"], ["ng"]), mk("Add", ["ng", "b"], ["n"])]
+    return nodes, {"two": np.float32(2), "eps": np.float32(1e-5), "g": 1 + _w(*const), "b": _w(*const)}
+
+
+def _consumer(kind: str, source: str) -> tuple[list, dict]:
+    if kind == "mm":
+        return [mk("MatMul", [source, "w2"], ["y"], name="fc2")], {"w2": _w(8, 3)}
+    return [mk("Conv", [source, "w2"], ["y"], name="fc2")], {"w2": _w(2, 4, 1, 1)}
+
+
+@pytest.mark.parametrize("kind", ["mm", "conv"])
+@pytest.mark.parametrize("decomposed", [False, True])
+def test_layer_norm_over_the_channels_is_refused(kind, decomposed):
+    """Its statistics average over the channels: slicing them is not zeroing them."""
+    if decomposed:
+        nodes, inits = _layer_norm(kind)
+    else:
+        shape = (8,) if kind == "mm" else (4, 6, 6)
+        nodes = [mk("LayerNormalization", ["r", "g", "b"], ["n"], axis=-1 if kind == "mm" else 1)]
+        inits = {"g": 1 + _w(*shape), "b": _w(*shape)}
+    consumer, weights = _consumer(kind, "n")
+    reason = "ReduceMean" if decomposed else "LayerNormalization"
+    _check_pattern(kind, _pattern(kind, nodes + consumer, {**inits, **weights}), reason)
+
+
+@pytest.mark.parametrize(
+    ("kind", "nodes", "inits", "reason"),
+    [
+        ("mm", [mk("Split", ["r"], ["s1", "s2"], axis=-1), mk("MatMul", ["s1", "w2"], ["y"], name="fc2")],
+         {"w2": _w(4, 3)}, "Split"),
+        ("mm", [mk("Concat", ["r", "r"], ["c"], axis=-1), mk("MatMul", ["c", "w2"], ["y"], name="fc2")],
+         {"w2": _w(16, 3)}, "Concat"),
+        ("mm", [mk("Transpose", ["r"], ["t"], perm=[1, 0]), mk("MatMul", ["t", "w2"], ["y"], name="fc2")],
+         {"w2": _w(5, 3)}, "Transpose"),
+        ("mm", [mk("Flatten", ["r"], ["f"]), mk("MatMul", ["f", "w2"], ["y"], name="fc2")], {"w2": _w(8, 3)}, None),
+        ("mm", [mk("Flatten", ["r"], ["f"], axis=0), mk("MatMul", ["f", "w2"], ["y"], name="fc2")],
+         {"w2": _w(40, 3)}, "Flatten"),
+        ("conv", [mk("Split", ["r"], ["s1", "s2"], axis=1), mk("Conv", ["s1", "w2"], ["y"], name="fc2")],
+         {"w2": _w(2, 2, 1, 1)}, "Split"),
+        ("conv", [mk("Concat", ["r", "r"], ["c"], axis=1), mk("Conv", ["c", "w2"], ["y"], name="fc2")],
+         {"w2": _w(2, 8, 1, 1)}, "Concat"),
+        ("conv", [mk("Transpose", ["r"], ["t"], perm=[0, 2, 3, 1]), mk("MatMul", ["t", "w2"], ["y"], name="fc2")],
+         {"w2": _w(4, 3)}, "Transpose"),
+        ("conv", [mk("Flatten", ["r"], ["f"]), mk("Gemm", ["f", "w2"], ["y"], name="fc2", transB=1)],
+         {"w2": _w(3, 144)}, None),
+        ("conv", [mk("Flatten", ["r"], ["f"], axis=2), mk("MatMul", ["f", "w2"], ["y"], name="fc2")],
+         {"w2": _w(36, 3)}, "Flatten"),
+    ],
+    ids=["mm-split", "mm-concat", "mm-transpose", "mm-flatten", "mm-flatten0",
+         "conv-split", "conv-concat", "conv-transpose", "conv-flatten", "conv-flatten2"],
+)
+def test_ops_that_move_the_channel_axis(kind, nodes, inits, reason):
+    _check_pattern(kind, _pattern(kind, nodes, inits), reason)
+
+
+@pytest.mark.parametrize("group", [4, 2])
+def test_grouped_conv_consumer_is_refused(group):
+    """Depthwise (group 4 = channels) and group 2: an input channel cannot leave a group alone."""
+    nodes = [mk("Conv", ["r", "gw"], ["d"], name="grouped", group=group, pads=[1, 1, 1, 1]),
+             mk("Conv", ["d", "w2"], ["y"], name="fc2")]
+    inits = {"gw": _w(4, 4 // group, 3, 3), "w2": _w(2, 4, 1, 1)}
+    _check_pattern("conv", _pattern("conv", nodes, inits), f"grouped convolution (group={group})")
+
+
+@pytest.mark.parametrize(
+    ("nodes", "outputs", "reason"),
+    [
+        ([mk("MatMul", ["r", "w2"], ["y"], name="fc2")], ("y", "h"), "graph output 'h'"),
+        ([mk("MatMul", ["r", "w2"], ["y"], name="fc2"), mk("Softmax", ["r"], ["z"])], ("y", "z"), "Softmax"),
+        ([mk("MatMul", ["r", "w2"], ["y"], name="fc2"), mk("Tanh", ["r"], ["t"]),
+          mk("MatMul", ["t", "w3"], ["z"], name="fc3")], ("y", "z"), None),
+    ],
+    ids=["producer-is-output", "one-sliceable-reader", "two-sliceable-readers"],
+)
+def test_several_readers(nodes, outputs, reason):
+    inits = {"w2": _w(8, 3), "w3": _w(8, 3)}
+    _check_pattern("mm", _pattern("mm", nodes, inits, outputs), reason)
+
+
+def test_a_reader_listed_before_the_producer_is_seen():
+    """onnxruntime runs a graph whose nodes are out of order: tracing in list order missed the Softmax
+    listed first, and pruning changed its output from (5, 8) to (5, 4)."""
+    proto = _pattern("mm", [mk("MatMul", ["r", "w2"], ["y"], name="fc2"), mk("Softmax", ["r"], ["z"])],
+                     {"w2": _w(8, 3)}, ("y", "z"), infer=False)
+    nodes = list(proto.graph.node)
+    del proto.graph.node[:]
+    proto.graph.node.extend([nodes[-1], *nodes[:-1]])
+    _check_pattern("mm", proto, "Softmax")
+
+
+@pytest.mark.parametrize("kind", ["mm", "conv"])
+def test_residual_with_an_unpruned_branch_is_refused(kind):
+    other = (mk("MatMul", ["x", "w0"], ["o"]) if kind == "mm"
+             else mk("Conv", ["x", "w0"], ["o"], pads=[1, 1, 1, 1]))
+    consumer, weights = _consumer(kind, "s")
+    nodes = [other, mk("Add", ["r", "o"], ["s"]), *consumer]
+    inits = {"w0": _w(16, 8) if kind == "mm" else _w(4, 3, 3, 3), **weights}
+    _check_pattern(kind, _pattern(kind, nodes, inits), "non-constant tensor 'o'")
