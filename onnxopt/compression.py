@@ -21,7 +21,7 @@ import onnx_ir as ir
 import scipy.linalg
 
 from onnxopt import io, ops
-from onnxopt.weights import WeightUse, constant_array, constant_tensor, drop_if_unused, new_initializer
+from onnxopt.weights import WeightUse, constant_array, constant_tensor, drop_if_unused, new_initializer, unique_name, value_names
 
 
 # --------------------------------------------------------------------------- importance and masks
@@ -121,7 +121,7 @@ def replace_weight(group: Sequence[WeightUse], array: np.ndarray, suffix: str) -
     Consumers of the old weight outside ``group`` keep the old tensor.
     """
     old = group[0].value
-    new = new_initializer(old.graph or group[0].graph, f"{old.name}_{suffix}", array)  # where every use sees it
+    new = new_initializer(group[0].home, f"{old.name}_{suffix}", array)
     for use in group:
         use.node.replace_input_with(use.index, new)
     drop_if_unused(old)
@@ -291,8 +291,10 @@ def lower_to_custom_op(
     bias_value = None if bias is None else new_initializer(graph, f"{node.name or use.value.name}.bias", bias)
     name = node.name or f"{packed.op_type}_{use.value.name}"
     new_node, inits = ops.make_node(packed, use.activation, bias_value, name=name)
+    taken = value_names(model.graph)  # unique model-wide: a subgraph layer may be named like a main one
     for value in inits:
-        value.name = new_initializer_name(graph, value.name)
+        value.name = unique_name(value.name, taken)
+        taken.add(value.name)
         graph.register_initializer(value)
     old_inputs = [v for v in node.inputs if v is not None]
     ir.convenience.replace_nodes_and_values(graph, node, [node], [new_node], node.outputs, new_node.outputs)
@@ -316,14 +318,6 @@ def absorb_relu(node: ir.Node) -> bool:
     node.attributes["activation"] = ir.AttrString("activation", "relu")
     ir.convenience.replace_nodes_and_values(node.graph, relu, [relu], [], relu.outputs, [out])
     return True
-
-
-def new_initializer_name(graph: ir.Graph, name: str) -> str:
-    taken = set(graph.initializers)
-    unique, n = name, 1
-    while unique in taken:
-        unique, n = f"{name}_{n}", n + 1
-    return unique
 
 
 def packed_from_node(node: ir.Node) -> ops.PackedWeight:

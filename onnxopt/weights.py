@@ -11,10 +11,11 @@ whatever the op (MatMul, Gemm with transB, Conv by its GEMM view, Gather of embe
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes.common import NameFixPass
 
 # Input index holding the weight, per op type.
 WEIGHT_INPUT = {"MatMul": 1, "Gemm": 1, "Conv": 1, "Gather": 0}
@@ -36,10 +37,12 @@ FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.
 
 @dataclasses.dataclass
 class WeightUse:
-    """A constant weight consumed by ``node`` at input ``index``."""
+    """A constant weight consumed by ``node`` at input ``index``; ``scope`` locates a node inside a
+    subgraph (``<container>/<attribute>/``, see :func:`scoped_nodes`)."""
 
     node: ir.Node
     index: int
+    scope: str = ""
 
     @property
     def value(self) -> ir.Value:
@@ -83,7 +86,14 @@ class WeightUse:
 
     @property
     def label(self) -> str:
-        return self.node.name or f"{self.node.op_type}({self.value.name})"
+        """The layer's name in reports: unique even where a subgraph layer is named like a main one."""
+        return self.scope + (self.node.name or f"{self.node.op_type}({self.value.name})")
+
+    @property
+    def home(self) -> ir.Graph:
+        """The graph defining the weight: a replacement shared by all its readers goes there, where every
+        reader sees it (a main-graph weight may be read inside an If/Loop/Scan body too)."""
+        return self.value.graph or self.graph
 
 
 @dataclasses.dataclass
@@ -102,20 +112,36 @@ def scan_weights(
     graph = model.graph if isinstance(model, ir.Model) else model
     op_types = set(op_types)
     uses, skipped = [], []
-    for node in ir.traversal.RecursiveGraphIterator(graph):
+    for scope, node in scoped_nodes(graph):
         if node.op_type not in op_types or node.domain not in ("", "ai.onnx"):
             continue
         if node_filter is not None and not node_filter(node):
             continue
-        use = WeightUse(node, WEIGHT_INPUT[node.op_type])
+        use = WeightUse(node, WEIGHT_INPUT[node.op_type], scope)
         reason = _unsupported_reason(use)
         if reason is None and use.array().size < min_elements:
             reason = f"smaller than {min_elements} elements"
         if reason:
-            skipped.append((use.label if len(node.inputs) > use.index else node.name, reason))
+            skipped.append((use.label if len(node.inputs) > use.index else scope + node.name, reason))
         else:
             uses.append(use)
     return WeightScan(uses, skipped)
+
+
+def scoped_nodes(graph: ir.Graph, scope: str = "") -> Iterator[tuple[str, ir.Node]]:
+    """Every node of ``graph`` and, after each, those of its subgraphs, with its scope: ``""`` in
+    ``graph``, ``<container>/<attribute>/`` inside a subgraph (nested scopes concatenate)."""
+    for node in graph:
+        yield scope, node
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.GRAPH:
+                subgraphs = [attr.as_graph()]
+            elif attr.type == ir.AttributeType.GRAPHS:
+                subgraphs = attr.as_graphs()
+            else:
+                continue
+            for subgraph in subgraphs:
+                yield from scoped_nodes(subgraph, f"{scope}{node.name or node.op_type}/{attr.name}/")
 
 
 def edge_layers(model: ir.Model, op_types: Iterable[str]) -> set[int]:
@@ -202,6 +228,26 @@ def set_weight(use: WeightUse, array: np.ndarray, suffix: str) -> ir.Value:
     return new
 
 
+def name_values_uniquely(model: ir.Model) -> None:
+    """Name every value of ``model`` (new ones included) unlike any other value of it, subgraphs included.
+
+    NameFixPass checks a subgraph's names only against the enclosing names met before it, so a name given
+    by each graph on its own (``val_0``) in an If branch and again after the If survives it, and
+    onnxruntime refuses the model ("SSA form"). Main-graph values keep theirs; subgraph values are renamed.
+    """
+    NameFixPass()(model)
+    main = model.graph
+    seen = {*main.inputs, *main.outputs}
+    taken = {v.name for v in seen}
+    for graph in model.graphs():  # the main graph first
+        outputs = [v for node in graph for v in node.outputs]
+        for value in [*graph.inputs, *graph.initializers.values(), *outputs, *graph.outputs]:
+            if value not in seen:
+                seen.add(value)
+                value.name = unique_name(value.name, taken)
+                taken.add(value.name)
+
+
 def drop_if_unused(value: ir.Value) -> None:
     """Remove an initializer (or the Constant node producing it) that nothing consumes any more."""
     if value.uses() or value.is_graph_output() or value.is_graph_input():
@@ -222,9 +268,10 @@ def unique_name(name: str, taken: set[str]) -> str:
 
 
 def value_names(graph: ir.Graph) -> set[str]:
-    """The names of the values defined in ``graph`` and its subgraphs."""
-    names = set(graph.initializers)
-    for node in ir.traversal.RecursiveGraphIterator(graph):
-        names.update(v.name for v in node.outputs if v.name)
-    names.update(v.name for v in graph.inputs if v.name)
+    """The names of the values (inputs, initializers, node outputs) of ``graph`` and its subgraphs."""
+    names = set()
+    for g in (graph, *graph.subgraphs()):
+        names.update(g.initializers)
+        names.update(v.name for v in g.inputs if v.name)
+        names.update(v.name for node in g for v in node.outputs if v.name)
     return names

@@ -18,12 +18,12 @@ import re
 import ml_dtypes
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes.common import NameFixPass, ShapeInferencePass
+from onnx_ir.passes.common import ShapeInferencePass
 
 from onnxopt.calibration import Dataset, capture
 from onnxopt.filters import NodeFilter
 from onnxopt.registry import register
-from onnxopt.weights import constant_tensor, drop_if_unused, new_initializer
+from onnxopt.weights import constant_tensor, drop_if_unused, name_values_uniquely, new_initializer
 
 FP16_MAX = float(np.finfo(np.float16).max)
 # The overflow check captures this many tensors per pass over the data, one sample at a time, so its
@@ -112,7 +112,7 @@ class _ConvertPrecision(ir.passes.InPlacePass):
             "clamped_constants": clamped,
             "overflowing_ops": overflowing,
         }
-        NameFixPass()(model)  # new values get names unique across the graph and its subgraphs
+        name_values_uniquely(model)
         return ir.passes.PassResult(model, bool(half))
 
     def _half_nodes(self, nodes: list[ir.Node], originally_float: set, overflowing: set[str]) -> set[ir.Node]:
@@ -155,7 +155,8 @@ class _ConvertPrecision(ir.passes.InPlacePass):
                 if tensor is not None and wanted == self.target:
                     if value not in converted:
                         array, count = self._to_half(tensor.numpy())
-                        converted[value] = new_initializer(node.graph, f"{value.name}_{self.suffix}", array)
+                        home = value.graph or node.graph  # where every reader sees it, subgraphs included
+                        converted[value] = new_initializer(home, f"{value.name}_{self.suffix}", array)
                         if count:
                             clamped[value.name] = count
                     node.replace_input_with(index, converted[value])

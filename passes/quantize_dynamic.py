@@ -12,12 +12,11 @@ from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes.common import NameFixPass
 
 from onnxopt import quantization as qz
 from onnxopt.filters import NodeFilter
 from onnxopt.registry import register
-from onnxopt.weights import WeightUse, constant_tensor, drop_if_unused, new_initializer, scan_weights
+from onnxopt.weights import WeightUse, constant_tensor, drop_if_unused, name_values_uniquely, new_initializer, scan_weights
 
 MS_DOMAIN = "com.microsoft"
 
@@ -59,7 +58,7 @@ class DynamicRewriter:
             axis = 1 if self.per_channel else None
             q, scale, zp = qz.quantize_tensor(w, self.weight_type, axis, True, self.reduce_range)
             error = qz.relative_error(w, qz.dequantize(q, scale, zp, axis))
-            graph, name = use.graph, use.value.name
+            graph, name = use.home, use.value.name
             self._cache[key] = (
                 new_initializer(graph, f"{name}_quantized", q),
                 new_initializer(graph, f"{name}_scale", scale),
@@ -93,10 +92,10 @@ def quantize_gather(use: WeightUse, cache: dict) -> float:
         table = use.array().astype(np.float32)
         q, scale, zp = qz.quantize_tensor(table, "int8", 0, True)
         error = qz.relative_error(table, qz.dequantize(q, scale, zp, 0))
-        name = use.value.name
+        name, home = use.value.name, use.home
         cache[key] = (
-            new_initializer(graph, f"{name}_quantized", q),
-            new_initializer(graph, f"{name}_row_scale", scale.reshape(-1, 1)),
+            new_initializer(home, f"{name}_quantized", q),
+            new_initializer(home, f"{name}_row_scale", scale.reshape(-1, 1)),
             None,
             error,
         )
@@ -235,6 +234,6 @@ class QuantizeDynamicPass(ir.passes.InPlacePass):
             "reduce_range": self.reduce_range,
             "skipped": skipped,
         }
-        NameFixPass()(model)  # new values get names unique across the graph and its subgraphs
+        name_values_uniquely(model)
         return ir.passes.PassResult(model, bool(errors))
 

@@ -28,7 +28,6 @@ from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes.common import NameFixPass
 
 from onnxopt import quantization as qz
 from onnxopt.calibration import Dataset, capture
@@ -36,7 +35,7 @@ from onnxopt.errors import DataError
 from onnxopt.filters import NodeFilter
 from onnxopt.passes.quantize_dynamic import DynamicRewriter, quantize_gather
 from onnxopt.registry import register
-from onnxopt.weights import WeightUse, constant_tensor, drop_if_unused, new_initializer, scan_weights
+from onnxopt.weights import WeightUse, constant_tensor, drop_if_unused, name_values_uniquely, new_initializer, scan_weights
 
 COMPUTE_OPS = ("MatMul", "Gemm", "Conv")
 SHARED_SCALE_OPS = {"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze"}
@@ -212,7 +211,7 @@ class QuantizeInt8Pass(ir.passes.InPlacePass):
             "reduce_range": self.reduce_range,
             "skipped": skipped,
         }
-        NameFixPass()(model)  # new values get names unique across the graph and its subgraphs
+        name_values_uniquely(model)
         return ir.passes.PassResult(model, bool(params or dynamic_errors or embedding_errors))
 
     # ------------------------------------------------------------------ planning

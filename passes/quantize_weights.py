@@ -23,7 +23,6 @@ from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes.common import NameFixPass
 
 from onnxopt import ops
 from onnxopt import quantization as qz
@@ -33,7 +32,7 @@ from onnxopt.errors import DataError
 from onnxopt.filters import NodeFilter
 from onnxopt.passes.quantize_dynamic import MS_DOMAIN, matmul_parts, replace_matmul
 from onnxopt.registry import register
-from onnxopt.weights import WeightUse, constant_tensor, drop_if_unused, new_initializer, scan_weights
+from onnxopt.weights import WeightUse, constant_tensor, drop_if_unused, name_values_uniquely, new_initializer, scan_weights
 
 BLOCKED_DQ_OPSET = 21
 INT4_TYPES = {True: ir.DataType.INT4, False: ir.DataType.UINT4}
@@ -150,7 +149,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         }
         if output_error:
             self.details["layer_output_relative_error"] = output_error
-        NameFixPass()(model)  # new values get names unique across the graph and its subgraphs
+        name_values_uniquely(model)
         return ir.passes.PassResult(model, bool(weight_error))
 
     def _quantize_all(self, model: ir.Model, uses: list[WeightUse], output_error: dict, notes: list) -> dict:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Iterator
 from typing import Literal
 
 import numpy as np
@@ -50,7 +49,7 @@ from onnxopt.compression import (
 )
 from onnxopt.errors import DataError, PassOptionError
 from onnxopt.registry import register
-from onnxopt.weights import WeightUse, constant_array, drop_if_unused, new_initializer, scan_weights, set_weight
+from onnxopt.weights import WeightUse, constant_array, drop_if_unused, new_initializer, scan_weights, scoped_nodes, set_weight
 
 LOW_RANK_SUFFIX = ".lowrank_u"
 """Name suffix of the ``x @ U`` node ``low-rank`` inserts before the layer that keeps ``V``."""
@@ -364,26 +363,13 @@ def _identify(node: ir.Node, orig: WeightUse | None):
     return None
 
 
-def _subgraph_nodes(graph: ir.Graph, prefix: str = "") -> Iterator[tuple[str, ir.Node]]:
-    """Every node inside the subgraphs of ``graph``, with its path ``<container>/<attribute>/<name>``."""
-    for node in graph:
-        for attr in node.attributes.values():
-            if attr.type not in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS):
-                continue
-            for sub in [attr.as_graph()] if attr.type == ir.AttributeType.GRAPH else attr.as_graphs():
-                path = f"{prefix}{node.name or node.op_type}/{attr.name}/"
-                for inner in sub:
-                    yield path + inner.name, inner
-                yield from _subgraph_nodes(sub, path)
-
-
 def _subgraph_layers(original: ir.Model, compressed: ir.Model, names: set[str] | None) -> dict[str, ir.Node]:
-    """The compressed layers inside subgraphs, by path (matched to the original by path, not by name)."""
-    paths = {id(node): path for path, node in _subgraph_nodes(original.graph)}
-    reference = {paths[id(u.node)]: u for u in scan_weights(original, LAYER_OPS).uses if id(u.node) in paths}
+    """The compressed layers inside subgraphs, by label (``<container>/<attribute>/<name>``; matched to the
+    original by label, not by name)."""
+    reference = {u.label: u for u in scan_weights(original, LAYER_OPS).uses if u.scope}
     return {
-        path: node for path, node in _subgraph_nodes(compressed.graph)
-        if (names is None or node.name in names) and _identify(node, reference.get(path)) is not None
+        scope + node.name: node for scope, node in scoped_nodes(compressed.graph)
+        if scope and (names is None or node.name in names) and _identify(node, reference.get(scope + node.name)) is not None
     }
 
 
@@ -409,7 +395,7 @@ def recover_layers(
     re-fit was applied; compressed layers inside subgraphs are listed as skipped under their path
     (``<container node>/<attribute>/<name>``).
     """
-    reference = {u.node.name: u for u in scan_weights(original, LAYER_OPS).uses if u.node.name and u.graph is original.graph}
+    reference = {u.node.name: u for u in scan_weights(original, LAYER_OPS).uses if u.node.name and not u.scope}
     found = []
     for node in list(compressed.graph):
         if names is None or node.name in names:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import collections
+
 import numpy as np
 import onnx
+import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxopt import io, runtime
@@ -14,6 +17,10 @@ RNG = np.random.default_rng(0)
 
 def _init(name: str, array: np.ndarray) -> onnx.TensorProto:
     return numpy_helper.from_array(np.asarray(array, dtype=np.float32), name)
+
+
+SUB_MATMUL, ELSE_MATMUL = "branch/then_branch/sub_matmul", "branch/else_branch/else_matmul"
+"""Report labels of :func:`mixed_model`'s If-branch layers."""
 
 
 def mixed_model(tmp_path, k: int = 32, hidden: int = 48, n: int = 24):
@@ -138,6 +145,10 @@ def tied_model(tmp_path, vocab: int = 256, dim: int = 64):
     return path
 
 
+SUBGRAPH_SCOPE = {"If": "branch/then_branch/", "Loop": "loop/body/", "Scan": "scan/body/"}
+"""Label prefix of :func:`subgraph_model`'s subgraph layer, per container."""
+
+
 def subgraph_model(tmp_path, kind: str, layer: str = "sub", shared: bool = False):
     """x (B, 16) -> fc0 -> Relu -> h -> If / Loop / Scan holding the MatMul ``layer`` -> g -> fc1 (w1) -> Relu
     -> fc2 -> y. If: ``layer`` in the then-branch (taken: ``cond`` is fed True), Identity in the else-branch;
@@ -185,6 +196,15 @@ def subgraph_model(tmp_path, kind: str, layer: str = "sub", shared: bool = False
     x = (rng.standard_normal((320, 16)) @ mixing).astype(np.float32)
     cond = {"cond": np.array(True)} if kind == "If" else {}
     return path, Dataset.from_arrays({"x": x[:256], **cond}), {"x": x[256:], **cond}
+
+
+def assert_names_unique(model: ir.Model) -> None:
+    """No two values of the model, subgraphs included, share a name (onnxruntime: "SSA form")."""
+    values = {
+        v for g in model.graphs() for v in (*g.inputs, *g.initializers.values(), *(o for n in g for o in n.outputs))
+    }
+    names = collections.Counter(v.name for v in values)
+    assert not [name for name, count in names.items() if count > 1]
 
 
 def run(model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

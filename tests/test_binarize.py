@@ -6,14 +6,14 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from compression_graphs import chain_model, load, mixed_model, run
+from compression_graphs import assert_names_unique, chain_model, load, mixed_model, run, subgraph_model
 
 from onnxopt import io, ops, registry
 from onnxopt.calibration import Dataset
 from onnxopt.compression import packed_from_node
 from onnxopt.errors import DataError, RuntimeLibraryError
 from onnxopt.passes.recover import recover_layers
-from onnxopt.weights import scan_weights
+from onnxopt.weights import WeightUse, scan_weights
 
 
 def binarize(model, data=None, **options):
@@ -79,6 +79,31 @@ def test_binary_model_matches_dense_equivalent(tmp_path):
             use.value.const_value = ir.tensor(use.from_matrix(ops.dense_weight(packed_from_node(node))))
     feeds = {"x": np.random.default_rng(1).standard_normal((5, 40)).astype(np.float32)}
     np.testing.assert_allclose(run_or_skip(model, feeds)[0], run(dense, feeds)[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["If", "Loop", "Scan"])
+def test_subgraph_layer_named_like_a_main_layer(tmp_path, kind):
+    """A subgraph MatMul named fc1 (own weight) is binarized besides the main fc1, each with its own weight;
+    reading the main fc1's weight instead, both are kept (shared weight)."""
+    path, _, feeds = subgraph_model(tmp_path, kind, layer="fc1")
+    model = load(path)
+    binarize(model)
+    dense = load(path)
+    nodes = zip(ir.traversal.RecursiveGraphIterator(dense.graph), ir.traversal.RecursiveGraphIterator(model.graph))
+    binary = [(d, b) for d, b in nodes if b.name == "fc1"]
+    assert [b.op_type for _, b in binary] == ["BinaryMatMul"] * 2 and binary[0][1].graph is not binary[1][1].graph
+    assert_names_unique(model)  # both packed fc1.alpha / fc1.bits existed once per graph
+    for original, node in binary:
+        use = WeightUse(original, 1)
+        use.value.const_value = ir.tensor(use.from_matrix(ops.dense_weight(packed_from_node(node))))
+    np.testing.assert_allclose(run_or_skip(model, feeds)[0], run(dense, feeds)[0], rtol=1e-4, atol=1e-4)
+
+    path, _, feeds = subgraph_model(tmp_path, kind, layer="fc1", shared=True)
+    model = load(path)
+    details = binarize(model).details
+    assert details["layers"]["fc1"] == "kept (weight shared by several nodes)"
+    assert [n.op_type for n in ir.traversal.RecursiveGraphIterator(model.graph) if n.name == "fc1"] == ["MatMul"] * 2
+    np.testing.assert_array_equal(run(model, feeds)[0], run(load(path), feeds)[0])
 
 
 @pytest.mark.parametrize("mode", ["weights", "xnor"])

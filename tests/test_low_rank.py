@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from compression_graphs import chain_model, conv_model, load, mixed_model, run, subgraph_model, tied_model
+from compression_graphs import ELSE_MATMUL, SUB_MATMUL, chain_model, conv_model, load, mixed_model, run, subgraph_model, tied_model
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxopt import registry
@@ -28,7 +28,7 @@ def test_full_rank_and_exact_rank_reproduce_outputs(tmp_path):
     model = load(path)
     expected = run(model, feeds)[0]
     details = low_rank(model, energy=1.0, min_elements=1).details
-    assert all("kept dense" in details["layers"][name] for name in ("fc1", "fc2", "shared_a", "sub_matmul"))
+    assert all("kept dense" in details["layers"][name] for name in ("fc1", "fc2", "shared_a", SUB_MATMUL))
     np.testing.assert_allclose(run(model, feeds)[0], expected, rtol=1e-6, atol=1e-6)
     # Gemm (transB, alpha=0.5, beta=2, bias) with an exactly rank-8 weight: factorized without error
     model = load(path)
@@ -39,7 +39,7 @@ def test_full_rank_and_exact_rank_reproduce_outputs(tmp_path):
     details = low_rank(model, rank=8, min_elements=1).details
     nodes = {n.name: n for n in model.graph}
     assert nodes["fc2"].op_type == "Gemm" and nodes["fc2"].inputs[0] is nodes["fc2.lowrank_u"].outputs[0]
-    assert {"fc1", "shared_a", "shared_b", "sub_matmul", "else_matmul"} <= {
+    assert {"fc1", "shared_a", "shared_b", SUB_MATMUL, ELSE_MATMUL} <= {
         name for name, v in details["layers"].items() if v.startswith("rank 8")
     }
     assert not any(n.op_type == "Constant" for n in model.graph)

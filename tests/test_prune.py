@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from compression_graphs import chain_model, conv_model, load, mixed_model, run, subgraph_model, tied_model
+from compression_graphs import ELSE_MATMUL, SUB_MATMUL, chain_model, conv_model, load, mixed_model, run, subgraph_model, tied_model
 
 from onnxopt import io, ops, registry
 from onnxopt.calibration import Dataset
@@ -49,7 +49,7 @@ def test_constant_shared_and_subgraph_weights(tmp_path):
     path, feeds = mixed_model(tmp_path)
     model = io.load(path, lift_constants=False)  # fc1's weight stays a Constant node
     details = prune(model, sparsity=0.75, sparse_op=False, min_elements=1).details
-    assert set(details["layers"]) == {"fc1", "fc2", "shared_a", "shared_b", "sub_matmul", "else_matmul"}
+    assert set(details["layers"]) == {"fc1", "fc2", "shared_a", "shared_b", SUB_MATMUL, ELSE_MATMUL}
     for name, w in weights_by_node(model).items():
         assert abs(np.mean(w == 0) - 0.75) < 0.01, name
     shared = [n for n in model.graph if n.name in ("shared_a", "shared_b")]

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from compression_graphs import conv_model, load, mixed_model, run
+from compression_graphs import SUB_MATMUL, conv_model, load, mixed_model, run
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxopt import io, registry
@@ -220,7 +220,7 @@ def test_constant_weights_gemm_and_subgraphs(tmp_path):
     details = prune(model, ratio=0.5)
     assert details["layers"]["fc1"].startswith("channels 48 -> 24")  # into Gemm fc2 (transB, alpha, beta, bias)
     assert "shared" in details["refused"]["fc2"]
-    assert "graph output" in details["refused"]["sub_matmul"]
+    assert "graph output" in details["refused"][SUB_MATMUL]
     assert run(model, feeds)[0].shape == (64, 24)
 
 

@@ -10,7 +10,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
-from compression_graphs import mixed_model
+from compression_graphs import ELSE_MATMUL, SUB_MATMUL, SUBGRAPH_SCOPE, assert_names_unique, mixed_model, subgraph_model
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxopt import io, ops, registry, runtime
@@ -146,7 +146,7 @@ def test_int8_subgraph_constant_and_shared_weights(tmp_path):
     data = Dataset.from_arrays(feeds)
     details = run_pass("quantize-int8", model, data)
     assert {"fc1", "fc2", "shared_a", "shared_b"} <= set(details["weight_relative_error"])
-    assert set(details["dynamic_in_subgraphs"]) == {"sub_matmul", "else_matmul"}
+    assert set(details["dynamic_in_subgraphs"]) == {SUB_MATMUL, ELSE_MATMUL}
     quantized_shared = [v for v in model.graph.initializers if v.startswith("shared_quantized")]
     assert len(quantized_shared) == 1 and "shared" not in model.graph.initializers
     assert relative(reference, outputs(model, feeds)[0]) < 0.05
@@ -189,7 +189,7 @@ def test_dynamic_quantization_mixed_graph(tmp_path, fmt):
     model = io.load(path, lift_constants=False)
     reference = outputs(model, feeds)[0]
     details = run_pass("quantize-dynamic", model, format=fmt)
-    assert {"fc1", "shared_a", "shared_b", "sub_matmul", "else_matmul"} <= set(details["weight_relative_error"])
+    assert {"fc1", "shared_a", "shared_b", SUB_MATMUL, ELSE_MATMUL} <= set(details["weight_relative_error"])
     assert details["skipped"]["fc2"] == "Gemm with alpha != 1"
     assert relative(reference, outputs(model, feeds)[0]) < 0.05
     op = "DynamicQuantizeMatMul" if fmt == "ort" else "MatMulInteger"
@@ -217,7 +217,7 @@ def test_weight_only_formats_match_their_dequantized_weights(tmp_path, fmt, bits
     model = io.load(path, lift_constants=False)
     reference = outputs(model, feeds)[0]
     details = run_pass("quantize-weights", model, bits=bits, symmetric=symmetric, format=fmt, block_size=32)
-    expected = {"fc1", "shared_a", "shared_b", "sub_matmul", "else_matmul"}
+    expected = {"fc1", "shared_a", "shared_b", SUB_MATMUL, ELSE_MATMUL}
     assert expected <= set(details["weight_relative_error"])
     assert details["max_weight_relative_error"] < (0.2 if bits == 4 else 0.02)
     out = outputs(model, feeds)[0]
@@ -371,3 +371,159 @@ def test_bf16_structure():
     onnx.checker.check_model(onnx.load_from_string(io.to_bytes(model)), full_check=True)
     weights = [v for v in model.graph.initializers.values() if v.dtype == ir.DataType.BFLOAT16]
     assert weights  # onnxruntime's CPU provider has no bf16 kernels for most ops: structure only
+
+
+# ------------------------------------------------------------------ main-graph tensors read inside subgraphs
+
+
+def branches_model(tmp_path, hidden: int = 32, vocab: int = 40):
+    """x -> fc0 -> Relu -> h; If(cond) { h @ w + Gather(E, ids) } else { tanh(h @ w) } -> g; then, after the
+    If, h @ w and Gather(E, ids) in the main graph, summed with g -> fc2 -> y. The main-graph weight w, table
+    E and activation h are read both in the main graph and inside the branches; the three MatMuls reading w
+    are all named fc1. Returns (path, calibration Dataset, feeds)."""
+    rng = np.random.default_rng(5)
+
+    def info(name, shape, dtype=TensorProto.FLOAT):
+        return helper.make_tensor_value_info(name, dtype, shape)
+
+    then = helper.make_graph(
+        [helper.make_node("MatMul", ["h", "w"], ["t0"], name="fc1"),
+         helper.make_node("Gather", ["E", "ids"], ["t1"], name="embed"), helper.make_node("Add", ["t0", "t1"], ["t"])],
+        "then", [], [info("t", ["B", hidden])])
+    other = helper.make_graph(
+        [helper.make_node("MatMul", ["h", "w"], ["e0"], name="fc1"), helper.make_node("Tanh", ["e0"], ["e"])],
+        "else", [], [info("e", ["B", hidden])])
+    nodes = [
+        helper.make_node("MatMul", ["x", "w0"], ["z0"], name="fc0"), helper.make_node("Relu", ["z0"], ["h"]),
+        helper.make_node("If", ["cond"], ["g"], name="branch", then_branch=then, else_branch=other),
+        helper.make_node("MatMul", ["h", "w"], ["z1"], name="fc1"),
+        helper.make_node("Gather", ["E", "ids"], ["emb"], name="embed"), helper.make_node("Sum", ["g", "z1", "emb"], ["s"]),
+        helper.make_node("MatMul", ["s", "w2"], ["y"], name="fc2"),
+    ]
+    inits = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in [
+        ("w0", rng.standard_normal((16, hidden)) / 4), ("w", rng.standard_normal((hidden, hidden)) / np.sqrt(hidden)),
+        ("E", rng.standard_normal((vocab, hidden))), ("w2", rng.standard_normal((hidden, 8)) / np.sqrt(hidden))]]
+    inputs = [info("x", ["B", 16]), info("ids", ["B"], TensorProto.INT64), info("cond", [], TensorProto.BOOL)]
+    graph = helper.make_graph(nodes, "branches", inputs, [info("y", ["B", 8])], inits)
+    path = tmp_path / "branches.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), path)
+    arrays = {"x": rng.standard_normal((320, 16)).astype(np.float32), "ids": rng.integers(0, vocab, 320)}
+    calibration = Dataset.from_arrays({k: v[:256] for k, v in arrays.items()} | {"cond": np.array(True)})
+    return path, calibration, {k: v[256:] for k, v in arrays.items()} | {"cond": np.array(True)}
+
+
+def all_ops(model: ir.Model) -> collections.Counter:
+    return collections.Counter(n.op_type for n in ir.traversal.RecursiveGraphIterator(model.graph))
+
+
+@pytest.mark.parametrize("cond", [True, False])
+@pytest.mark.parametrize("name", ["convert-fp16", "convert-bf16"])
+def test_half_precision_weight_read_in_main_graph_and_branches(tmp_path, name, cond):
+    """The half copy of w (first met inside the then-branch) is an initializer of the main graph, which
+    the main fc1 and both branches all see."""
+    path, _, feeds = branches_model(tmp_path)
+    feeds["cond"] = np.array(cond)
+    model = io.load(path)
+    reference = outputs(model, feeds)[0]
+    run_pass(name, model)
+    assert_names_unique(model)
+    half = ir.DataType.FLOAT16 if name == "convert-fp16" else ir.DataType.BFLOAT16
+    readers = [n for n in ir.traversal.RecursiveGraphIterator(model.graph) if n.name == "fc1"]
+    assert len(readers) == 3 and len({n.inputs[1] for n in readers}) == 1
+    assert readers[0].inputs[1].dtype == half and readers[0].inputs[1].graph is model.graph
+    onnx.checker.check_model(onnx.load_from_string(io.to_bytes(model)), full_check=True)
+    if name == "convert-fp16":  # onnxruntime's CPU provider has no bf16 MatMul
+        assert relative(reference, outputs(model, feeds)[0]) < 1e-2
+
+
+@pytest.mark.parametrize("fmt", ["ort", "onnx"])
+def test_dynamic_weight_read_in_main_graph_and_branches(tmp_path, fmt):
+    """w is quantized once, into the main graph (it went into the then-branch, which the main fc1 and the
+    else-branch cannot see); the table E likewise; h is read in the main graph and in both branches."""
+    path, _, feeds = branches_model(tmp_path)
+    model = io.load(path)
+    reference = outputs(model, feeds)[0]
+    run_pass("quantize-dynamic", model, format=fmt)
+    assert_names_unique(model)
+    counts = all_ops(model)
+    assert counts["MatMul"] == 0 and counts["DynamicQuantizeMatMul" if fmt == "ort" else "MatMulInteger"] == 5
+    assert [v for v in model.graph.initializers if v.startswith("w_quantized")] == ["w_quantized"]
+    assert not [v for g in model.graph.subgraphs() for v in g.initializers]
+    assert relative(reference, outputs(model, feeds)[0]) < 0.05
+
+
+@pytest.mark.parametrize("kind", ["If", "Loop", "Scan"])
+def test_dynamic_weight_shared_with_subgraph_layer(tmp_path, kind):
+    """fc1's w1 is also read by a subgraph MatMul of the same name, met first."""
+    path, _, feeds = subgraph_model(tmp_path, kind, layer="fc1", shared=True)
+    model = io.load(path)
+    reference = outputs(model, feeds)[0]
+    details = run_pass("quantize-dynamic", model)
+    assert_names_unique(model)
+    counts = all_ops(model)
+    assert counts["MatMul"] == 0 and counts["DynamicQuantizeMatMul"] == 4 and "w1" not in model.graph.initializers
+    assert not details["skipped"]
+    assert relative(reference, outputs(model, feeds)[0]) < 0.05
+
+
+def test_int8_weight_and_activation_read_in_main_graph_and_branches(tmp_path):
+    """Main layers get static QDQ, the branch layers dynamic int8 of w stored once where both branches see
+    it; h gets one Q/DQ pair in the main graph that the branches read too."""
+    path, data, feeds = branches_model(tmp_path)
+    model = io.load(path)
+    reference = outputs(model, feeds)[0]
+    details = run_pass("quantize-int8", model, data)
+    assert set(details["weight_relative_error"]) == {"fc0", "fc1", "fc2"}
+    assert set(details["dynamic_in_subgraphs"]) == {"branch/then_branch/fc1", "branch/else_branch/fc1"}
+    assert_names_unique(model)
+    branch_layers = [n for g in model.graph.subgraphs() for n in g if n.name == "fc1"]
+    assert [n.op_type for n in branch_layers] == ["DynamicQuantizeMatMul"] * 2
+    assert branch_layers[0].inputs[1] is branch_layers[1].inputs[1] and branch_layers[0].inputs[1].graph is model.graph
+    assert all(n.inputs[0].producer().op_type == "DequantizeLinear" for n in branch_layers)
+    assert relative(reference, outputs(model, feeds)[0]) < 0.05
+
+
+@pytest.mark.parametrize("kind", ["If", "Loop", "Scan"])
+@pytest.mark.parametrize("shared", [False, True])
+def test_int8_subgraph_layer_named_like_a_main_layer(tmp_path, kind, shared):
+    path, data, feeds = subgraph_model(tmp_path, kind, layer="fc1", shared=shared)
+    model = io.load(path)
+    reference = outputs(model, feeds)[0]
+    details = run_pass("quantize-int8", model, data)
+    inner = SUBGRAPH_SCOPE[kind] + "fc1"
+    assert set(details["weight_relative_error"]) == {"fc0", "fc1", "fc2"}
+    assert set(details["dynamic_in_subgraphs"]) == {inner}
+    assert_names_unique(model)
+    assert all_ops(model)["DynamicQuantizeMatMul"] == 1 and all_ops(model)["MatMul"] == 3  # QDQ MatMuls
+    assert relative(reference, outputs(model, feeds)[0]) < 0.05
+
+
+@pytest.mark.parametrize("fmt", ["ort", "onnx", "onnxopt"])
+@pytest.mark.parametrize("algorithm", ["rtn", "gptq"])
+def test_weight_only_weight_read_in_main_graph_and_branches(tmp_path, fmt, algorithm):
+    """Each graph gets its own quantized copy of w and E (GPTQ for the main fc1, RTN in the branches)."""
+    path, data, feeds = branches_model(tmp_path)
+    model = io.load(path)
+    reference = outputs(model, feeds)[0]
+    block_size = 32 if fmt == "onnxopt" else 16
+    run_pass("quantize-weights", model, data, format=fmt, bits=8, block_size=block_size, algorithm=algorithm)
+    assert_names_unique(model)
+    counts = all_ops(model)
+    if fmt != "onnx":
+        quant_op = "MatMulNBits" if fmt == "ort" else "QuantMatMul"
+        assert counts["MatMul"] == 0 and counts[quant_op] == 5 and counts["GatherBlockQuantized"] == 2
+    else:
+        assert counts["DequantizeLinear"] == 7  # fc0, fc2, w, E; w and E in the then-branch; w in the else-branch
+    assert relative(reference, outputs(model, feeds)[0]) < 0.03
+
+
+@pytest.mark.parametrize("kind", ["If", "Loop", "Scan"])
+@pytest.mark.parametrize("shared", [False, True])
+def test_weight_only_subgraph_layer_named_like_a_main_layer(tmp_path, kind, shared):
+    path, _, feeds = subgraph_model(tmp_path, kind, layer="fc1", shared=shared)
+    model = io.load(path)
+    reference = outputs(model, feeds)[0]
+    run_pass("quantize-weights", model, bits=8, block_size=16)
+    assert_names_unique(model)
+    assert all_ops(model)["MatMulNBits"] == 4 and all_ops(model)["MatMul"] == 0
+    assert relative(reference, outputs(model, feeds)[0]) < 0.03
