@@ -81,21 +81,39 @@ class Dataset:
                     raise DataError(f"data for input '{value.name}' is {array.dtype}, model expects {np.dtype(expected)}")
 
     def batches(self, model: ir.Model, batch_size: int = 8, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-        """Yield feeds of up to ``batch_size`` samples (1 where the model's batch dim is fixed)."""
+        """Yield feeds of up to ``batch_size`` samples, about ``limit`` samples in all.
+
+        Where the model's inputs fix their leading dim to d, batches hold exactly d samples (the rest of a
+        file is dropped); where they fix it to different sizes, axis 0 is no batch axis and every file is
+        fed whole.
+        """
         self.check(model)
-        if any(v.shape is not None and len(v.shape) and v.shape[0] == 1 for v in model.graph.inputs):
-            batch_size = 1
+        fixed = {v.shape[0] for v in model.graph.inputs if v.shape is not None and len(v.shape) and isinstance(v.shape[0], int)}
+        exact = len(fixed) == 1
+        step = fixed.pop() if exact else batch_size
         served = 0
         for file in self.files:
             with np.load(file) as npz:
                 arrays = {v.name: _cast(npz[v.name], v.dtype) for v in model.graph.inputs}
             count = _samples(arrays.values())
-            for start in range(0, count, batch_size):
+            if len(fixed) > 1:  # several fixed sizes: the file is one feed
                 if limit is not None and served >= limit:
                     return
-                stop = min(start + batch_size, count, start + (limit - served if limit else batch_size))
+                yield arrays
+                served += count
+                continue
+            for start in range(0, count, step):
+                if limit is not None and served >= limit:
+                    return
+                stop = min(start + step, count)
+                if exact and stop - start < step:
+                    break
+                if not exact and limit is not None:
+                    stop = min(stop, start + limit - served)
                 yield {k: a[start:stop] if a.ndim else a for k, a in arrays.items()}  # scalars go whole
                 served += stop - start
+        if served == 0 and exact:
+            raise DataError(f"the model fixes its batch to {step} samples; no data file has that many")
 
     def num_samples(self) -> int:
         total = 0

@@ -10,6 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxopt
 from onnxopt import activations, calibration, runtime, weights
+from onnxopt.errors import DataError
 
 RNG = np.random.default_rng(0)
 
@@ -126,6 +127,22 @@ def test_scalar_inputs_are_fed_whole_with_every_batch():
     batches = list(data.batches(model, batch_size=2))
     assert [b["x"].shape[0] for b in batches] == [2, 2, 1] and all(b["s"].shape == () for b in batches)
     assert data.num_samples() == 5
+
+
+def test_batches_follow_a_fixed_leading_dim():
+    """A model fixing its batch to 4 gets batches of exactly 4 (the rest dropped, whatever batch_size asks);
+    inputs fixing axis 0 to different sizes (it is no batch axis) get each file whole."""
+    model = _model([helper.make_node("Add", ["x", "x"], ["y"])], [_f("x", [4, 3])], [_f("y", [4, 3])])
+    data = calibration.Dataset.from_arrays({"x": np.ones((10, 3), np.float32)})
+    assert [b["x"].shape for b in data.batches(model, batch_size=1)] == [(4, 3), (4, 3)]
+    assert [b["x"].shape for b in data.batches(model, batch_size=8, limit=3)] == [(4, 3)]
+    with pytest.raises(DataError, match="fixes its batch to 4"):
+        list(calibration.Dataset.from_arrays({"x": np.ones((3, 3), np.float32)}).batches(model))
+    mixed = _model([helper.make_node("MatMul", ["q", "m"], ["y"])], [_f("q", [2, 4]), _f("m", [4, 6])], [_f("y", [2, 6])])
+    feeds = {"q": np.ones((2, 4), np.float32), "m": np.ones((4, 6), np.float32)}
+    batches = list(calibration.Dataset.from_arrays(feeds).batches(mixed, batch_size=1))
+    assert len(batches) == 1 and batches[0]["q"].shape == (2, 4) and batches[0]["m"].shape == (4, 6)
+    assert runtime.session(mixed).run(None, batches[0])[0].shape == (2, 6)
 
 
 def test_synthesized_scalar_inputs_are_arrays_onnxruntime_takes():
