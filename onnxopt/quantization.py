@@ -23,10 +23,27 @@ from typing import Literal
 
 import numpy as np
 
+from onnxopt.errors import OnnxoptError
+
 IntType = Literal["int8", "uint8", "int4", "uint4"]
 INT_RANGES: dict[str, tuple[int, int]] = {"int8": (-128, 127), "uint8": (0, 255), "int4": (-8, 7), "uint4": (0, 15)}
 STORAGE = {"int8": np.int8, "uint8": np.uint8, "int4": np.int8, "uint4": np.uint8}
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy", "mse")
+
+
+def raise_opset(model, version: int, purpose: str, notes: list[str]) -> bool:
+    """Convert ``model`` (onnx_ir) to default opset ``version`` if it is older (onnxscript's version converter,
+    onnx's as fallback), noting it; True when converted (weight scans must then be redone)."""
+    current = model.opset_imports.get("", 1)
+    if current >= version:
+        return False
+    from onnxscript import version_converter
+
+    version_converter.convert_version(model, version, fallback=True)
+    if model.opset_imports.get("", 1) < version:
+        raise OnnxoptError(f"{purpose} needs opset {version}; converting the model from opset {current} failed")
+    notes.append(f"default opset {current} -> {version} for {purpose}")
+    return True
 
 
 def int_range(dtype: str, reduce_range: bool = False) -> tuple[int, int]:

@@ -37,10 +37,12 @@ SENSITIVE_OPS = [
     "GroupNormalization", "ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL2", "ReduceLogSumExp",
     "Softmax", "LogSoftmax", "Exp", "Log", "Pow", "Sqrt", "Reciprocal",
 ]  # fmt: skip
-# Ops that never change precision: control flow (their subgraphs are converted), randomness, ranges.
+# Ops that never change precision: control flow (their subgraphs are converted), randomness, ranges,
+# outputs typed by an attribute (ConstantOfShape's value, EyeLike's dtype).
 UNCONVERTIBLE_OPS = {
     "If", "Loop", "Scan", "Range", "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
-    "Multinomial", "NonMaxSuppression", "Constant", "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear",
+    "Multinomial", "Bernoulli", "NonMaxSuppression", "Constant", "ConstantOfShape", "EyeLike",
+    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear",
 }  # fmt: skip
 ANY_TYPE_INPUT_OPS = {"Cast", "Shape", "Size"}
 FLOAT32_INPUTS = {"Resize": {1, 2}, "Upsample": {1}}  # inputs that must stay float32 whatever T is
@@ -100,7 +102,7 @@ class _ConvertPrecision(ir.passes.InPlacePass):
             if node.op_type == "Cast" and node.attributes["to"].value == ir.DataType.FLOAT:
                 node.attributes["to"] = ir.AttrInt64("to", self.target)
         casts, clamped = self._reconcile_inputs(nodes, half, originally_float)
-        casts += self._restore_outputs(model)
+        casts += self._restore_outputs(model, originally_float)
         kept: dict[str, int] = {}
         for node in nodes:
             if node not in half and any(v in originally_float for v in (*node.inputs, *node.outputs)):
@@ -172,13 +174,14 @@ class _ConvertPrecision(ir.passes.InPlacePass):
             drop_if_unused(value)
         return len(casts), clamped
 
-    def _restore_outputs(self, model: ir.Model) -> int:
-        """Cast half outputs back to float32: subgraph outputs always, the model's unless asked."""
+    def _restore_outputs(self, model: ir.Model, originally_float: set) -> int:
+        """Cast converted outputs back to float32: subgraph outputs always, the model's unless asked (outputs
+        that were half precision already stay as they were)."""
         count = 0
         graphs = [model.graph, *model.graph.subgraphs()] if self.keep_io_types else list(model.graph.subgraphs())
         for graph in graphs:
             for i, value in enumerate(graph.outputs):
-                if value.dtype != self.target:
+                if value.dtype != self.target or value not in originally_float:
                     continue
                 name = value.name
                 value.name = f"{name}_{self.suffix}"

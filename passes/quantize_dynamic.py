@@ -19,6 +19,7 @@ from onnxopt.registry import register
 from onnxopt.weights import WeightUse, constant_tensor, drop_if_unused, name_values_uniquely, new_initializer, scan_weights
 
 MS_DOMAIN = "com.microsoft"
+STANDARD_OPSET = 13  # the standard ops emitted (DynamicQuantizeLinear, MatMulInteger, int8 Gather dequantization)
 
 
 
@@ -215,6 +216,10 @@ class QuantizeDynamicPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         op_types = ("MatMul", "Gemm", "Gather") if self.embeddings else ("MatMul", "Gemm")
         scan = scan_weights(model, op_types, self.node_filter, self.min_elements)
+        notes: list[str] = []
+        standard_ops = self.format == "onnx" or any(u.node.op_type == "Gather" for u in scan.uses)
+        if standard_ops and scan.uses and qz.raise_opset(model, STANDARD_OPSET, "DynamicQuantizeLinear and int8 Gather", notes):
+            scan = scan_weights(model, op_types, self.node_filter, self.min_elements)
         rewriter = DynamicRewriter(model, self.per_channel, self.weight_type, self.reduce_range, self.format)
         errors, skipped = {}, dict(scan.skipped)
         for use in scan.uses:
@@ -233,7 +238,8 @@ class QuantizeDynamicPass(ir.passes.InPlacePass):
             "max_weight_relative_error": max(errors.values(), default=0.0),
             "reduce_range": self.reduce_range,
             "skipped": skipped,
+            "notes": notes,
         }
         name_values_uniquely(model)
-        return ir.passes.PassResult(model, bool(errors))
+        return ir.passes.PassResult(model, bool(errors) or bool(notes))
 

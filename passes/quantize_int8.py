@@ -38,6 +38,7 @@ from onnxopt.registry import register
 from onnxopt.weights import WeightUse, constant_tensor, drop_if_unused, name_values_uniquely, new_initializer, scan_weights
 
 COMPUTE_OPS = ("MatMul", "Gemm", "Conv")
+QDQ_OPSET = 13  # QuantizeLinear/DequantizeLinear with an axis (per-channel weights)
 SHARED_SCALE_OPS = {"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze"}
 DEFAULT_OP_TYPES = ["MatMul", "Gemm", "Conv", "Relu", "MaxPool", "AveragePool", "GlobalAveragePool", "Flatten", "Reshape"]
 
@@ -138,8 +139,13 @@ class QuantizeInt8Pass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         if self.data is None:
             raise DataError("quantize-int8 needs calibration data (--data); use quantize-dynamic without data")
-        graph = model.graph
+        notes: list[str] = []
         scan = scan_weights(model, tuple(op for op in COMPUTE_OPS if op in self.op_types), self._selected)
+        quantizable = any((n.op_type in COMPUTE_OPS and self._selected(n))
+                          or (self.embeddings and n.op_type == "Gather" and self._allowed(n)) for n in model.graph)
+        if quantizable and qz.raise_opset(model, QDQ_OPSET, "per-channel QuantizeLinear/DequantizeLinear", notes):
+            scan = scan_weights(model, tuple(op for op in COMPUTE_OPS if op in self.op_types), self._selected)
+        graph = model.graph
         skipped = dict(scan.skipped)
         weights: dict[ir.Node, WeightUse] = {}
         sub_uses = []
@@ -210,6 +216,7 @@ class QuantizeInt8Pass(ir.passes.InPlacePass):
             "embedding_relative_error": embedding_errors,
             "reduce_range": self.reduce_range,
             "skipped": skipped,
+            "notes": notes,
         }
         name_values_uniquely(model)
         return ir.passes.PassResult(model, bool(params or dynamic_errors or embedding_errors))

@@ -123,11 +123,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             else:
                 uses.append(use)
         notes: list[str] = []
-        if self.format == "onnx" and uses and model.opset_imports.get("", 1) < BLOCKED_DQ_OPSET:
-            from onnxscript import version_converter
-
-            notes.append(f"default opset {model.opset_imports.get('')} -> {BLOCKED_DQ_OPSET} for blocked DequantizeLinear")
-            version_converter.convert_version(model, BLOCKED_DQ_OPSET, fallback=True)
+        if self.format == "onnx" and uses and qz.raise_opset(model, BLOCKED_DQ_OPSET, "blocked DequantizeLinear", notes):
             uses = scan_weights(model, op_types, self.node_filter, self.min_elements).uses
             uses = [u for u in uses if constant_tensor(u.value).dtype == ir.DataType.FLOAT]
         weight_error, output_error = {}, {}
@@ -304,6 +300,9 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             node.replace_input_with(0, stored.values[0])
             drop_if_unused(table)
             return None
+        hidden = use.array().shape[1]
+        if self.bits == 4 and hidden % 2:
+            return f"kept: GatherBlockQuantized packs two 4-bit codes per byte, rows of {hidden} would come out {hidden + 1} long"
         if stored.values is None:
             codes = blocks.unsigned_codes().T  # (rows, hidden)
             data = qz.pack_nibbles(codes) if self.bits == 4 else codes

@@ -527,3 +527,67 @@ def test_weight_only_subgraph_layer_named_like_a_main_layer(tmp_path, kind, shar
     assert_names_unique(model)
     assert all_ops(model)["MatMulNBits"] == 4 and all_ops(model)["MatMul"] == 0
     assert relative(reference, outputs(model, feeds)[0]) < 0.03
+
+
+def _proto_model(nodes, inputs, outputs, initializers=(), opset=17) -> ir.Model:
+    graph = helper.make_graph(nodes, "g", inputs, outputs, list(initializers))
+    return ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8))
+
+
+def test_half_precision_keeps_attribute_typed_outputs():
+    """ConstantOfShape's output type is its value attribute's: it stays float32 (it was marked float16, and
+    onnxruntime refused the type mismatch; onnx's light_* models build their weights this way)."""
+    value = helper.make_tensor("v", TensorProto.FLOAT, [1], [0.5])
+    nodes = [helper.make_node("ConstantOfShape", ["shape"], ["c"], value=value), helper.make_node("Add", ["x", "c"], ["y"])]
+    model = _proto_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+                         [numpy_helper.from_array(np.array([2, 3], np.int64), "shape")])
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    run_pass("convert-fp16", model)
+    assert next(n for n in model.graph if n.op_type == "ConstantOfShape").outputs[0].dtype == ir.DataType.FLOAT
+    np.testing.assert_allclose(outputs(model, {"x": x})[0], x + 0.5, rtol=1e-3)
+
+
+def test_half_precision_leaves_half_subgraph_outputs_half():
+    """Outputs that were float16 already (a branch's, the model's) are not cast to float32: the branch then
+    disagreed with its If, and the model's output changed type."""
+    f16 = TensorProto.FLOAT16
+    then = helper.make_graph([helper.make_node("Mul", ["h", "h"], ["t"])], "then", [], [helper.make_tensor_value_info("t", f16, [3])])
+    other = helper.make_graph([helper.make_node("Identity", ["h"], ["e"])], "else", [], [helper.make_tensor_value_info("e", f16, [3])])
+    nodes = [helper.make_node("If", ["c"], ["g"], then_branch=then, else_branch=other),
+             helper.make_node("Relu", ["x"], ["y"])]
+    inputs = [helper.make_tensor_value_info("h", f16, [3]), helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+              helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])]
+    model = _proto_model(nodes, inputs, [helper.make_tensor_value_info("g", f16, [3]), helper.make_tensor_value_info("y", TensorProto.FLOAT, [3])])
+    run_pass("convert-fp16", model)
+    h = np.array([1, 2, 3], np.float16)
+    got = outputs(model, {"h": h, "c": np.array(True), "x": np.array([-1, 0, 2], np.float32)})
+    assert got[0].dtype == np.float16 and got[0].tolist() == [1, 4, 9]
+
+
+def test_int8_raises_an_old_opset():
+    """QuantizeLinear with an axis needs opset 13: an opset-9 model is converted first (it was written as
+    QDQ at opset 9, which onnxruntime refused), and the report says so."""
+    rng = np.random.default_rng(5)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")]
+    model = _proto_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 16])],
+                         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", 8])],
+                         [numpy_helper.from_array(rng.standard_normal((16, 8)).astype(np.float32), "w")], opset=9)
+    x = rng.standard_normal((32, 16)).astype(np.float32)
+    reference = outputs(model, {"x": x})[0]
+    details = run_pass("quantize-int8", model, Dataset.from_arrays({"x": x}))
+    assert details["notes"] == ["default opset 9 -> 13 for per-channel QuantizeLinear/DequantizeLinear"]
+    assert model.opset_imports[""] == 13 and all_ops(model)["QuantizeLinear"] >= 1
+    assert relative(reference, outputs(model, {"x": x})[0]) < 0.05
+
+
+def test_int4_gather_rows_of_odd_length_are_kept():
+    """GatherBlockQuantized packs two 4-bit codes per byte: a table with rows of 3 would give rows of 4."""
+    table = np.random.default_rng(6).standard_normal((10, 3)).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["y"], name="emb")]
+    model = _proto_model(nodes, [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 4])],
+                         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 3])], [numpy_helper.from_array(table, "table")])
+    details = run_pass("quantize-weights", model, bits="4", block_size="16", min_elements="1")
+    assert "GatherBlockQuantized packs two 4-bit codes" in details["skipped"]["emb"]
+    ids = np.array([[0, 3, 9, 3]], np.int64)
+    np.testing.assert_array_equal(outputs(model, {"ids": ids})[0], table[ids])
