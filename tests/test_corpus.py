@@ -1,4 +1,5 @@
-"""Robustness corpus: every onnx backend test model survives ``cleanup`` + ``fuse``.
+"""Robustness corpus: every onnx backend test model survives ``cleanup`` + ``fuse``, and every model with
+weights (MatMul/Gemm/Conv/Gather) each compression and quantization pass.
 
 For each model, onnxruntime outputs of the optimized model must match the original's on the test's
 own inputs (or synthesized ones) within 1e-4 relative to max|reference| (2 ulp for 16/8-bit floats),
@@ -22,7 +23,8 @@ import onnxruntime as ort
 import pytest
 
 import _corpus_data
-from onnxopt import calibration, io, pipeline
+from onnxopt import calibration, io, pipeline, registry
+from onnxopt.errors import OnnxoptError
 
 RTOL = 1e-4  # for float16/bfloat16/float8 outputs: 2 ulp (1e-4 is below their resolution)
 ATOL = 1e-7  # outputs that are exactly zero
@@ -189,3 +191,54 @@ def test_cleanup_fuse_preserves_outputs(entry, record_property):
     else:
         assert _shapes(candidate) == _shapes(reference)
         record_property("corpus_note", "nondeterministic original: shapes and dtypes compared")
+
+
+WEIGHT_OPS = {"MatMul", "Gemm", "Conv", "Gather"}
+LOSSY_PASSES = {
+    "quantize-dynamic": {},
+    "quantize-int8": {},
+    "quantize-weights-int4": {"bits": "4", "block_size": "16", "min_elements": "1"},
+    "quantize-weights-onnx": {"bits": "8", "format": "onnx", "block_size": "16", "min_elements": "1"},
+    "convert-fp16": {},
+    "prune": {"sparsity": "0.5", "min_elements": "1"},
+    "prune-structured": {"ratio": "0.25"},
+    "low-rank": {"rank": "1", "min_elements": "1"},
+    "binarize": {"keep_first_last": "false", "min_elements": "1"},
+}
+
+
+def _op_types(graph: onnx.GraphProto) -> set[str]:
+    found = set()
+    for node in graph.node:
+        found.add(node.op_type)
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                found |= _op_types(sub)
+    return found
+
+
+WEIGHTED = [e for e in CORPUS if _op_types(onnx.load(str(e.model_path), load_external_data=False).graph) & WEIGHT_OPS]
+
+
+@pytest.mark.parametrize("pass_name", sorted(LOSSY_PASSES))
+@pytest.mark.parametrize("entry", WEIGHTED, ids=[e.test_id for e in WEIGHTED])
+def test_lossy_passes_keep_models_runnable(entry, pass_name):
+    """Every compression/quantization pass leaves a model onnxruntime loads and runs with the original's
+    output names, dtypes and shapes (or refuses with a typed error). Calibration data: the test's own inputs."""
+    original = entry.model_path.read_bytes()
+    proto = onnx.load_from_string(original)
+    try:
+        ref_session = _session(original)
+        feeds = _feeds(entry, proto, ref_session)
+        reference = _run(ref_session, feeds)
+    except Exception as exc:
+        pytest.skip(f"onnxruntime cannot run the original: {_short(exc)}")
+    data = calibration.Dataset.from_arrays(feeds) if feeds else None
+    model = io.load(entry.model_path)
+    pass_ = registry.get(pass_name.removesuffix("-int4").removesuffix("-onnx")).create(LOSSY_PASSES[pass_name], data=data)
+    try:
+        pass_(model)
+    except OnnxoptError as exc:
+        pytest.skip(f"refused: {exc}")
+    candidate = _run(_session(io.to_bytes(model)), feeds)
+    assert _shapes(candidate) == _shapes(reference)
