@@ -41,7 +41,7 @@ FFN = ("intermediate", "output")  # BertLayer.intermediate.dense (384x1536), Ber
 def factorized_onnx(ratio: float, data) -> ir.Model:
     ffn, _ = compress.ffn_filter(PATH)
     model = io.load(PATH)
-    LowRankPass(ratio=ratio, activation_aware=True, data=data, node_filter=ffn, samples=len(data.files) * 8)(model)
+    LowRankPass(ratio=ratio, activation_aware=True, data=data, node_filter=ffn, samples=data.num_samples())(model)
     return model
 
 

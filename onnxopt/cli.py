@@ -172,7 +172,7 @@ def _measure_output(src, out, reference, feeds, threads, one_at_a_time: bool):
 def _staging_dir(out: pathlib.Path):
     """A scratch directory beside ``out`` (same file system, so publishing is a rename), removed on exit."""
     try:
-        staging = tempfile.mkdtemp(prefix=".onnxopt-", dir=out.parent if str(out.parent) else ".")
+        staging = tempfile.mkdtemp(prefix=".onnxopt-", dir=out.parent)
     except OSError as exc:
         raise OnnxoptError(f"cannot write {out}: {exc.strerror or exc}") from None
     try:
@@ -182,10 +182,13 @@ def _staging_dir(out: pathlib.Path):
 
 
 def _publish(staged: pathlib.Path, out: pathlib.Path) -> None:
-    """Move a checked model (and its external data) from the staging directory to ``out``."""
-    data = staged.with_name(staged.name + ".data")
+    """Move a checked model (and its external data) from the staging directory to ``out``; the data file of
+    an earlier external-data ``out`` goes when the new one has none."""
+    data, out_data = staged.with_name(staged.name + ".data"), out.with_name(out.name + ".data")
     if data.exists():
-        os.replace(data, out.with_name(out.name + ".data"))
+        os.replace(data, out_data)
+    elif out_data.exists():
+        out_data.unlink()
     os.replace(staged, out)
 
 

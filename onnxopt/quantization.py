@@ -33,13 +33,18 @@ CALIBRATION_METHODS = ("minmax", "percentile", "entropy", "mse")
 
 def raise_opset(model, version: int, purpose: str, notes: list[str]) -> bool:
     """Convert ``model`` (onnx_ir) to default opset ``version`` if it is older (onnxscript's version converter,
-    onnx's as fallback), noting it; True when converted (weight scans must then be redone)."""
+    onnx's as fallback), noting it; True when converted (the graphs may be new objects: scan them again)."""
     current = model.opset_imports.get("", 1)
     if current >= version:
         return False
     from onnxscript import version_converter
 
+    # the fallback (onnx's C converter) rebuilds the graphs: carry the initializers' metadata (sparse storage)
+    meta = {name: dict(v.meta) for g in model.graphs() for name, v in g.initializers.items() if v.meta}
     version_converter.convert_version(model, version, fallback=True)
+    for graph in model.graphs():
+        for name, value in graph.initializers.items():
+            value.meta.update(meta.get(name, {}))
     if model.opset_imports.get("", 1) < version:
         raise OnnxoptError(f"{purpose} needs opset {version}; converting the model from opset {current} failed")
     notes.append(f"default opset {current} -> {version} for {purpose}")

@@ -15,7 +15,6 @@ from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes.common import NameFixPass
 
 # Input index holding the weight, per op type.
 WEIGHT_INPUT = {"MatMul": 1, "Gemm": 1, "Conv": 1, "Gather": 0}
@@ -130,8 +129,9 @@ def scan_weights(
 
 def scoped_nodes(graph: ir.Graph, scope: str = "") -> Iterator[tuple[str, ir.Node]]:
     """Every node of ``graph`` and, after each, those of its subgraphs, with its scope: ``""`` in
-    ``graph``, ``<container>/<attribute>/`` inside a subgraph (nested scopes concatenate)."""
-    for node in graph:
+    ``graph``, ``<container>/<attribute>/`` inside a subgraph (an unnamed container is ``<op_type>#<its
+    position>``; nested scopes concatenate)."""
+    for index, node in enumerate(graph):
         yield scope, node
         for attr in node.attributes.values():
             if attr.type == ir.AttributeType.GRAPH:
@@ -141,7 +141,7 @@ def scoped_nodes(graph: ir.Graph, scope: str = "") -> Iterator[tuple[str, ir.Nod
             else:
                 continue
             for subgraph in subgraphs:
-                yield from scoped_nodes(subgraph, f"{scope}{node.name or node.op_type}/{attr.name}/")
+                yield from scoped_nodes(subgraph, f"{scope}{node.name or f'{node.op_type}#{index}'}/{attr.name}/")
 
 
 def edge_layers(model: ir.Model, op_types: Iterable[str]) -> set[int]:
@@ -229,23 +229,21 @@ def set_weight(use: WeightUse, array: np.ndarray, suffix: str) -> ir.Value:
 
 
 def name_values_uniquely(model: ir.Model) -> None:
-    """Name every value of ``model`` (new ones included) unlike any other value of it, subgraphs included.
-
-    NameFixPass checks a subgraph's names only against the enclosing names met before it, so a name given
-    by each graph on its own (``val_0``) in an If branch and again after the If survives it, and
-    onnxruntime refuses the model ("SSA form"). Main-graph values keep theirs; subgraph values are renamed.
+    """Name every value of ``model`` (new, unnamed ones included) unlike any other value of it, subgraphs
+    included: onnxruntime refuses a name defined twice ("SSA form"), and each graph names its own new
+    values without seeing the enclosing graph's. The main graph's names win, then outer graphs' over
+    inner ones'; absent optional outputs (named ``""``) stay absent.
     """
-    NameFixPass()(model)
-    main = model.graph
-    seen = {*main.inputs, *main.outputs}
-    taken = {v.name for v in seen}
-    for graph in model.graphs():  # the main graph first
+    seen: set[ir.Value] = set()
+    taken: set[str] = set()
+    for graph in model.graphs():  # the main graph first, outer graphs before the graphs inside them
         outputs = [v for node in graph for v in node.outputs]
-        for value in [*graph.inputs, *graph.initializers.values(), *outputs, *graph.outputs]:
-            if value not in seen:
-                seen.add(value)
-                value.name = unique_name(value.name, taken)
-                taken.add(value.name)
+        for value in [*graph.inputs, *graph.outputs, *graph.initializers.values(), *outputs]:
+            if value in seen or (value.name == "" and not value.uses()):
+                continue
+            seen.add(value)
+            value.name = unique_name(value.name or "val", taken)
+            taken.add(value.name)
 
 
 def drop_if_unused(value: ir.Value) -> None:

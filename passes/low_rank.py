@@ -34,6 +34,7 @@ from onnxopt.weights import (
     drop_if_unused,
     edge_layers,
     name_layers,
+    name_values_uniquely,
     new_initializer,
     other_readers,
     scan_weights,
@@ -174,6 +175,7 @@ class LowRankPass(ir.passes.InPlacePass):
         if self.recover and factored:
             self.details["recover"] = recover_layers(original, model, self.data, factored, self.samples, self.damping)
         self.details["layers"] = layers
+        name_values_uniquely(model)  # a subgraph's new initializers may reuse an outer graph's names
         return ir.passes.PassResult(model, bool(factored))
 
     def _split(self, use: WeightUse, u: np.ndarray, v: np.ndarray, taken: set[str]) -> None:
@@ -247,14 +249,14 @@ def allocate_ranks(layers: list[tuple[tuple[int, int], np.ndarray, int]], ratio:
 
     Greedy on the relative error each rank removes (σ_r² / Σσ²) per parameter it costs (K + N); since σ
     decreases within a layer, taking candidates in that order always extends a layer's prefix. A layer
-    never gets a rank at which factoring stops paying (r(K+N) >= KN); every layer gets at least rank 1.
+    never gets a rank at which factoring stops paying (readers·r(K+N) >= KN); every layer gets at least rank 1.
     """
     budget = ratio * sum(k * n / readers for (k, n), _, readers in layers)
     candidates = []
-    for index, ((k, n), sigma, _) in enumerate(layers):
+    for index, ((k, n), sigma, readers) in enumerate(layers):
         energy = sigma.astype(np.float64) ** 2
         gain = energy / max(float(energy.sum()), 1e-30) / (k + n)
-        useful = max(1, min(len(sigma), -(-k * n // (k + n)) - 1))
+        useful = max(1, min(len(sigma), -(-k * n // (readers * (k + n))) - 1))
         candidates += [(-g, index) for g in gain[1:useful]]
     ranks = [1] * len(layers)
     spent = sum(k + n for (k, n), _, _ in layers)

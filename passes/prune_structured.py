@@ -31,7 +31,15 @@ from onnxopt.compression import gemm_alpha, solve_masked
 from onnxopt.filters import NodeFilter
 from onnxopt.passes.recover import GramLayer, require_data
 from onnxopt.registry import register
-from onnxopt.weights import WeightUse, constant_array, constant_tensor, name_layers, scan_weights, set_weight
+from onnxopt.weights import (
+    WeightUse,
+    constant_array,
+    constant_tensor,
+    name_layers,
+    name_values_uniquely,
+    scan_weights,
+    set_weight,
+)
 
 UNARY_OPS = {
     "Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Gelu", "Erf", "Sigmoid", "HardSigmoid", "HardSwish",
@@ -563,6 +571,7 @@ class PruneStructuredPass(ir.passes.InPlacePass):
         changed = params_after != params_before
         if self.recover and changed:
             self.details["recover"] = self._recover(original, model, groups, kept_outputs)
+        name_values_uniquely(model)  # a subgraph's new initializers may reuse an outer graph's names
         return ir.passes.PassResult(model, changed)
 
     def _groups(self, uses: list[WeightUse]) -> tuple[list[ChannelGroup], dict[str, str]]:

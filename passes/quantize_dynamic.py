@@ -217,8 +217,9 @@ class QuantizeDynamicPass(ir.passes.InPlacePass):
         op_types = ("MatMul", "Gemm", "Gather") if self.embeddings else ("MatMul", "Gemm")
         scan = scan_weights(model, op_types, self.node_filter, self.min_elements)
         notes: list[str] = []
-        standard_ops = self.format == "onnx" or any(u.node.op_type == "Gather" for u in scan.uses)
-        if standard_ops and scan.uses and qz.raise_opset(model, STANDARD_OPSET, "DynamicQuantizeLinear and int8 Gather", notes):
+        floats = [u for u in scan.uses if constant_tensor(u.value).dtype == ir.DataType.FLOAT]
+        standard_ops = self.format == "onnx" or any(u.node.op_type == "Gather" for u in floats)
+        if standard_ops and floats and qz.raise_opset(model, STANDARD_OPSET, "DynamicQuantizeLinear and int8 Gather", notes):
             scan = scan_weights(model, op_types, self.node_filter, self.min_elements)
         rewriter = DynamicRewriter(model, self.per_channel, self.weight_type, self.reduce_range, self.format)
         errors, skipped = {}, dict(scan.skipped)

@@ -49,7 +49,16 @@ from onnxopt.compression import (
 )
 from onnxopt.errors import DataError, PassOptionError
 from onnxopt.registry import register
-from onnxopt.weights import WeightUse, constant_array, drop_if_unused, new_initializer, scan_weights, scoped_nodes, set_weight
+from onnxopt.weights import (
+    WeightUse,
+    constant_array,
+    drop_if_unused,
+    name_values_uniquely,
+    new_initializer,
+    scan_weights,
+    scoped_nodes,
+    set_weight,
+)
 
 LOW_RANK_SUFFIX = ".lowrank_u"
 """Name suffix of the ``x @ U`` node ``low-rank`` inserts before the layer that keeps ``V``."""
@@ -492,4 +501,5 @@ class RecoverPass(ir.passes.InPlacePass):
         data = require_data(self.data, "recover")
         results = recover_layers(original, model, data, None, self.samples, self.damping, self.target)
         self.details = {"layers": results} if results else {"layers": "no compressed layer matched the reference"}
+        name_values_uniquely(model)  # a subgraph's new initializers may reuse an outer graph's names
         return ir.passes.PassResult(model, any(r.get("applied") for r in results.values()))

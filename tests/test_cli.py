@@ -446,3 +446,12 @@ def test_output_failing_in_onnxruntime_is_not_written(tmp_path, mlp_path, monkey
     assert result.exit_code == 2 and f"{out} not written" in result.stderr and "Load model failed" in result.stderr
     assert out.read_bytes() == b"earlier output"
     assert sorted(tmp_path.iterdir()) == files
+
+
+def test_single_file_output_replaces_an_external_data_output(tmp_path, mlp_path):
+    out = tmp_path / "out.onnx"
+    for flag in ("--external-data", "--no-external-data"):
+        result = invoke("optimize", mlp_path, "-o", out, "-p", "cleanup", flag, "--no-numeric-check")
+        assert result.exit_code == 0, result.output
+        assert (tmp_path / "out.onnx.data").exists() == (flag == "--external-data")  # no stale data file left
+    assert runtime.session(out).run(None, {"x": X})[0].shape[0] == X.shape[0]

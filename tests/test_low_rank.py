@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from compression_graphs import ELSE_MATMUL, SUB_MATMUL, chain_model, conv_model, load, mixed_model, run, subgraph_model, tied_model
+from compression_graphs import ELSE_MATMUL, SUB_MATMUL, assert_names_unique, chain_model, conv_model, load, mixed_model, run, subgraph_model, tied_model
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxopt import registry
@@ -344,3 +344,25 @@ def test_subgraph_layer_named_like_a_main_layer(tmp_path, kind):
             u, v = (graph.initializers[f"{name}_lowrank_{f}"].const_value.numpy() for f in "uv")
             ref_graph.initializers[name].const_value = ir.tensor(u @ v)
     np.testing.assert_allclose(run(model, feeds)[0], run(reference, feeds)[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("pass_name", ["low-rank", "prune"])
+def test_weight_read_in_main_graph_then_branch_gets_unique_names(tmp_path, pass_name):
+    """Main MatMul 'a' reads w before an If branch's MatMul 'b' does: each gets its own factors (its own
+    pruned copy), and the branch's no longer reuse the main graph's names."""
+    rng = np.random.default_rng(3)
+    info = lambda name, dims, t=TensorProto.FLOAT: helper.make_tensor_value_info(name, t, dims)  # noqa: E731
+    then = helper.make_graph([helper.make_node("MatMul", ["a", "w"], ["t"], name="b")], "then", [], [info("t", ["B", 64])])
+    other = helper.make_graph([helper.make_node("Identity", ["a"], ["e"])], "else", [], [info("e", ["B", 64])])
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["a"], name="a"),
+             helper.make_node("If", ["cond"], ["y"], name="branch", then_branch=then, else_branch=other)]
+    graph = helper.make_graph(nodes, "g", [info("x", ["B", 64]), info("cond", [], TensorProto.BOOL)], [info("y", ["B", 64])],
+                              [numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), "w")])
+    path = tmp_path / "shared.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), path)
+    model = load(path)
+    options = {"rank": "2"} if pass_name == "low-rank" else {"sparsity": "0.5", "sparse_op": "false"}
+    registry.get(pass_name).create({**options, "min_elements": "1"})(model)
+    assert_names_unique(model)
+    feeds = {"x": rng.standard_normal((3, 64)).astype(np.float32), "cond": np.array(True)}
+    assert run(model, feeds)[0].shape == (3, 64)

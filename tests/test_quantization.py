@@ -169,3 +169,22 @@ def test_gptq_output_error_not_worse_than_rtn(symmetric):
     assert err(gptq.dequantize()) < 0.7 * err(rtn)
     # same storage format and ranges as RTN
     assert gptq.codes.dtype == (np.int8 if symmetric else np.uint8) and gptq.scales.shape == (4, n)
+
+
+def test_raise_opset_keeps_initializer_metadata():
+    """onnx's converter (the fallback below opset 18) rebuilds the graph: the sparse-storage flag survives."""
+    import onnx_ir as ir
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnxopt import io
+
+    w = numpy_helper.from_array(np.eye(4, dtype=np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])], [w])
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)], ir_version=7))
+    model.graph.initializers["w"].meta[io.SPARSE_META_KEY] = True
+    notes = []
+    assert qz.raise_opset(model, 13, "a test", notes) and notes == ["default opset 11 -> 13 for a test"]
+    assert model.opset_imports[""] == 13 and model.graph.initializers["w"].meta.get(io.SPARSE_META_KEY)
+    assert not qz.raise_opset(model, 13, "a test", notes)

@@ -585,3 +585,21 @@ def test_int4_gather_rows_of_odd_length_are_kept():
     assert "GatherBlockQuantized packs two 4-bit codes" in details["skipped"]["emb"]
     ids = np.array([[0, 3, 9, 3]], np.int64)
     np.testing.assert_array_equal(outputs(model, {"ids": ids})[0], table[ids])
+
+
+def test_int8_raises_the_opset_for_activation_qdq_alone():
+    """No weighted layer in the main graph, only a Relu that gets QDQ (and a MatMul inside an If): the
+    opset is still raised (the check looked at main-graph MatMul/Gemm/Conv only)."""
+    rng = np.random.default_rng(8)
+    info = lambda name, dims, t=TensorProto.FLOAT: helper.make_tensor_value_info(name, t, dims)  # noqa: E731
+    w = numpy_helper.from_array(rng.standard_normal((16, 16)).astype(np.float32), "w")
+    then = helper.make_graph([helper.make_node("MatMul", ["r", "w"], ["t"], name="sub")], "then", [], [info("t", ["B", 16])], [w])
+    other = helper.make_graph([helper.make_node("Identity", ["r"], ["e"])], "else", [], [info("e", ["B", 16])])
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
+             helper.make_node("If", ["cond"], ["y"], name="branch", then_branch=then, else_branch=other)]
+    model = _proto_model(nodes, [info("x", ["B", 16]), info("cond", [], TensorProto.BOOL)], [info("y", ["B", 16])], opset=9)
+    feeds = {"x": rng.standard_normal((16, 16)).astype(np.float32), "cond": np.array(True)}
+    reference = outputs(model, feeds)[0]
+    details = run_pass("quantize-int8", model, Dataset.from_arrays(feeds))
+    assert model.opset_imports[""] == 13 and details["quantized_ops"] == {"Relu": 1}
+    assert relative(reference, outputs(model, feeds)[0]) < 0.05

@@ -180,3 +180,32 @@ def test_cross_gram_least_squares_recovers_the_original_weight():
     refit = np.linalg.solve(gram.xtx, gram.xty)
     np.testing.assert_allclose(refit, w, rtol=1e-4, atol=1e-5)
     assert onnx.checker.check_model(ir.to_proto(compressed)) is None
+
+
+def test_name_values_uniquely_keeps_main_names_and_absent_outputs():
+    """A branch value named like a later main value is renamed (not the main one), and an absent optional
+    output ('') stays absent (NameFixPass named it: the output became present)."""
+    then = helper.make_graph([helper.make_node("Neg", ["x"], ["z"])], "then", [], [_f("z", [3])])
+    other = helper.make_graph([helper.make_node("Identity", ["x"], ["e"])], "else", [], [_f("e", [3])])
+    nodes = [helper.make_node("If", ["c"], ["g"], then_branch=then, else_branch=other),
+             helper.make_node("Mul", ["g", "g"], ["z"]),
+             helper.make_node("LayerNormalization", ["z", "s"], ["y", "", ""])]
+    model = _model(nodes, [_f("x", [3]), helper.make_tensor_value_info("c", TensorProto.BOOL, []), _f("s", [3])], [_f("y", [3])])
+    weights.name_values_uniquely(model)
+    main = {v.name for n in model.graph for v in n.outputs}
+    branch = next(model.graph.subgraphs())
+    assert "z" in main and branch.outputs[0].name not in main | {"x", "c", "s"}
+    layer_norm = next(n for n in model.graph if n.op_type == "LayerNormalization")
+    assert [v.name for v in layer_norm.outputs] == ["y", "", ""]
+    feeds = {"x": np.array([1, 2, 3], np.float32), "c": np.array(True), "s": np.ones(3, np.float32)}
+    assert runtime.session(model).run(None, feeds)[0].shape == (3,)
+
+
+def test_unnamed_containers_get_distinct_scopes():
+    then = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["t"], name="fc")], "then", [], [_f("t", ["B", 4])])
+    other = helper.make_graph([helper.make_node("Identity", ["x"], ["e"])], "else", [], [_f("e", ["B", 4])])
+    nodes = [helper.make_node("If", ["c"], ["a"], then_branch=then, else_branch=other),
+             helper.make_node("If", ["c"], ["b"], then_branch=then, else_branch=other), helper.make_node("Add", ["a", "b"], ["y"])]
+    w = numpy_helper.from_array(RNG.standard_normal((4, 4)).astype(np.float32), "w")
+    model = _model(nodes, [_f("x", ["B", 4]), helper.make_tensor_value_info("c", TensorProto.BOOL, [])], [_f("y", ["B", 4])], [w])
+    assert [u.label for u in weights.scan_weights(model).uses] == ["If#0/then_branch/fc", "If#1/then_branch/fc"]
