@@ -51,8 +51,8 @@ class Dataset:
                 with np.load(file) as npz:
                     if not npz.files:
                         raise DataError(f"data file has no arrays: {file}")
-                    if any(npz[k].ndim == 0 or npz[k].shape[0] == 0 for k in npz.files):
-                        raise DataError(f"data file has an empty or scalar array: {file}")
+                    if any(npz[k].ndim and npz[k].shape[0] == 0 for k in npz.files):  # scalars are fed whole
+                        raise DataError(f"data file has an empty array: {file}")
             except (OSError, ValueError, zipfile.BadZipFile, EOFError):
                 raise DataError(f"not a readable .npz file: {file}") from None
         return cls(files)

@@ -129,6 +129,17 @@ def test_scalar_inputs_are_fed_whole_with_every_batch():
     assert data.num_samples() == 5
 
 
+def test_data_files_may_hold_scalars_but_not_empty_arrays(tmp_path):
+    """An If condition or a step count comes as a 0-d array in the .npz (it was refused as 'scalar')."""
+    np.savez(tmp_path / "ok.npz", x=np.ones((5, 3), np.float32), s=np.array(2.0, np.float32))
+    model = _model([helper.make_node("Mul", ["x", "s"], ["y"])], [_f("x", ["B", 3]), _f("s", [])], [_f("y", ["B", 3])])
+    batches = list(calibration.Dataset.load(tmp_path / "ok.npz").batches(model, batch_size=4))
+    assert [b["x"].shape[0] for b in batches] == [4, 1] and all(b["s"] == 2 for b in batches)
+    np.savez(tmp_path / "empty.npz", x=np.ones((0, 3), np.float32))
+    with pytest.raises(DataError, match="empty array"):
+        calibration.Dataset.load(tmp_path / "empty.npz")
+
+
 def test_batches_follow_a_fixed_leading_dim():
     """A model fixing its batch to 4 gets batches of exactly 4 (the rest dropped, whatever batch_size asks);
     inputs fixing axis 0 to different sizes (it is no batch axis) get each file whole."""
