@@ -140,11 +140,11 @@ class QuantizeInt8Pass(ir.passes.InPlacePass):
         if self.data is None:
             raise DataError("quantize-int8 needs calibration data (--data); use quantize-dynamic without data")
         notes: list[str] = []
-        scan = scan_weights(model, tuple(op for op in COMPUTE_OPS if op in self.op_types), self._selected)
         quantizable = any(self._selected(n) or (self.embeddings and n.op_type == "Gather" and self._allowed(n))
                           for n in ir.traversal.RecursiveGraphIterator(model.graph))
-        if quantizable and qz.raise_opset(model, QDQ_OPSET, "per-channel QuantizeLinear/DequantizeLinear", notes):
-            scan = scan_weights(model, tuple(op for op in COMPUTE_OPS if op in self.op_types), self._selected)
+        if quantizable:  # before the scan: the converter may rebuild the graph
+            qz.raise_opset(model, QDQ_OPSET, "per-channel QuantizeLinear/DequantizeLinear", notes)
+        scan = scan_weights(model, tuple(op for op in COMPUTE_OPS if op in self.op_types), self._selected)
         graph = model.graph
         skipped = dict(scan.skipped)
         weights: dict[ir.Node, WeightUse] = {}
