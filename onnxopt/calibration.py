@@ -81,11 +81,11 @@ class Dataset:
                     raise DataError(f"data for input '{value.name}' is {array.dtype}, model expects {np.dtype(expected)}")
 
     def batches(self, model: ir.Model, batch_size: int = 8, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-        """Yield feeds of up to ``batch_size`` samples, about ``limit`` samples in all.
+        """Yield feeds of up to ``batch_size`` samples, at most ``limit`` samples in all.
 
         Where the model's inputs fix their leading dim to d, batches hold exactly d samples (the rest of a
-        file is dropped); where they fix it to different sizes, axis 0 is no batch axis and every file is
-        fed whole.
+        file is dropped; one batch even when ``limit`` < d); where they fix it to different sizes, axis 0
+        is no batch axis and every file is fed whole (``limit`` then counts whole files' samples).
         """
         self.check(model)
         fixed = {v.shape[0] for v in model.graph.inputs if v.shape is not None and len(v.shape) and isinstance(v.shape[0], int)}
@@ -103,7 +103,7 @@ class Dataset:
                 served += count
                 continue
             for start in range(0, count, step):
-                if limit is not None and served >= limit:
+                if limit is not None and (served >= limit or exact and served and served + step > limit):
                     return
                 stop = min(start + step, count)
                 if exact and stop - start < step:

@@ -73,6 +73,15 @@ def _existing_file(path: str, what: str) -> pathlib.Path:
     return p
 
 
+def _require_writable_dir(path: pathlib.Path, what: str) -> None:
+    """Fail before any work when ``path`` could not be written at the end."""
+    parent = path.parent if str(path.parent) else pathlib.Path(".")
+    if not parent.is_dir():
+        raise OnnxoptError(f"{what} directory does not exist: {parent}")
+    if not os.access(parent, os.W_OK):
+        raise OnnxoptError(f"{what} directory is not writable: {parent}")
+
+
 def _load_data(path: str | None) -> calibration.Dataset | None:
     return calibration.Dataset.load(path) if path else None
 
@@ -104,11 +113,9 @@ def optimize(model_path, output, pass_specs, recipe, data, report, on_error, che
     dataset = _load_data(data)
     for spec in specs:  # unknown passes and bad options fail here, before any work
         spec.create(dataset)
-    out_dir = out.parent if str(out.parent) else pathlib.Path(".")
-    if not out_dir.is_dir():
-        raise OnnxoptError(f"output directory does not exist: {out_dir}")
-    if not os.access(out_dir, os.W_OK):
-        raise OnnxoptError(f"output directory is not writable: {out_dir}")
+    _require_writable_dir(out, "output")
+    if report:
+        _require_writable_dir(pathlib.Path(report), "report")
     model = io.load(src)
     if dataset is not None:
         dataset.check(model)
@@ -127,16 +134,16 @@ def optimize(model_path, output, pass_specs, recipe, data, report, on_error, che
         staged = io.save(model, staging / out.name, external_data=external_data)
         del model  # the sessions below hold their own copies of the weights: unmap ours first
         gc.collect()
-        if report:
-            _write_report(rep, pathlib.Path(report))
         try:
-            errors, lat = _measure_output(src, staged, reference, feeds, threads, one_at_a_time=before.tensor_bytes > LARGE_MODEL_BYTES)
+            errors, lat, notes = _measure_output(src, staged, reference, feeds, threads, one_at_a_time=before.tensor_bytes > LARGE_MODEL_BYTES)
         except Exception as exc:
             if not (_from_onnxruntime(exc) or isinstance(exc, RuntimeError)):
                 raise
             raise OnnxoptError(f"the optimized model fails in onnxruntime, {out} not written: {_first_line(exc)}") from exc
         size_in, size_out = _file_size(src), _file_size(staged)
         _publish(staged, out)
+    if report:  # only for a written model: a failed run leaves no file behind
+        _write_report(rep, pathlib.Path(report))
     worst = max(errors, key=lambda e: e.max_abs, default=None)
     click.echo(f"\n{'':<22}{'before':>14}{'after':>14}{'ratio':>9}")
     click.echo(f"{'file size':<22}{stats.human_bytes(size_in):>14}{stats.human_bytes(size_out):>14}{size_out / size_in:>9.3f}")
@@ -146,26 +153,34 @@ def optimize(model_path, output, pass_specs, recipe, data, report, on_error, che
     if worst is not None:
         click.echo(f"{'output max abs error':<22}{'':>14}{worst.max_abs:>14.3g}")
         click.echo(f"{'output cosine':<22}{'':>14}{min(e.cosine for e in errors):>14.6f}")
+    for note in notes:
+        click.echo(f"note: {note}", err=True)
     click.echo(f"wrote {out}")
 
 
 def _measure_output(src, out, reference, feeds, threads, one_at_a_time: bool):
-    """Output errors of OUT and the latency of both models (interleaved, or one session at a time for
-    large models so that peak memory holds a single copy of the weights)."""
+    """Output errors of OUT, the latency of both models (interleaved, or one session at a time for large
+    models so that peak memory holds a single copy of the weights) and the sessions' notes."""
     if one_at_a_time:
-        lat = []
+        lat, notes = [], []
         for path in (src, out):
             sess = runtime.session(path, threads=threads)
             lat.append(validate.latency_ms(sess, feeds[0], warmup=1, repeat=5))
+            notes += _session_notes(sess)
             if path is out:
                 errors = validate.compare_outputs(reference, validate.run_all(sess, feeds))
             del sess
-        return errors, lat
+        return errors, lat, notes
     sessions = [runtime.session(src, threads=threads), runtime.session(out, threads=threads)]
     errors = validate.compare_outputs(reference, validate.run_all(sessions[1], feeds))
     single = validate.latency_ms(sessions[0], feeds[0], warmup=2, repeat=5) / 1e3
     repeat = int(min(1000, max(10, 0.05 / max(single, 1e-6))))  # rounds of ~50 ms: sub-ms models need many runs
-    return errors, validate.interleaved_latency_ms(sessions, feeds[0], rounds=5, repeat=repeat)
+    return errors, validate.interleaved_latency_ms(sessions, feeds[0], rounds=5, repeat=repeat), _session_notes(*sessions)
+
+
+def _session_notes(*sessions) -> list[str]:
+    """What a session ran differently from the model as written (:data:`runtime.BFLOAT16_NOTE`)."""
+    return list(dict.fromkeys(note for sess in sessions if (note := getattr(sess, "onnxopt_note", None))))
 
 
 @contextlib.contextmanager
@@ -297,6 +312,8 @@ def validate_cmd(reference_path, candidate_path, data, threads, repeat, max_abs,
     click.echo(f"file size: reference {stats.human_bytes(_file_size(ref_path))}, candidate {stats.human_bytes(_file_size(cand_path))}")
     failed = [e.name for e in errors if (max_abs is not None and e.max_abs > max_abs)
               or (max_rel is not None and e.max_rel > max_rel) or (min_cosine is not None and e.cosine < min_cosine)]
+    for note in _session_notes(ref_sess, cand_sess):
+        click.echo(f"note: {note}", err=True)
     if failed:
         click.echo(f"threshold exceeded on: {', '.join(failed)}", err=True)
         sys.exit(EXIT_THRESHOLD)

@@ -165,6 +165,12 @@ def test_unwritable_output(tmp_path, mlp_path, where):
     assert _digest(mlp_path) == before
 
 
+def test_report_into_missing_directory_fails_before_any_work(tmp_path, mlp_path):
+    out = tmp_path / "out.onnx"
+    result = invoke("optimize", mlp_path, "-o", out, "-p", "cleanup", "--report", tmp_path / "missing" / "r.json")
+    assert_usage_error(result, out, "report directory does not exist")
+
+
 def test_output_equal_to_input_is_refused(mlp_path):
     before = _digest(mlp_path)
     result = invoke("optimize", mlp_path, "-o", mlp_path, "-p", "cleanup")
@@ -433,7 +439,8 @@ def test_recover_with_nothing_to_refit_toward(tmp_path, mlp_path):
 
 
 def test_output_failing_in_onnxruntime_is_not_written(tmp_path, mlp_path, monkeypatch):
-    """A model that onnxruntime refuses after saving leaves neither it nor a scratch file; an earlier output stays."""
+    """A model that onnxruntime refuses after saving leaves neither it, its report nor a scratch file; an
+    earlier output stays."""
     out = tmp_path / "out.onnx"
     out.write_bytes(b"earlier output")
     files = sorted(tmp_path.iterdir())
@@ -442,7 +449,7 @@ def test_output_failing_in_onnxruntime_is_not_written(tmp_path, mlp_path, monkey
         raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : Load model failed")
 
     monkeypatch.setattr(cli, "_measure_output", refuse)
-    result = invoke("optimize", mlp_path, "-o", out, "-p", "cleanup", "--no-numeric-check")
+    result = invoke("optimize", mlp_path, "-o", out, "-p", "cleanup", "--no-numeric-check", "--report", tmp_path / "r")
     assert result.exit_code == 2 and f"{out} not written" in result.stderr and "Load model failed" in result.stderr
     assert out.read_bytes() == b"earlier output"
     assert sorted(tmp_path.iterdir()) == files

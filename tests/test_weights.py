@@ -141,12 +141,14 @@ def test_data_files_may_hold_scalars_but_not_empty_arrays(tmp_path):
 
 
 def test_batches_follow_a_fixed_leading_dim():
-    """A model fixing its batch to 4 gets batches of exactly 4 (the rest dropped, whatever batch_size asks);
+    """A model fixing its batch to 4 gets batches of exactly 4 (the rest dropped, whatever batch_size asks;
+    no more than ``limit`` samples unless that is less than one batch);
     inputs fixing axis 0 to different sizes (it is no batch axis) get each file whole."""
     model = _model([helper.make_node("Add", ["x", "x"], ["y"])], [_f("x", [4, 3])], [_f("y", [4, 3])])
     data = calibration.Dataset.from_arrays({"x": np.ones((10, 3), np.float32)})
     assert [b["x"].shape for b in data.batches(model, batch_size=1)] == [(4, 3), (4, 3)]
-    assert [b["x"].shape for b in data.batches(model, batch_size=8, limit=3)] == [(4, 3)]
+    assert [b["x"].shape for b in data.batches(model, batch_size=8, limit=3)] == [(4, 3)]  # one batch at least
+    assert [b["x"].shape for b in data.batches(model, batch_size=8, limit=7)] == [(4, 3)]  # never past the limit
     with pytest.raises(DataError, match="fixes its batch to 4"):
         list(calibration.Dataset.from_arrays({"x": np.ones((3, 3), np.float32)}).batches(model))
     mixed = _model([helper.make_node("MatMul", ["q", "m"], ["y"])], [_f("q", [2, 4]), _f("m", [4, 6])], [_f("y", [2, 6])])
