@@ -180,7 +180,7 @@ def run_pipeline(
             check = False
             report.notes.append(f"structural checks off: the input model already fails them ({exc})")
     feeds = validate.feeds_for(model, data) if numeric_check else []
-    previous_outputs = _outputs(model, feeds) if numeric_check else {}
+    previous_outputs = _outputs(model, feeds, report.notes) if numeric_check else {}
     # the model before the first other lossy pass: what a `recover` given no reference re-fits toward
     wants_reference = [hasattr(i, "pipeline_original") and not i.reference and i.original is None for _, i, _ in instances]
     reference = None
@@ -199,7 +199,7 @@ def run_pipeline(
             if check:
                 structural_check(model)
             if numeric_check:
-                outputs = _outputs(model, feeds)
+                outputs = _outputs(model, feeds, report.notes)
                 errors = validate.compare_outputs(previous_outputs, outputs)
                 bad = [e for e in errors if not e.within(rtol, atol)]
                 if lossless and bad:
@@ -235,7 +235,12 @@ def run_pipeline(
     return model, report
 
 
-def _outputs(model: ir.Model, feeds) -> dict:
+def _outputs(model: ir.Model, feeds, notes: list[str] | None = None) -> dict:
+    """The model's outputs on ``feeds``; what the session ran differently (``onnxopt_note``) goes to ``notes``."""
     from onnxopt import runtime
 
-    return validate.run_all(runtime.session(model), feeds)
+    sess = runtime.session(model)
+    note = getattr(sess, "onnxopt_note", None)
+    if note and notes is not None and note not in notes:
+        notes.append(note)
+    return validate.run_all(sess, feeds)

@@ -228,11 +228,13 @@ def set_weight(use: WeightUse, array: np.ndarray, suffix: str) -> ir.Value:
     return new
 
 
-def name_values_uniquely(model: ir.Model) -> None:
+def name_uniquely(model: ir.Model) -> None:
     """Name every value of ``model`` (new, unnamed ones included) unlike any other value of it, subgraphs
-    included: onnxruntime refuses a name defined twice ("SSA form"), and each graph names its own new
-    values without seeing the enclosing graph's. The main graph's names win, then outer graphs' over
-    inner ones'; absent optional outputs (named ``""``) stay absent.
+    included, and every named node unlike the other nodes of its graph: onnxruntime refuses a value
+    defined twice ("SSA form") and two nodes of one name in a graph. Each graph names its new values
+    without seeing the enclosing graph's, and a pass run twice names its new nodes alike. The main graph's
+    names win, then outer graphs' over inner ones'; absent optional outputs (named ``""``) and unnamed
+    nodes stay so.
     """
     seen: set[ir.Value] = set()
     taken: set[str] = set()
@@ -244,6 +246,11 @@ def name_values_uniquely(model: ir.Model) -> None:
             seen.add(value)
             value.name = unique_name(value.name or "val", taken)
             taken.add(value.name)
+        taken_nodes: set[str] = set()
+        for node in graph:
+            if node.name:
+                node.name = unique_name(node.name, taken_nodes)
+                taken_nodes.add(node.name)
 
 
 def drop_if_unused(value: ir.Value) -> None:

@@ -21,7 +21,7 @@ from onnxopt.compression import custom_op_blocker, lower_to_custom_op
 from onnxopt.filters import NodeFilter
 from onnxopt.passes.recover import recover_layers, require_data
 from onnxopt.registry import register
-from onnxopt.weights import edge_layers, name_layers, name_values_uniquely, scan_weights
+from onnxopt.weights import edge_layers, name_layers, name_uniquely, scan_weights
 
 PACKERS = {"weights": ops.pack_binary_matmul, "xnor": ops.pack_xnor_matmul}
 
@@ -85,5 +85,5 @@ class BinarizePass(ir.passes.InPlacePass):
         if self.recover and binarized:
             self.details["recover"] = recover_layers(original, model, self.data, binarized, self.samples)
         self.details["layers"] = layers
-        name_values_uniquely(model)  # a subgraph's new initializers may reuse an outer graph's names
+        name_uniquely(model)  # a subgraph's new initializers may reuse an outer graph's names
         return ir.passes.PassResult(model, bool(binarized))

@@ -1,31 +1,37 @@
 """``convert-fp16`` / ``convert-bf16``: float32 tensors and ops to half precision, mixed where needed.
 
-Numerically sensitive ops (normalizations, reductions, Softmax, Exp/Log/Pow/Sqrt...) stay float32,
-and so do ops all of whose float inputs come from such ops (the rest of a LayerNorm's variance
+Numerically sensitive ops (normalizations, reductions, Softmax, Exp/Log/Pow/Sqrt...) stay float32, as
+do ops whose schema at the model's opset has no such type (bfloat16 Conv before opset 22), and so do
+ops all of whose float inputs come from such ops (the rest of a LayerNorm's variance
 chain), so a ``ReduceMean -> Add(eps) -> Sqrt`` chain is not split by casts. Casts are inserted only
 at the boundaries between float32 and half regions (one per tensor and graph), Cast nodes that
 produced float32 inside a converted region produce half instead, constants are converted once
-(fp16: finite values clamped to ±65504 so masks like -3.4e38 do not become -inf and then NaN).
-Graph inputs/outputs stay float32 unless ``keep_io_types=false``; subgraph outputs always keep
-their type. With data, ops whose float32 outputs exceed the fp16 range are reported (and kept in
-float32 with ``keep_overflowing``).
+(finite values clamped to the target's range, ±65504 for fp16 and ±3.39e38 for bf16, so masks like
+-3.4028235e38 do not become -inf and then NaN). Graph inputs/outputs stay float32 unless
+``keep_io_types=false``; subgraph outputs always keep their type. With data, ops whose float32
+outputs exceed the target's range are reported (and kept in float32 with ``keep_overflowing``).
 """
 
 from __future__ import annotations
 
+import functools
 import re
 
 import ml_dtypes
 import numpy as np
+import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
 from onnxopt.calibration import Dataset, capture
 from onnxopt.filters import NodeFilter
 from onnxopt.registry import register
-from onnxopt.weights import constant_tensor, drop_if_unused, name_values_uniquely, new_initializer
+from onnxopt.weights import constant_tensor, drop_if_unused, name_uniquely, new_initializer
 
 FP16_MAX = float(np.finfo(np.float16).max)
+HALF_MAX = {ir.DataType.FLOAT16: FP16_MAX, ir.DataType.BFLOAT16: float(ml_dtypes.finfo(ml_dtypes.bfloat16).max)}
+"""Largest finite value of each target: float32's -3.4028235e38 (a common attention-mask fill) rounds to
+-inf in bfloat16 too, and 0 × -inf is NaN."""
 # The overflow check captures this many tensors per pass over the data, one sample at a time, so its
 # memory is bounded by 2 x OVERFLOW_CHECK_VALUES x the largest intermediate tensor of one sample
 # (onnxruntime's output and numpy's copy; on MiniLM seq 128 the whole check, its session included, adds
@@ -90,34 +96,39 @@ class _ConvertPrecision(ir.passes.InPlacePass):
             v for node in nodes for v in (*node.inputs, *node.outputs) if v is not None and v.dtype == ir.DataType.FLOAT
         } | {v for v in model.graph.inputs if v.dtype == ir.DataType.FLOAT}
         overflowing = self._overflowing(model, nodes, originally_float)
-        half = self._half_nodes(nodes, originally_float, set(overflowing) if self.keep_overflowing else set())
+        opset = model.opset_imports.get("", 1)
+        half = self._half_nodes(nodes, originally_float, set(overflowing) if self.keep_overflowing else set(), opset)
         if not self.keep_io_types:
             for value in model.graph.inputs:
                 if value in originally_float:
-                    value.dtype = self.target
+                    _set_dtype(value, self.target)
         for node in half:
             for value in node.outputs:
                 if value in originally_float:
-                    value.dtype = self.target
+                    _set_dtype(value, self.target)
             if node.op_type == "Cast" and node.attributes["to"].value == ir.DataType.FLOAT:
                 node.attributes["to"] = ir.AttrInt64("to", self.target)
         casts, clamped = self._reconcile_inputs(nodes, half, originally_float)
         casts += self._restore_outputs(model, originally_float)
         kept: dict[str, int] = {}
+        unsupported: dict[str, int] = {}
         for node in nodes:
             if node not in half and any(v in originally_float for v in (*node.inputs, *node.outputs)):
                 kept[node.op_type] = kept.get(node.op_type, 0) + 1
+                if not _schema_accepts(node, originally_float, self.target, opset):
+                    unsupported[node.op_type] = unsupported.get(node.op_type, 0) + 1
         self.details = {
             "converted_nodes": len(half),
             "kept_float32": kept,
+            f"no_{self.suffix}_in_opset_{opset}": unsupported,  # kept, with what runs only on their outputs
             "casts_inserted": casts,
             "clamped_constants": clamped,
             "overflowing_ops": overflowing,
         }
-        name_values_uniquely(model)
+        name_uniquely(model)
         return ir.passes.PassResult(model, bool(half))
 
-    def _half_nodes(self, nodes: list[ir.Node], originally_float: set, overflowing: set[str]) -> set[ir.Node]:
+    def _half_nodes(self, nodes: list[ir.Node], originally_float: set, overflowing: set[str], opset: int) -> set[ir.Node]:
         kept_values: set[ir.Value] = set()
         half = set()
         for node in nodes:
@@ -132,6 +143,7 @@ class _ConvertPrecision(ir.passes.InPlacePass):
                 or node.name in overflowing
                 or self._excluded(node)
                 or (runtime_inputs and all(v in kept_values for v in runtime_inputs))
+                or not _schema_accepts(node, originally_float, self.target, opset)
             )
             if keep:
                 kept_values.update(v for v in node.outputs if v in originally_float)
@@ -187,15 +199,15 @@ class _ConvertPrecision(ir.passes.InPlacePass):
                 value.name = f"{name}_{self.suffix}"
                 cast = ir.node("Cast", [value], {"to": ir.DataType.FLOAT}, name=f"{name}_to_float")
                 cast.outputs[0].name, cast.outputs[0].shape = name, value.shape
-                cast.outputs[0].dtype = ir.DataType.FLOAT
+                _set_dtype(cast.outputs[0], ir.DataType.FLOAT)
                 graph.append(cast)
                 graph.outputs[i] = cast.outputs[0]
                 count += 1
         return count
 
     def _overflowing(self, model: ir.Model, nodes: list[ir.Node], originally_float: set) -> dict[str, float]:
-        """Main-graph ops whose float32 outputs exceed the fp16 range on the data: {node: max |x|}."""
-        if self.data is None or self.target != ir.DataType.FLOAT16:
+        """Main-graph ops whose float32 outputs exceed the target's range on the data: {node: max |x|}."""
+        if self.data is None:
             return {}
         producers = {v.name: n for n in model.graph for v in n.outputs if v in originally_float and v.name}
         peaks: dict[str, float] = {}
@@ -210,16 +222,15 @@ class _ConvertPrecision(ir.passes.InPlacePass):
         for start in range(0, len(names), OVERFLOW_CHECK_VALUES):
             samples = self.data.batches(model, 1, self.calibration_samples)
             capture(model, names[start : start + OVERFLOW_CHECK_VALUES], samples, on_batch)
-        return {producers[n].name or n: peak for n, peak in peaks.items() if peak > FP16_MAX}
+        return {producers[n].name or n: peak for n, peak in peaks.items() if peak > HALF_MAX[self.target]}
 
     def _to_half(self, array: np.ndarray) -> tuple[np.ndarray, int]:
-        array = array.astype(np.float32)
-        if self.target == ir.DataType.BFLOAT16:
-            return array.astype(ml_dtypes.bfloat16), 0
+        """``array`` in the target type, finite values clamped to its range; and how many were clamped."""
+        array, limit = array.astype(np.float32), HALF_MAX[self.target]
         finite = np.isfinite(array)
-        over = int(np.count_nonzero(finite & (np.abs(array) > FP16_MAX)))
-        clipped = np.where(finite, np.clip(array, -FP16_MAX, FP16_MAX), array)
-        return clipped.astype(np.float16), over
+        over = int(np.count_nonzero(finite & (np.abs(array) > limit)))
+        clipped = np.where(finite, np.clip(array, -limit, limit), array)
+        return clipped.astype(np.float16 if self.target == ir.DataType.FLOAT16 else ml_dtypes.bfloat16), over
 
 
 _ARGS_DOC = """
@@ -227,7 +238,7 @@ _ARGS_DOC = """
         keep_fp32_ops: Op types kept in float32 (default: normalizations, reductions, Softmax,
             Exp/Log/Pow/Sqrt/Reciprocal).
         keep_io_types: Keep the model's float32 inputs and outputs (casts at the boundary).
-        keep_overflowing: Keep in float32 the ops whose outputs exceed the fp16 range on the data.
+        keep_overflowing: Keep in float32 the ops whose outputs exceed the target's range on the data.
         exclude: Node names or regular expressions (full match) kept in float32.
         calibration_samples: Samples of the data run to find overflowing ops.
 """
@@ -245,3 +256,42 @@ class ConvertBf16Pass(_ConvertPrecision):
     __doc__ = "Convert float32 to bfloat16 with float32 islands for sensitive ops.\n" + _ARGS_DOC
     target = ir.DataType.BFLOAT16
     suffix = "bf16"
+
+
+def _set_dtype(value: ir.Value, dtype: ir.DataType) -> None:
+    """Give ``value`` (a tensor, or a sequence/optional of them) element type ``dtype`` through a new type
+    object: ``Value.dtype = ...`` changes the type object in place, which ``Model.clone()`` shares with
+    the clone (the model a later ``recover`` re-fits toward turned float16 with it)."""
+    def retyped(tp):
+        if isinstance(tp, (ir.SequenceType, ir.OptionalType)):
+            return type(tp)(retyped(tp.elem_type))
+        return type(tp)(dtype) if isinstance(tp, (ir.TensorType, ir.SparseTensorType)) else ir.TensorType(dtype)
+
+    value.type = retyped(value.type)
+
+
+def _schema_accepts(node: ir.Node, originally_float: set, target: ir.DataType, opset: int) -> bool:
+    """Whether the node's ONNX schema at ``opset`` lets each of its float32 inputs and outputs be ``target``
+    (bfloat16 Conv, for one, exists only from opset 22)."""
+    inputs, outputs = _allowed_types(node.op_type, opset)
+    wanted = f"tensor({target.name.lower()})"
+    checks = [(outputs, node.outputs, ())]
+    if node.op_type not in ANY_TYPE_INPUT_OPS:
+        checks.append((inputs, node.inputs, FLOAT32_INPUTS.get(node.op_type, ())))
+    for allowed, values, exempt in checks:
+        for index, value in enumerate(values):
+            if value in originally_float and index not in exempt and allowed:
+                if not any(wanted in t for t in allowed[min(index, len(allowed) - 1)]):  # the last may be variadic
+                    return False
+    return True
+
+
+@functools.cache
+def _allowed_types(op_type: str, opset: int) -> tuple[tuple[tuple[str, ...], ...], tuple[tuple[str, ...], ...]]:
+    """The types each input and each output of ``op_type``'s schema at ``opset`` allows (none known: empty)."""
+    try:
+        schema = onnx.defs.get_schema(op_type, opset, "")
+    except onnx.defs.SchemaError:
+        return (), ()
+    constraints = {c.type_param_str: tuple(c.allowed_type_strs) for c in schema.type_constraints}
+    return tuple(tuple(constraints.get(p.type_str, (p.type_str,)) for p in params) for params in (schema.inputs, schema.outputs))

@@ -34,7 +34,7 @@ from onnxopt.weights import (
     drop_if_unused,
     edge_layers,
     name_layers,
-    name_values_uniquely,
+    name_uniquely,
     new_initializer,
     other_readers,
     scan_weights,
@@ -175,7 +175,7 @@ class LowRankPass(ir.passes.InPlacePass):
         if self.recover and factored:
             self.details["recover"] = recover_layers(original, model, self.data, factored, self.samples, self.damping)
         self.details["layers"] = layers
-        name_values_uniquely(model)  # a subgraph's new initializers may reuse an outer graph's names
+        name_uniquely(model)  # a subgraph's new initializers may reuse an outer graph's names
         return ir.passes.PassResult(model, bool(factored))
 
     def _split(self, use: WeightUse, u: np.ndarray, v: np.ndarray, taken: set[str]) -> None:

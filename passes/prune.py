@@ -36,7 +36,7 @@ from onnxopt.compression import (
 from onnxopt.filters import NodeFilter
 from onnxopt.passes.recover import recover_layers, require_data
 from onnxopt.registry import register
-from onnxopt.weights import WeightUse, name_layers, name_values_uniquely, other_readers, scan_weights
+from onnxopt.weights import WeightUse, name_layers, name_uniquely, other_readers, scan_weights
 
 # Sparsity from which SparseMatMul beats dense fp32 MatMul, by dense weight size (measured with
 # /work/main kernels, 1 thread, interleaved medians): a weight streamed from DRAM (4096x4096, 64 MiB)
@@ -181,7 +181,7 @@ class PrunePass(ir.passes.InPlacePass):
         for label, how in lowered.items():
             layers[label] += f", {how}"
         self.details.update(layers=layers, skipped=dict(scan.skipped))
-        name_values_uniquely(model)  # a subgraph's new initializers may reuse an outer graph's names
+        name_uniquely(model)  # a subgraph's new initializers may reuse an outer graph's names
         return ir.passes.PassResult(model, bool(uses))
 
     def _lower(self, model: ir.Model, uses: list[WeightUse]) -> dict[str, str]:

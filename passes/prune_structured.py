@@ -36,7 +36,7 @@ from onnxopt.weights import (
     constant_array,
     constant_tensor,
     name_layers,
-    name_values_uniquely,
+    name_uniquely,
     scan_weights,
     set_weight,
 )
@@ -571,7 +571,7 @@ class PruneStructuredPass(ir.passes.InPlacePass):
         changed = params_after != params_before
         if self.recover and changed:
             self.details["recover"] = self._recover(original, model, groups, kept_outputs)
-        name_values_uniquely(model)  # a subgraph's new initializers may reuse an outer graph's names
+        name_uniquely(model)  # a subgraph's new initializers may reuse an outer graph's names
         return ir.passes.PassResult(model, changed)
 
     def _groups(self, uses: list[WeightUse]) -> tuple[list[ChannelGroup], dict[str, str]]:

@@ -16,7 +16,7 @@ import onnx_ir as ir
 from onnxopt import quantization as qz
 from onnxopt.filters import NodeFilter
 from onnxopt.registry import register
-from onnxopt.weights import WeightUse, constant_tensor, drop_if_unused, name_values_uniquely, new_initializer, scan_weights
+from onnxopt.weights import WeightUse, constant_tensor, drop_if_unused, name_uniquely, new_initializer, scan_weights
 
 MS_DOMAIN = "com.microsoft"
 STANDARD_OPSET = 13  # the standard ops emitted (DynamicQuantizeLinear, MatMulInteger, int8 Gather dequantization)
@@ -241,6 +241,6 @@ class QuantizeDynamicPass(ir.passes.InPlacePass):
             "skipped": skipped,
             "notes": notes,
         }
-        name_values_uniquely(model)
+        name_uniquely(model)
         return ir.passes.PassResult(model, bool(errors) or bool(notes))
 

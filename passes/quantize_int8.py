@@ -35,7 +35,7 @@ from onnxopt.errors import DataError
 from onnxopt.filters import NodeFilter
 from onnxopt.passes.quantize_dynamic import DynamicRewriter, quantize_gather
 from onnxopt.registry import register
-from onnxopt.weights import WeightUse, constant_tensor, drop_if_unused, name_values_uniquely, new_initializer, scan_weights
+from onnxopt.weights import WeightUse, constant_tensor, drop_if_unused, name_uniquely, new_initializer, scan_weights
 
 COMPUTE_OPS = ("MatMul", "Gemm", "Conv")
 QDQ_OPSET = 13  # QuantizeLinear/DequantizeLinear with an axis (per-channel weights)
@@ -218,7 +218,7 @@ class QuantizeInt8Pass(ir.passes.InPlacePass):
             "skipped": skipped,
             "notes": notes,
         }
-        name_values_uniquely(model)
+        name_uniquely(model)
         return ir.passes.PassResult(model, bool(params or dynamic_errors or embedding_errors))
 
     # ------------------------------------------------------------------ planning

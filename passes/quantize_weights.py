@@ -32,7 +32,7 @@ from onnxopt.errors import DataError
 from onnxopt.filters import NodeFilter
 from onnxopt.passes.quantize_dynamic import MS_DOMAIN, matmul_parts, replace_matmul
 from onnxopt.registry import register
-from onnxopt.weights import WeightUse, constant_tensor, drop_if_unused, name_values_uniquely, new_initializer, scan_weights
+from onnxopt.weights import WeightUse, constant_tensor, drop_if_unused, name_uniquely, new_initializer, scan_weights
 
 BLOCKED_DQ_OPSET = 21
 INT4_TYPES = {True: ir.DataType.INT4, False: ir.DataType.UINT4}
@@ -145,7 +145,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         }
         if output_error:
             self.details["layer_output_relative_error"] = output_error
-        name_values_uniquely(model)
+        name_uniquely(model)
         return ir.passes.PassResult(model, bool(weight_error))
 
     def _quantize_all(self, model: ir.Model, uses: list[WeightUse], output_error: dict, notes: list) -> dict:

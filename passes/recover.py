@@ -53,7 +53,7 @@ from onnxopt.weights import (
     WeightUse,
     constant_array,
     drop_if_unused,
-    name_values_uniquely,
+    name_uniquely,
     new_initializer,
     scan_weights,
     scoped_nodes,
@@ -501,5 +501,5 @@ class RecoverPass(ir.passes.InPlacePass):
         data = require_data(self.data, "recover")
         results = recover_layers(original, model, data, None, self.samples, self.damping, self.target)
         self.details = {"layers": results} if results else {"layers": "no compressed layer matched the reference"}
-        name_values_uniquely(model)  # a subgraph's new initializers may reuse an outer graph's names
+        name_uniquely(model)  # a subgraph's new initializers may reuse an outer graph's names
         return ir.passes.PassResult(model, any(r.get("applied") for r in results.values()))

@@ -195,21 +195,27 @@ def test_cross_gram_least_squares_recovers_the_original_weight():
     assert onnx.checker.check_model(ir.to_proto(compressed)) is None
 
 
-def test_name_values_uniquely_keeps_main_names_and_absent_outputs():
+def test_name_uniquely_keeps_main_names_and_absent_outputs():
     """A branch value named like a later main value is renamed (not the main one), and an absent optional
-    output ('') stays absent (NameFixPass named it: the output became present)."""
-    then = helper.make_graph([helper.make_node("Neg", ["x"], ["z"])], "then", [], [_f("z", [3])])
-    other = helper.make_graph([helper.make_node("Identity", ["x"], ["e"])], "else", [], [_f("e", [3])])
+    output ('') stays absent (NameFixPass named it: the output became present). Node names are made unique
+    within each graph (onnxruntime refuses two nodes of one name in a graph, e.g. a pass's Cast written
+    again by a second run); a branch node may share a main node's name."""
+    then = helper.make_graph([helper.make_node("Neg", ["x"], ["z"], name="op")], "then", [], [_f("z", [3])])
+    other = helper.make_graph([helper.make_node("Identity", ["x"], ["e"], name="dup"),
+                               helper.make_node("Identity", ["e"], ["e2"], name="dup")], "else", [], [_f("e2", [3])])
     nodes = [helper.make_node("If", ["c"], ["g"], then_branch=then, else_branch=other),
-             helper.make_node("Mul", ["g", "g"], ["z"]),
-             helper.make_node("LayerNormalization", ["z", "s"], ["y", "", ""])]
+             helper.make_node("Mul", ["g", "g"], ["z"], name="op"),
+             helper.make_node("LayerNormalization", ["z", "s"], ["y", "", ""], name="op")]
     model = _model(nodes, [_f("x", [3]), helper.make_tensor_value_info("c", TensorProto.BOOL, []), _f("s", [3])], [_f("y", [3])])
-    weights.name_values_uniquely(model)
+    weights.name_uniquely(model)
     main = {v.name for n in model.graph for v in n.outputs}
-    branch = next(model.graph.subgraphs())
+    if_node = next(iter(model.graph))
+    branch, other_branch = (if_node.attributes[a].as_graph() for a in ("then_branch", "else_branch"))
     assert "z" in main and branch.outputs[0].name not in main | {"x", "c", "s"}
     layer_norm = next(n for n in model.graph if n.op_type == "LayerNormalization")
     assert [v.name for v in layer_norm.outputs] == ["y", "", ""]
+    assert [n.name for n in model.graph] == ["", "op", "op_1"] and next(iter(branch)).name == "op"
+    assert [n.name for n in other_branch] == ["dup", "dup_1"]
     feeds = {"x": np.array([1, 2, 3], np.float32), "c": np.array(True), "s": np.ones(3, np.float32)}
     assert runtime.session(model).run(None, feeds)[0].shape == (3,)
 
