@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import tempfile
@@ -41,40 +42,45 @@ def session(
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
-    keep_alive = None
-    if isinstance(model, ir.Model):
-        domains = set(model.opset_imports)
-        if io.tensor_bytes(model) < _SERIALIZE_LIMIT:
-            source = io.to_bytes(model)
+    with contextlib.ExitStack() as stack:
+        if isinstance(model, ir.Model):
+            domains = set(model.opset_imports)
+            source = stack.enter_context(_serialized(model))
+        elif isinstance(model, onnx.ModelProto):
+            domains = {o.domain for o in model.opset_import}
+            source = model.SerializeToString()
+        elif isinstance(model, bytes):
+            domains = {o.domain for o in onnx.load_from_string(model).opset_import}
+            source = model
         else:
-            keep_alive = tempfile.TemporaryDirectory(prefix="onnxopt-session-")
-            source = str(io.save(model, pathlib.Path(keep_alive.name) / "model.onnx", external_data=True))
-    elif isinstance(model, onnx.ModelProto):
-        domains = {o.domain for o in model.opset_import}
-        source = model.SerializeToString()
-    elif isinstance(model, bytes):
-        domains = {o.domain for o in onnx.load_from_string(model).opset_import}
-        source = model
-    else:
-        path = pathlib.Path(model)
-        if not path.is_file():
-            raise ModelLoadError(f"model file not found: {path}")
-        domains = {o.domain for o in onnx.load(str(path), load_external_data=False).opset_import}
-        source = str(path)
-    if ONNXOPT_DOMAIN in domains:
-        options.register_custom_ops_library(str(kernel_library()))
-    try:
-        sess = ort.InferenceSession(source, sess_options=options, providers=providers or ["CPUExecutionProvider"])
-    except Exception as exc:
-        emulated = emulate_bfloat16(model) if type(exc).__name__ == "NotImplemented" else None
-        if emulated is None:
-            raise
-        sess = session(emulated, providers, threads, optimize, options)
+            path = pathlib.Path(model)
+            if not path.is_file():
+                raise ModelLoadError(f"model file not found: {path}")
+            domains = {o.domain for o in onnx.load(str(path), load_external_data=False).opset_import}
+            source = str(path)
+        if ONNXOPT_DOMAIN in domains:
+            options.register_custom_ops_library(str(kernel_library()))
+        providers = providers or ["CPUExecutionProvider"]
+        try:
+            return ort.InferenceSession(source, sess_options=options, providers=providers)
+        except Exception as exc:
+            emulated = emulate_bfloat16(model) if type(exc).__name__ == "NotImplemented" else None
+            if emulated is None:
+                raise
+        with _serialized(emulated) as source:
+            sess = ort.InferenceSession(source, sess_options=options, providers=providers)
         sess.onnxopt_note = BFLOAT16_NOTE
-    finally:
-        if keep_alive is not None:
-            keep_alive.cleanup()
-    return sess
+        return sess
+
+
+@contextlib.contextmanager
+def _serialized(model: ir.Model):
+    """``model`` as bytes, or as a temporary external-data file when it is too large for one protobuf."""
+    if io.tensor_bytes(model) < _SERIALIZE_LIMIT:
+        yield io.to_bytes(model)
+        return
+    with tempfile.TemporaryDirectory(prefix="onnxopt-session-") as folder:
+        yield str(io.save(model, pathlib.Path(folder) / "model.onnx", external_data=True))
 
 
 BFLOAT16_NOTE = ("onnxruntime has no bfloat16 kernel here for some ops: they ran in float32 on bfloat16-rounded "

@@ -139,7 +139,7 @@ class _ConvertPrecision(ir.passes.InPlacePass):
                 or node.domain not in ("", "ai.onnx")
                 or node.op_type in self.keep_ops
                 or node.op_type in UNCONVERTIBLE_OPS
-                or any(v.dtype is None for v in node.outputs)
+                or any(v is not None and v.dtype is None for v in (*node.inputs, *node.outputs))  # e.g. after MatMulNBits
                 or node.name in overflowing
                 or self._excluded(node)
                 or (runtime_inputs and all(v in kept_values for v in runtime_inputs))

@@ -332,6 +332,17 @@ def test_validate_threshold_exit_codes(tmp_path, mlp_path):
     assert same.exit_code == 0, same.output
 
 
+def test_bf16_output_is_checked_through_emulation(tmp_path, mlp_path):
+    """onnxruntime's CPU provider has no bf16 MatMul: the output used to be refused as failing in
+    onnxruntime; it is now checked with the bf16 ops run in float32, and a note says so."""
+    out = tmp_path / "bf16.onnx"
+    result = invoke("optimize", mlp_path, "-o", out, "-p", "convert-bf16")
+    assert result.exit_code == 0, result.output
+    assert f"note: {runtime.BFLOAT16_NOTE}" in result.stderr and "output cosine" in result.stdout
+    checked = invoke("validate", mlp_path, out, "--repeat", "5", "--min-cosine", "0.999")
+    assert checked.exit_code == 0 and f"note: {runtime.BFLOAT16_NOTE}" in checked.stderr, checked.output
+
+
 # --- recipes and test-only passes ------------------------------------------------------------------
 
 RECIPES = {
