@@ -15,6 +15,7 @@ import tempfile
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
+import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
@@ -24,6 +25,7 @@ NUMPY_DTYPE = {
     ir.DataType.FLOAT: np.float32,
     ir.DataType.DOUBLE: np.float64,
     ir.DataType.FLOAT16: np.float16,
+    ir.DataType.BFLOAT16: ml_dtypes.bfloat16,
     ir.DataType.INT64: np.int64,
     ir.DataType.INT32: np.int32,
     ir.DataType.INT8: np.int8,
@@ -71,7 +73,7 @@ class Dataset:
             for value in model.graph.inputs:
                 if value.name not in npz.files:
                     raise DataError(f"data has no array for model input '{value.name}' (has: {', '.join(npz.files)})")
-                array = npz[value.name]
+                array = _restore_records(npz[value.name], value.dtype)
                 if value.shape is not None and array.ndim != len(value.shape):
                     raise DataError(
                         f"data for input '{value.name}' has rank {array.ndim}, model expects {len(value.shape)}"
@@ -131,7 +133,16 @@ def _samples(arrays: Iterable[np.ndarray]) -> int:
 
 def _cast(array: np.ndarray, dtype: ir.DataType | None) -> np.ndarray:
     target = NUMPY_DTYPE.get(dtype)
+    array = _restore_records(array, dtype)
     return array if target is None or array.dtype == target else array.astype(target)
+
+
+def _restore_records(array: np.ndarray, dtype: ir.DataType | None) -> np.ndarray:
+    """np.savez stores bfloat16 arrays as raw 2-byte records: read them as the input's type again."""
+    target = NUMPY_DTYPE.get(dtype)
+    if target is not None and array.dtype.kind == "V" and array.dtype.itemsize == np.dtype(target).itemsize:
+        return array.view(target)
+    return array
 
 
 def synthesize_inputs(model: ir.Model, batch: int = 1, seq: int = 16, seed: int = 0) -> dict[str, np.ndarray]:
@@ -223,7 +234,7 @@ def capture_many(
             sessions.append((runtime.session(model, threads=threads, optimize=False), names))
     count = 0
     for feed in feeds:
-        on_batch([dict(zip(names, sess.run(names, feed))) for sess, names in sessions])
+        on_batch([dict(zip(names, runtime.run(sess, names, feed))) for sess, names in sessions])
         count += 1
     if count == 0:
         raise DataError("no data: the calibration set is empty")

@@ -55,7 +55,7 @@ def run_all(sess: ort.InferenceSession, feeds: Sequence[dict[str, np.ndarray]]) 
     collected: dict[str, list[np.ndarray]] = {n: [] for n in names}
     for feed in feeds:
         wanted = {i.name for i in sess.get_inputs()}
-        for name, array in zip(names, sess.run(names, {k: v for k, v in feed.items() if k in wanted})):
+        for name, array in zip(names, runtime.run(sess, names, {k: v for k, v in feed.items() if k in wanted})):
             collected[name].append(np.asarray(array))
     return {n: (np.concatenate(a) if a[0].ndim and len(a) > 1 else a[0]) for n, a in collected.items()}
 
@@ -66,12 +66,13 @@ def compare_outputs(reference: dict[str, np.ndarray], candidate: dict[str, np.nd
 
 def latency_ms(sess: ort.InferenceSession, feed: dict[str, np.ndarray], warmup: int = 3, repeat: int = 20) -> float:
     """Median wall time of one run, in milliseconds."""
+    call = runtime.runner(sess, None, feed)
     for _ in range(warmup):
-        sess.run(None, feed)
+        call()
     times = []
     for _ in range(repeat):
         start = time.perf_counter()
-        sess.run(None, feed)
+        call()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
 
@@ -81,14 +82,15 @@ def interleaved_latency_ms(
 ) -> list[float]:
     """Medians for several sessions measured in interleaved rounds (fair on a noisy machine)."""
     samples: list[list[float]] = [[] for _ in sessions]
-    for sess in sessions:
+    calls = [runtime.runner(sess, None, feed) for sess in sessions]
+    for call in calls:
         for _ in range(2):
-            sess.run(None, feed)
+            call()
     for _ in range(rounds):
-        for i, sess in enumerate(sessions):
+        for i, call in enumerate(calls):
             for _ in range(repeat):
                 start = time.perf_counter()
-                sess.run(None, feed)
+                call()
                 samples[i].append((time.perf_counter() - start) * 1e3)
     return [statistics.median(s) for s in samples]
 

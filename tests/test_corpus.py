@@ -12,7 +12,6 @@ Set ``ONNXOPT_CORPUS_NODE=0`` to leave out the ~1900 regenerated node tests.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import re
 
@@ -23,7 +22,7 @@ import onnxruntime as ort
 import pytest
 
 import _corpus_data
-from onnxopt import calibration, io, pipeline, registry
+from onnxopt import calibration, io, pipeline, registry, runtime
 from onnxopt.errors import OnnxoptError
 
 RTOL = 1e-4  # for float16/bfloat16/float8 outputs: 2 ulp (1e-4 is below their resolution)
@@ -34,18 +33,8 @@ CORPUS = _corpus_data.collect(_NODE_DIR)
 
 
 def _session(source) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 4
-    return ort.InferenceSession(source, sess_options=options, providers=["CPUExecutionProvider"])
-
-
-_SUB_BYTE_TYPES = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4, onnx.TensorProto.INT2, onnx.TensorProto.UINT2}
-_ELEMENT_TYPES = {
-    f"tensor({name.lower()})": number for name, number in onnx.TensorProto.DataType.items() if number
-}
+    """As users get it (bfloat16 ops emulated in float32), one thread, onnxruntime's optimizations off."""
+    return runtime.session(source, threads=1, optimize=False)
 
 
 def _feeds(entry: _corpus_data.CorpusModel, proto: onnx.ModelProto, session: ort.InferenceSession) -> dict:
@@ -65,31 +54,9 @@ def _feeds(entry: _corpus_data.CorpusModel, proto: onnx.ModelProto, session: ort
 def _run(session: ort.InferenceSession, feeds: dict) -> dict:
     names = [o.name for o in session.get_outputs()]
     try:
-        return dict(zip(names, session.run(names, feeds)))
-    except RuntimeError:  # numpy cannot carry bfloat16/float8/int4 in or out of onnxruntime's run()
-        if not all(isinstance(v, np.ndarray) for v in feeds.values()):
-            raise
-    values = session.run_with_ort_values(names, {k: _to_ort_value(v) for k, v in feeds.items()})
-    return {name: _from_ort_value(v) for name, v in zip(names, values)}
-
-
-def _to_ort_value(array: np.ndarray) -> ort.OrtValue:
-    """Arrays of ml_dtypes types (bfloat16, float8) go in by their bit pattern."""
-    if array.dtype.type.__module__ != "ml_dtypes":
-        return ort.OrtValue.ortvalue_from_numpy(array)
-    element_type = onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
-    if element_type in _SUB_BYTE_TYPES:
-        pytest.skip(f"onnxruntime's Python API cannot take a {array.dtype} input (it wants packed bits)")
-    return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array.view(f"u{array.dtype.itemsize}"), element_type)
-
-
-def _from_ort_value(value: ort.OrtValue):
-    try:
-        return value.numpy()
-    except RuntimeError:  # a type numpy lacks: read its bytes into a TensorProto, as onnx does
-        tensor = onnx.TensorProto(dims=value.shape(), data_type=_ELEMENT_TYPES[value.data_type()])
-        tensor.raw_data = ctypes.string_at(value.data_ptr(), value.tensor_size_in_bytes())
-        return onnx.numpy_helper.to_array(tensor)
+        return dict(zip(names, runtime.run(session, names, feeds)))  # bfloat16/float8 in and out included
+    except ValueError as exc:  # int4 inputs: onnxruntime's Python API wants packed bits
+        pytest.skip(str(exc))
 
 
 def _mismatch(reference, candidate, where: str) -> str | None:
@@ -200,6 +167,7 @@ LOSSY_PASSES = {
     "quantize-weights-int4": {"bits": "4", "block_size": "16", "min_elements": "1"},
     "quantize-weights-onnx": {"bits": "8", "format": "onnx", "block_size": "16", "min_elements": "1"},
     "convert-fp16": {},
+    "convert-bf16": {},
     "prune": {"sparsity": "0.5", "min_elements": "1"},
     "prune-structured": {"ratio": "0.25"},
     "low-rank": {"rank": "1", "min_elements": "1"},
@@ -240,5 +208,5 @@ def test_lossy_passes_keep_models_runnable(entry, pass_name):
         pass_(model)
     except OnnxoptError as exc:
         pytest.skip(f"refused: {exc}")
-    candidate = _run(_session(io.to_bytes(model)), feeds)
+    candidate = _run(_session(model), feeds)
     assert _shapes(candidate) == _shapes(reference)

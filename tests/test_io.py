@@ -380,3 +380,27 @@ def test_tensor_bytes_counts_subgraph_weights():
     model = ir.serde.deserialize_model(_if_loop_model())
     io.normalize(model)
     assert io.tensor_bytes(model) == 2 * 8 * 4 * 4  # the 4-element Loop bias stays a Constant node
+
+
+def test_bfloat16_models_run_with_bfloat16_inputs_and_outputs(tmp_path):
+    """A bf16 model (input, weight, output) runs on onnxruntime's CPU provider: its MatMul (no CPU kernel)
+    in float32 on bf16-rounded tensors, the arrays crossing as ml_dtypes bfloat16 both ways; calibration
+    data saved with np.savez (raw 2-byte records) reads back as bfloat16."""
+    import ml_dtypes
+
+    rng = np.random.default_rng(3)
+    x, w = (rng.standard_normal(shape).astype(ml_dtypes.bfloat16) for shape in ((5, 8), (8, 3)))
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["y"])], "bf16",
+        [helper.make_tensor_value_info("x", TensorProto.BFLOAT16, ["B", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.BFLOAT16, ["B", 3])], [numpy_helper.from_array(w, "w")])
+    path = tmp_path / "bf16.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+    sess = runtime.session(path)
+    assert sess.onnxopt_note == runtime.BFLOAT16_NOTE
+    (y,) = runtime.run(sess, None, {"x": x})
+    expected = np.maximum(x.astype(np.float32) @ w.astype(np.float32), 0).astype(ml_dtypes.bfloat16)
+    assert y.dtype == ml_dtypes.bfloat16 and np.array_equal(y, expected)
+    np.savez(tmp_path / "data.npz", x=x)
+    (batch,) = Dataset.load(tmp_path / "data.npz").batches(io.load(path), batch_size=8)
+    assert batch["x"].dtype == ml_dtypes.bfloat16 and np.array_equal(batch["x"], x)
