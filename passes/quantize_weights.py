@@ -8,6 +8,9 @@ Gather tables (embeddings, tied lm-head tensors included) in blocks along the hi
 * ``ort``: onnxruntime's ``MatMulNBits`` (bias Add folded in) and ``GatherBlockQuantized``.
 * ``onnxopt``: onnxopt's ``QuantMatMul`` kernel (embeddings use ``GatherBlockQuantized``).
 
+float16 and bfloat16 weights (a model exported or converted to half precision) are quantized too, their
+scales stored in the weight's type (the ``onnxopt`` format takes float32 only).
+
 ``algorithm=gptq`` compensates rounding errors with the Hessian ``XᵀX`` of each layer's inputs on the
 calibration data (main-graph layers; layers inside subgraphs and Gather tables use RTN), all taken
 from the float model in one pass. ``sequential=true`` goes front to back instead: the layers of one
@@ -36,6 +39,8 @@ from onnxopt.weights import WeightUse, constant_tensor, drop_if_unused, name_uni
 
 BLOCKED_DQ_OPSET = 21
 INT4_TYPES = {True: ir.DataType.INT4, False: ir.DataType.UINT4}
+WEIGHT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+"""Weights quantized; scales are stored in the weight's type (what MatMulNBits/DequantizeLinear then output)."""
 
 
 
@@ -117,15 +122,18 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         scan = scan_weights(model, op_types, self.node_filter, self.min_elements)
         skipped = dict(scan.skipped)
         uses = []
+        accepted = (ir.DataType.FLOAT,) if self.format == "onnxopt" else WEIGHT_TYPES
         for use in scan.uses:
-            if constant_tensor(use.value).dtype != ir.DataType.FLOAT:
-                skipped[use.label] = f"weight dtype {constant_tensor(use.value).dtype} (only float32 is quantized)"
+            dtype = constant_tensor(use.value).dtype
+            if dtype not in accepted:
+                kinds = "float32" if self.format == "onnxopt" else "float32, float16 and bfloat16"
+                skipped[use.label] = f"weight dtype {dtype} (format {self.format} quantizes {kinds} weights)"
             else:
                 uses.append(use)
         notes: list[str] = []
         if self.format == "onnx" and uses and qz.raise_opset(model, BLOCKED_DQ_OPSET, "blocked DequantizeLinear", notes):
             uses = scan_weights(model, op_types, self.node_filter, self.min_elements).uses
-            uses = [u for u in uses if constant_tensor(u.value).dtype == ir.DataType.FLOAT]
+            uses = [u for u in uses if constant_tensor(u.value).dtype in accepted]
         weight_error, output_error = {}, {}
         stored = self._quantize_all(model, uses, output_error, notes)
         for use in uses:
@@ -200,7 +208,9 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             if name not in factors:
                 factors[name] = qz.inverse_hessian_factor(gram.hessian(self.damping))
             blocks = qz.gptq_quantize(w, factors[name], self.bits, self.block_size, self.symmetric)
-        entry = _Stored(blocks, qz.relative_error(w, blocks.dequantize()))
+        dtype = use.array().dtype  # half-precision weights keep half-precision scales: round them now
+        blocks = dataclasses.replace(blocks, scales=blocks.scales.astype(dtype).astype(np.float32))
+        entry = _Stored(blocks, qz.relative_error(w, blocks.dequantize()), dtype)
         if gram is not None:
             rtn = qz.quantize_blocks(w, self.bits, self.block_size, self.symmetric).dequantize()
             entry.layer_error = {
@@ -220,7 +230,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         if self.format == "onnx":
             if stored.values is None:
                 transposed = node.op_type == "Gemm" and bool(node.attributes.get_int("transB", 0))
-                dq = self._blocked_dequantize(graph, use.value.name, blocks, transposed)
+                dq = self._blocked_dequantize(graph, use.value.name, blocks, transposed, stored.dtype)
                 graph.insert_before(node, dq)
                 stored.values = dq.outputs
             old = use.value
@@ -235,7 +245,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         name = node.name or use.value.name
         if self.format == "ort":
             if stored.values is None:
-                stored.values = self._matmul_nbits_inputs(graph, blocks, use.value.name)
+                stored.values = self._matmul_nbits_inputs(graph, blocks, use.value.name, stored.dtype)
             attrs = {"K": k, "N": n, "bits": self.bits, "block_size": self.block_size,
                      "accuracy_level": self.accuracy_level}  # fmt: skip
             inputs = [node.inputs[0], *stored.values, *([None, bias] if bias is not None else [])]
@@ -252,7 +262,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         replace_matmul(graph, old_nodes, [new_node], extra_add)
         return None
 
-    def _blocked_dequantize(self, graph, name, blocks: qz.BlockQuantized, transposed: bool) -> ir.Node:
+    def _blocked_dequantize(self, graph, name, blocks: qz.BlockQuantized, transposed: bool, dtype: np.dtype) -> ir.Node:
         codes, scales, zps = blocks.codes, blocks.scales, blocks.zero_points
         axis = 0
         if transposed:
@@ -262,7 +272,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         int_type = INT4_TYPES[blocks.symmetric] if self.bits == 4 else None
         inputs = [
             _initializer(graph, f"{name}_q{self.bits}", np.ascontiguousarray(codes), int_type),
-            new_initializer(graph, f"{name}_scale", np.ascontiguousarray(scales)),
+            new_initializer(graph, f"{name}_scale", np.ascontiguousarray(scales, dtype=dtype)),
         ]
         if zps is not None:
             inputs.append(_initializer(graph, f"{name}_zero_point", np.ascontiguousarray(zps), int_type))
@@ -270,7 +280,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             "DequantizeLinear", inputs, {"axis": axis, "block_size": self.block_size}, name=f"{name}_dequantize"
         )
 
-    def _matmul_nbits_inputs(self, graph, blocks: qz.BlockQuantized, name: str) -> list[ir.Value | None]:
+    def _matmul_nbits_inputs(self, graph, blocks: qz.BlockQuantized, name: str, dtype: np.dtype) -> list[ir.Value | None]:
         """MatMulNBits' B (N, blocks, block bytes), scales (N * blocks) and packed zero points (or None)."""
         k, n = blocks.codes.shape
         nb = blocks.scales.shape[0]
@@ -280,7 +290,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         packed = qz.pack_nibbles(per_column) if self.bits == 4 else per_column
         values = [
             new_initializer(graph, f"{name}_B", np.ascontiguousarray(packed)),
-            new_initializer(graph, f"{name}_scales", np.ascontiguousarray(blocks.scales.T).reshape(-1)),
+            new_initializer(graph, f"{name}_scales", np.ascontiguousarray(blocks.scales.T, dtype=dtype).reshape(-1)),
             None,
         ]
         if blocks.zero_points is not None:
@@ -294,7 +304,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         table = use.value
         if self.format == "onnx":
             if stored.values is None:
-                dq = self._blocked_dequantize(graph, table.name, blocks, transposed=True)
+                dq = self._blocked_dequantize(graph, table.name, blocks, True, stored.dtype)
                 graph.insert_before(node, dq)
                 stored.values = dq.outputs
             node.replace_input_with(0, stored.values[0])
@@ -308,7 +318,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             data = qz.pack_nibbles(codes) if self.bits == 4 else codes
             stored.values = [
                 new_initializer(graph, f"{table.name}_q{self.bits}", np.ascontiguousarray(data)),
-                new_initializer(graph, f"{table.name}_scales", np.ascontiguousarray(blocks.scales.T)),
+                new_initializer(graph, f"{table.name}_scales", np.ascontiguousarray(blocks.scales.T, dtype=stored.dtype)),
                 new_initializer(graph, f"{table.name}_zero_points", self._gather_zero_points(blocks)),
             ]
         data, scales, zero_points = stored.values
@@ -333,6 +343,7 @@ class _Stored:
 
     blocks: qz.BlockQuantized
     error: float
+    dtype: np.dtype  # the weight's, which its scales keep
     layer_error: dict | None = None  # GPTQ vs RTN output error on the layer's calibration inputs
     values: list | None = None
 

@@ -226,6 +226,31 @@ def test_weight_only_formats_match_their_dequantized_weights(tmp_path, fmt, bits
         assert model.opset_imports[""] == 21
 
 
+@pytest.mark.parametrize("fmt", ["onnx", "ort", "onnxopt"])
+@pytest.mark.parametrize("half", ["convert-fp16", "convert-bf16"])
+def test_half_precision_weights_are_quantized_with_half_scales(half, fmt):
+    """A float16/bfloat16 model gets int4 weights (they were skipped: only float32 was quantized) whose scales
+    keep the model's type, and ends as close to fp32 as the int4 float32 model; onnxopt's kernel takes
+    float32 only and says so."""
+    feeds = {"hidden_states": np.load(MODELS / "data" / "transformer_calib.npz")["hidden_states"][:4]}
+    full = io.load(MODELS / "transformer_block.onnx")
+    reference = outputs(full, feeds)[0]
+    run_pass("quantize-weights", full, format=fmt)
+    int4_error = relative(reference, outputs(full, feeds)[0])
+    model = io.load(MODELS / "transformer_block.onnx")
+    run_pass(half, model)
+    details = run_pass("quantize-weights", model, format=fmt)
+    if fmt == "onnxopt":
+        assert details["quantized"] == 0 and sum("quantizes float32 weights" in r for r in details["skipped"].values()) == 6
+        return
+    assert details["quantized"] == 6
+    scale_type = ir.DataType.FLOAT16 if half == "convert-fp16" else ir.DataType.BFLOAT16
+    scales = [v for v in model.graph.initializers.values() if v.name.endswith(("_scale", "_scales"))]
+    assert len(scales) == 6 and all(v.dtype == scale_type for v in scales)
+    out = runtime.run(runtime.session(model), None, feeds)[0]
+    assert abs(relative(reference, out) - int4_error) < 0.01
+
+
 def embedding_model() -> tuple[ir.Model, dict]:
     """ids -> Gather(table) -> MatMul(table^T as a separate tied copy) : embeddings + lm head."""
     table = RNG.standard_normal((50, 64)).astype(np.float32)
