@@ -76,6 +76,8 @@ def _existing_file(path: str, what: str) -> pathlib.Path:
 def _require_writable_dir(path: pathlib.Path, what: str) -> None:
     """Fail before any work when ``path`` could not be written at the end."""
     parent = path.parent if str(path.parent) else pathlib.Path(".")
+    if path.is_dir():
+        raise OnnxoptError(f"{what} path is a directory: {path}")
     if not parent.is_dir():
         raise OnnxoptError(f"{what} directory does not exist: {parent}")
     if not os.access(parent, os.W_OK):

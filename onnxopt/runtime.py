@@ -9,6 +9,7 @@ import pathlib
 import tempfile
 from collections.abc import Callable
 
+import ml_dtypes
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -94,7 +95,10 @@ def run(sess: ort.InferenceSession, names: list[str] | None, feed: dict[str, np.
 
 
 def runner(sess: ort.InferenceSession, names: list[str] | None, feed: dict[str, np.ndarray]) -> Callable[[], list[np.ndarray]]:
-    """:func:`run` as a call without arguments, its way chosen once (for timing loops)."""
+    """:func:`run` as a call without arguments, its way chosen once (for timing loops). Float arrays are
+    cast to the float type the session's input has (a model whose inputs became float16 or bfloat16 is
+    checked with the float32 data of the original)."""
+    feed = {**feed, **_float_casts(sess, feed)}
     outputs = [o for o in sess.get_outputs() if names is None or o.name in names]
     plain = not any(isinstance(a, np.ndarray) and a.dtype.type.__module__ == "ml_dtypes" for a in feed.values())
     if plain and all(o.type not in _NUMPYLESS for o in outputs):  # also sequence and map inputs and outputs
@@ -109,13 +113,28 @@ _NUMPYLESS = {f"tensor({t})" for t in ("bfloat16", "float8e4m3fn", "float8e4m3fn
                                        "int4", "uint4", "int2", "uint2", "float4e2m1")}
 
 
+_FLOAT_INPUTS = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(bfloat16)": ml_dtypes.bfloat16}
+
+
+def _float_casts(sess: ort.InferenceSession, feed: dict) -> dict[str, np.ndarray]:
+    casts = {}
+    for model_input in sess.get_inputs():
+        array, wanted = feed.get(model_input.name), _FLOAT_INPUTS.get(model_input.type)
+        if wanted is None or not isinstance(array, np.ndarray) or array.dtype == wanted:
+            continue
+        if array.dtype.kind == "f" or array.dtype == ml_dtypes.bfloat16:
+            casts[model_input.name] = array.astype(wanted)
+    return casts
+
+
 def _ort_value(array: np.ndarray) -> ort.OrtValue:
     if array.dtype.type.__module__ != "ml_dtypes":
         return ort.OrtValue.ortvalue_from_numpy(array)
     element_type = onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
     if np.dtype(array.dtype).itemsize == 1 and "int" in array.dtype.name:  # int4/int2: onnxruntime wants packed bits
         raise ValueError(f"onnxruntime's Python API cannot take a {array.dtype} input")
-    return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array.view(f"u{array.dtype.itemsize}"), element_type)
+    bits = np.ascontiguousarray(array).view(f"u{array.dtype.itemsize}")  # the bytes are read as laid out, strides ignored
+    return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(bits, element_type)
 
 
 def _array(value: ort.OrtValue) -> np.ndarray:

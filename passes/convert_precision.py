@@ -272,7 +272,9 @@ def _set_dtype(value: ir.Value, dtype: ir.DataType) -> None:
 
 def _schema_accepts(node: ir.Node, originally_float: set, target: ir.DataType, opset: int) -> bool:
     """Whether the node's ONNX schema at ``opset`` lets each of its float32 inputs and outputs be ``target``
-    (bfloat16 Conv, for one, exists only from opset 22)."""
+    (bfloat16 Conv, for one, exists only from opset 22). Ops of other domains: no schema to ask."""
+    if node.domain not in ("", "ai.onnx"):
+        return True
     inputs, outputs = _allowed_types(node.op_type, opset)
     wanted = f"tensor({target.name.lower()})"
     checks = [(outputs, node.outputs, ())]

@@ -52,6 +52,7 @@ from onnxopt.registry import register
 from onnxopt.weights import (
     WeightUse,
     constant_array,
+    constant_tensor,
     drop_if_unused,
     name_uniquely,
     new_initializer,
@@ -372,6 +373,17 @@ def _identify(node: ir.Node, orig: WeightUse | None):
     return None
 
 
+def _weight_changed(node: ir.Node, orig: WeightUse) -> bool:
+    """Whether ``node``, a layer op like its original, no longer holds the original's weight."""
+    if node.op_type not in LAYER_OPS or len(node.inputs) < 2 or node.inputs[1] is None:
+        return False
+    tensor = constant_tensor(node.inputs[1])
+    if tensor is None:  # the weight is computed now (a DequantizeLinear's output, ...)
+        return True
+    current = tensor.numpy()
+    return current.shape != orig.array().shape or not np.array_equal(current, orig.array())
+
+
 def _subgraph_layers(original: ir.Model, compressed: ir.Model, names: set[str] | None) -> dict[str, ir.Node]:
     """The compressed layers inside subgraphs, by label (``<container>/<attribute>/<name>``; matched to the
     original by label, not by name)."""
@@ -405,13 +417,18 @@ def recover_layers(
     (``<container node>/<attribute>/<name>``).
     """
     reference = {u.node.name: u for u in scan_weights(original, LAYER_OPS).uses if u.node.name and not u.scope}
-    found = []
+    found, unrecognized = [], []
     for node in list(compressed.graph):
         if names is None or node.name in names:
             layer = _identify(node, reference.get(node.name))
             if layer is not None:
                 found.append((node.name, layer, reference[node.name]))
-    results: dict[str, dict[str, float | str]] = {}
+            elif node.name in reference and _weight_changed(node, reference[node.name]):
+                unrecognized.append(node.name)
+    results: dict[str, dict[str, float | str]] = {
+        name: {"kind": "skipped", "reason": "compressed in a form recover does not re-fit (e.g. factored twice); left as is"}
+        for name in unrecognized
+    }
     # Consecutive layers reading the same value (e.g. attention's Q, K, V) share one capture: re-fitting
     # one of them cannot change the others' input.
     for _, run in itertools.groupby(found, key=lambda entry: (entry[1].activation.name, entry[2].activation.name)):

@@ -165,10 +165,13 @@ def test_unwritable_output(tmp_path, mlp_path, where):
     assert _digest(mlp_path) == before
 
 
-def test_report_into_missing_directory_fails_before_any_work(tmp_path, mlp_path):
+def test_unwritable_report_fails_before_any_work(tmp_path, mlp_path):
     out = tmp_path / "out.onnx"
     result = invoke("optimize", mlp_path, "-o", out, "-p", "cleanup", "--report", tmp_path / "missing" / "r.json")
     assert_usage_error(result, out, "report directory does not exist")
+    (tmp_path / "r.json").mkdir()
+    result = invoke("optimize", mlp_path, "-o", out, "-p", "cleanup", "--report", tmp_path / "r.json")
+    assert_usage_error(result, out, "report path is a directory")
 
 
 def test_output_equal_to_input_is_refused(mlp_path):
@@ -341,6 +344,19 @@ def test_bf16_output_is_checked_through_emulation(tmp_path, mlp_path):
     assert f"note: {runtime.BFLOAT16_NOTE}" in result.stderr and "output cosine" in result.stdout
     checked = invoke("validate", mlp_path, out, "--repeat", "5", "--min-cosine", "0.999")
     assert checked.exit_code == 0 and f"note: {runtime.BFLOAT16_NOTE}" in checked.stderr, checked.output
+
+
+@pytest.mark.parametrize("half", ["convert-fp16", "convert-bf16"])
+def test_half_precision_inputs_are_checked_with_float32_data(tmp_path, mlp_path, half):
+    """keep_io_types=false: the model takes half-precision inputs; the float32 data is cast for the checks
+    (onnxruntime refused the float32 feeds)."""
+    data = tmp_path / "data.npz"
+    np.savez(data, x=X)
+    out = tmp_path / "half.onnx"
+    result = invoke("optimize", mlp_path, "-o", out, "-p", f"{half}:keep_io_types=false", "--data", data)
+    assert result.exit_code == 0, result.output
+    checked = invoke("validate", mlp_path, out, "--data", data, "--repeat", "5", "--min-cosine", "0.999")
+    assert checked.exit_code == 0, checked.output
 
 
 # --- recipes and test-only passes ------------------------------------------------------------------

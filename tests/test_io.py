@@ -401,6 +401,12 @@ def test_bfloat16_models_run_with_bfloat16_inputs_and_outputs(tmp_path):
     (y,) = runtime.run(sess, None, {"x": x})
     expected = np.maximum(x.astype(np.float32) @ w.astype(np.float32), 0).astype(ml_dtypes.bfloat16)
     assert y.dtype == ml_dtypes.bfloat16 and np.array_equal(y, expected)
+    assert np.array_equal(runtime.run(sess, None, {"x": np.asfortranarray(x)})[0], expected)  # strides honoured
+    assert np.array_equal(runtime.run(sess, None, {"x": x.astype(np.float32)})[0], expected)  # cast to the input's type
     np.savez(tmp_path / "data.npz", x=x)
     (batch,) = Dataset.load(tmp_path / "data.npz").batches(io.load(path), batch_size=8)
     assert batch["x"].dtype == ml_dtypes.bfloat16 and np.array_equal(batch["x"], x)
+    half_input = io.load(path)
+    half_input.graph.inputs[0].type = ir.TensorType(ir.DataType.FLOAT16)  # bf16 records are read as bf16, then cast
+    (batch,) = Dataset.load(tmp_path / "data.npz").batches(half_input, batch_size=8)
+    assert batch["x"].dtype == np.float16 and np.array_equal(batch["x"], x.astype(np.float16))

@@ -231,6 +231,21 @@ def test_pipeline_recover_matches_layers_that_had_no_names(tmp_path):
     assert len(layers) == 2 and all(v["kind"] == "masked" for v in layers.values())
 
 
+def test_layers_compressed_in_forms_recover_does_not_refit_are_listed(tmp_path):
+    """low-rank twice leaves x @ U1 @ U2 @ V (the second U node renamed, as node names must be unique),
+    and quantize-weights' blocked DequantizeLinear a computed weight: recover re-fits neither and says so
+    (they were left out of its report)."""
+    from onnxopt import pipeline
+
+    path = chain_model(tmp_path, (32, 48, 16), gemm_last=False, name="twice")
+    x = np.random.default_rng(7).standard_normal((128, 32)).astype(np.float32)
+    for passes in (["low-rank:rank=8,min_elements=1", "low-rank:rank=4,min_elements=1"],
+                   ["quantize-weights:format=onnx,block_size=16,min_elements=1"]):
+        _, report = pipeline.run_pipeline(load(path), [*passes, "recover"], Dataset.from_arrays({"x": x}), numeric_check=False)
+        layers = report.records[-1].details["layers"]
+        assert layers and all(v["kind"] == "skipped" and "does not re-fit" in v["reason"] for v in layers.values()), layers
+
+
 @pytest.mark.parametrize("target", ["model", "layer"])
 def test_target_sets_what_each_layer_reproduces(tmp_path, target):
     """``model``: fc1 is fitted to the original model's fc1 output (x_o W_o); ``layer``: to the original fc1
