@@ -48,6 +48,8 @@ MINILM_VARIANTS = {
     "onnxopt int4 gptq sequential": ("onnxopt", {"passes": ["quantize-weights:algorithm=gptq,sequential=true"]}),
     "onnxopt int4 rtn onnxopt-format": ("onnxopt", {"passes": ["quantize-weights:format=onnxopt"]}),
     "onnxopt fp16": ("onnxopt", {"passes": ["convert-fp16"]}),
+    "onnxopt fp16 + int4 rtn": ("onnxopt", {"passes": ["convert-fp16", "quantize-weights"]}),
+    "onnxopt bf16 (CPU: emulated)": ("onnxopt", {"passes": ["convert-bf16"]}),
 }
 SLOW_VARIANTS = {"onnxopt int4 gptq sequential"}  # left out of --quick (one pass over the data per layer depth)
 CNN_VARIANTS = {
