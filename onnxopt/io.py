@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy as copy_module
 import os
 import pathlib
 import tempfile
@@ -135,6 +136,18 @@ def save(
                 leftover.unlink()
             os.rmdir(tmp_dir)
     return path
+
+
+def clone(model: ir.Model) -> ir.Model:
+    """A copy of ``model`` sharing only its tensors. ``Model.clone()`` also shares the values' type
+    objects, which ``Value.dtype = ...`` (onnx_ir's ShapeInferencePass does it) changes in place: a
+    pass converting the copy would retype the original."""
+    copy = model.clone()
+    for graph in copy.graphs():
+        for value in (*graph.inputs, *graph.initializers.values(), *(v for node in graph for v in node.outputs)):
+            if value.type is not None:
+                value.type = copy_module.deepcopy(value.type)
+    return copy
 
 
 def to_bytes(model: ir.Model) -> bytes:

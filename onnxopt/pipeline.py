@@ -189,9 +189,9 @@ def run_pipeline(
             instance.pipeline_original = reference  # None (nothing compressed before it): the pass says so
         elif not lossless and reference is None and any(wants_reference):
             name_layers(scan_weights(model, ("MatMul", "Gemm", "Conv")).uses)  # recover matches layers by name
-            reference = model.clone()
+            reference = io.clone(model)
         before = stats.model_stats(model)
-        snapshot = model.clone() if (numeric_check or on_error == "skip") else None
+        snapshot = io.clone(model) if (numeric_check or on_error == "skip") else None
         start = time.perf_counter()
         status, message, errors = "ok", "", []
         try:

@@ -157,7 +157,7 @@ def emulate_bfloat16(model: str | os.PathLike | ir.Model | onnx.ModelProto | byt
     writes float32 results cast to bfloat16: onnxruntime's CPU provider can check a model meant for a GPU's
     bfloat16 kernels (which accumulate in float32 too). None when no op computes in bfloat16."""
     if isinstance(model, ir.Model):
-        copy = model.clone()
+        copy = io.clone(model)
     elif isinstance(model, (onnx.ModelProto, bytes)):
         copy = ir.from_proto(model if isinstance(model, onnx.ModelProto) else onnx.load_from_string(model))
     else:

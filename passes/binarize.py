@@ -15,7 +15,7 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt import ops
+from onnxopt import io, ops
 from onnxopt.calibration import Dataset
 from onnxopt.compression import custom_op_blocker, lower_to_custom_op
 from onnxopt.filters import NodeFilter
@@ -66,7 +66,7 @@ class BinarizePass(ir.passes.InPlacePass):
         edges = edge_layers(model, ("MatMul", "Gemm")) if self.keep_first_last else set()
         scan = scan_weights(model, ("MatMul", "Gemm"), self.node_filter, self.min_elements)
         name_layers(scan.uses)
-        original = model.clone() if self.recover else None
+        original = io.clone(model) if self.recover else None
         layers, binarized = dict(scan.skipped), set()
         for use in scan.uses:
             label = use.label

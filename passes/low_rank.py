@@ -23,6 +23,7 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
+from onnxopt import io
 from onnxopt.activations import input_grams
 from onnxopt.calibration import Dataset
 from onnxopt.compression import conv_geometry, factorize, whitening
@@ -140,7 +141,7 @@ class LowRankPass(ir.passes.InPlacePass):
             else:
                 uses.append(use)
         name_layers(uses)
-        original = model.clone() if self.recover else None
+        original = io.clone(model) if self.recover else None
         grams = input_grams(model, uses, self.data, self.samples) if self.activation_aware else {}
         factors = []
         for use in uses:

@@ -16,7 +16,7 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt import ops
+from onnxopt import io, ops
 from onnxopt.activations import input_grams
 from onnxopt.calibration import Dataset
 from onnxopt.compression import (
@@ -148,7 +148,7 @@ class PrunePass(ir.passes.InPlacePass):
         if self.method == "wanda" or self.recover:
             require_data(self.data, "prune with method=wanda or recover=true")
         name_layers(scan.uses)
-        original = model.clone() if self.recover else None
+        original = io.clone(model) if self.recover else None
         norms = {}
         if self.method == "wanda":
             norms = {name: gram.column_norms for name, gram in input_grams(model, scan.uses, self.data, self.samples).items()}

@@ -25,6 +25,7 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
+from onnxopt import io
 from onnxopt.activations import layer_input_rows
 from onnxopt.calibration import Dataset, capture, capture_many
 from onnxopt.compression import gemm_alpha, solve_masked
@@ -550,7 +551,7 @@ class PruneStructuredPass(ir.passes.InPlacePass):
         scan = scan_weights(model, PRODUCER_OPS, self.node_filter)
         name_layers(scan.uses)
         groups, refused = self._groups(scan.uses)
-        original = model.clone() if self.recover else None
+        original = io.clone(model) if self.recover else None
         norms = self._activation_norms(model, groups) if self.importance == "activation" else {}
         layers, kept_outputs, params_before = {}, {}, _parameters(model)
         for group in groups:

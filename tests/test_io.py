@@ -410,3 +410,14 @@ def test_bfloat16_models_run_with_bfloat16_inputs_and_outputs(tmp_path):
     half_input.graph.inputs[0].type = ir.TensorType(ir.DataType.FLOAT16)  # bf16 records are read as bf16, then cast
     (batch,) = Dataset.load(tmp_path / "data.npz").batches(half_input, batch_size=8)
     assert batch["x"].dtype == np.float16 and np.array_equal(batch["x"], x.astype(np.float16))
+
+
+def test_clone_shares_no_type_objects(mlp_path):
+    """onnx_ir's Model.clone() shares the values' type objects, which `Value.dtype = ...` changes in place:
+    converting the model retyped its clone (a pipeline's recover reference turned float16)."""
+    model = io.load(mlp_path)
+    copy = io.clone(model)
+    model.graph.outputs[0].dtype = ir.DataType.FLOAT16
+    model.graph.inputs[0].dtype = ir.DataType.FLOAT16
+    assert copy.graph.outputs[0].dtype == ir.DataType.FLOAT and copy.graph.inputs[0].dtype == ir.DataType.FLOAT
+    assert next(iter(copy.graph.initializers.values())).const_value is next(iter(model.graph.initializers.values())).const_value
