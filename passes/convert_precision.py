@@ -3,7 +3,8 @@
 Numerically sensitive ops (normalizations, reductions, Softmax, Exp/Log/Pow/Sqrt...) stay float32, as
 do ops whose schema at the model's opset has no such type (bfloat16 Conv before opset 22), and so do
 ops all of whose float inputs come from such ops (the rest of a LayerNorm's variance
-chain), so a ``ReduceMean -> Add(eps) -> Sqrt`` chain is not split by casts. Casts are inserted only
+chain), so a ``ReduceMean -> Add(eps) -> Sqrt`` chain is not split by casts; a fused normalization or
+Softmax (one node) does not pull its readers into float32. Casts are inserted only
 at the boundaries between float32 and half regions (one per tensor and graph), Cast nodes that
 produced float32 inside a converted region produce half instead, constants are converted once
 (finite values clamped to the target's range, ±65504 for fp16 and ±3.39e38 for bf16, so masks like
@@ -43,6 +44,12 @@ SENSITIVE_OPS = [
     "GroupNormalization", "ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL2", "ReduceLogSumExp",
     "Softmax", "LogSoftmax", "Exp", "Log", "Pow", "Sqrt", "Reciprocal",
 ]  # fmt: skip
+SELF_CONTAINED_OPS = {
+    "LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization", "InstanceNormalization",
+    "GroupNormalization", "Softmax", "LogSoftmax",
+}  # fmt: skip
+"""Sensitive ops that compute in float32 inside one node: what reads them alone is converted (a fused
+LayerNormalization kept a whole pre-LN transformer in float32)."""
 # Ops that never change precision: control flow (their subgraphs are converted), randomness, ranges,
 # outputs typed by an attribute (ConstantOfShape's value, EyeLike's dtype).
 UNCONVERTIBLE_OPS = {
@@ -134,6 +141,7 @@ class _ConvertPrecision(ir.passes.InPlacePass):
         for node in nodes:
             floats = [v for v in (*node.inputs, *node.outputs) if v in originally_float]
             runtime_inputs = [v for v in node.inputs if v in originally_float and constant_tensor(v) is None]
+            self_contained = node.op_type in self.keep_ops and node.op_type in SELF_CONTAINED_OPS
             keep = (
                 not floats
                 or node.domain not in ("", "ai.onnx")
@@ -145,10 +153,10 @@ class _ConvertPrecision(ir.passes.InPlacePass):
                 or (runtime_inputs and all(v in kept_values for v in runtime_inputs))
                 or not _schema_accepts(node, originally_float, self.target, opset)
             )
-            if keep:
-                kept_values.update(v for v in node.outputs if v in originally_float)
-            else:
+            if not keep:
                 half.add(node)
+            elif not self_contained or runtime_inputs and all(v in kept_values for v in runtime_inputs):
+                kept_values.update(v for v in node.outputs if v in originally_float)
         return half
 
     def _reconcile_inputs(self, nodes, half: set[ir.Node], originally_float: set) -> tuple[int, dict[str, int]]:

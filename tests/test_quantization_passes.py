@@ -357,6 +357,21 @@ def test_fp16_transformer_block_keeps_sensitive_ops_fp32():
     assert out.dtype == np.float32 and relative(reference, out) < 5e-3
 
 
+def test_fp16_after_fuse_converts_what_reads_a_layer_norm():
+    """A fused LayerNormalization stays float32 but no longer keeps everything after it in float32 (after
+    `fuse`, convert-fp16 converted nothing on the transformer block)."""
+    from onnxopt import pipeline
+
+    feeds = {"hidden_states": np.load(MODELS / "data" / "transformer_calib.npz")["hidden_states"][:4]}
+    model = io.load(MODELS / "transformer_block.onnx")
+    reference = outputs(model, feeds)[0]
+    model, _ = pipeline.run_pipeline(model, ["fuse:target=onnx"], numeric_check=False)
+    details = run_pass("convert-fp16", model)
+    assert details["converted_nodes"] >= 20 and details["kept_float32"].get("MatMul", 0) == 0
+    assert details["kept_float32"]["LayerNormalization"] == 2
+    assert relative(reference, outputs(model, feeds)[0]) < 5e-3
+
+
 @pytest.mark.parametrize("name, tolerance", [("convert-fp16", 5e-3), ("convert-bf16", 3e-2)])
 @pytest.mark.parametrize("chunk", [1, 128])
 def test_half_mask_clamped_overflow_reported_no_nan(monkeypatch, chunk, name, tolerance):
