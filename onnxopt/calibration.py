@@ -78,6 +78,12 @@ class Dataset:
                     raise DataError(
                         f"data for input '{value.name}' has rank {array.ndim}, model expects {len(value.shape)}"
                     )
+                fixed = [(axis, dim) for axis, dim in enumerate(value.shape or []) if axis and isinstance(dim, int)]
+                wrong = [(axis, dim) for axis, dim in fixed if array.shape[axis] != dim]
+                if wrong:
+                    axis, dim = wrong[0]
+                    raise DataError(f"data for input '{value.name}' has shape {tuple(array.shape)}, model expects "
+                                    f"{dim} on axis {axis} ({_shape_text(value.shape)})")
                 expected = NUMPY_DTYPE.get(value.dtype)
                 if expected is not None and not np.can_cast(array.dtype, expected, "same_kind"):
                     raise DataError(f"data for input '{value.name}' is {array.dtype}, model expects {np.dtype(expected)}")
@@ -123,6 +129,10 @@ class Dataset:
             with np.load(file) as npz:
                 total += _samples(npz[k] for k in npz.files)
         return total
+
+
+def _shape_text(shape: ir.Shape) -> str:
+    return "[" + ", ".join(str(d) if isinstance(d, int) else (d.value or "?") for d in shape) + "]"
 
 
 def _samples(arrays: Iterable[np.ndarray]) -> int:

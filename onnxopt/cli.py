@@ -101,7 +101,7 @@ def _load_data(path: str | None) -> calibration.Dataset | None:
 @click.option("--numeric-check/--no-numeric-check", default=True, show_default=True,
               help="Compare outputs with onnxruntime after each pass.")
 @click.option("--external-data/--no-external-data", default=None, help="Force (or forbid) external data; default: as the input, or over 2 GB.")
-@click.option("--threads", type=int, default=None, help="intra-op threads for the latency measurement.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="intra-op threads for the latency measurement.")
 @handle_errors
 def optimize(model_path, output, pass_specs, recipe, data, report, on_error, check, numeric_check, external_data, threads):
     """Run a pipeline of passes on IN and write OUT; prints a before/after table."""
@@ -155,6 +155,8 @@ def optimize(model_path, output, pass_specs, recipe, data, report, on_error, che
     if worst is not None:
         click.echo(f"{'output max abs error':<22}{'':>14}{worst.max_abs:>14.3g}")
         click.echo(f"{'output cosine':<22}{'':>14}{min(e.cosine for e in errors):>14.6f}")
+        source = "the first sample of --data" if dataset is not None else "synthesized inputs"
+        click.echo(f"(output error against IN on {source}; --report compares each pass with the model before it)")
     for note in notes:
         click.echo(f"note: {note}", err=True)
     click.echo(f"wrote {out}")
@@ -289,7 +291,7 @@ def _value_info(value) -> dict:
 @click.argument("reference_path", metavar="REF")
 @click.argument("candidate_path", metavar="CANDIDATE")
 @click.option("--data", help=".npz inputs (default: synthesized from REF's inputs).")
-@click.option("--threads", type=int, default=None, help="intra-op threads for both sessions.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="intra-op threads for both sessions.")
 @click.option("--repeat", type=int, default=20, show_default=True, help="Timed runs per model.")
 @click.option("--max-abs", type=float, default=None, help="Exit 1 if any output's max abs error exceeds this.")
 @click.option("--max-rel", type=float, default=None, help="Exit 1 if any output's max relative error exceeds this.")
@@ -300,6 +302,7 @@ def validate_cmd(reference_path, candidate_path, data, threads, repeat, max_abs,
     ref_path = _existing_file(reference_path, "reference model")
     cand_path = _existing_file(candidate_path, "candidate model")
     ref_model = io.load(ref_path, lift_constants=False)
+    io.load(cand_path, lift_constants=False)  # a file that is no model: a typed error, not onnxruntime's traceback
     dataset = _load_data(data)
     feeds = validate.feeds_for(ref_model, dataset)
     ref_sess, cand_sess = runtime.session(ref_path, threads=threads), runtime.session(cand_path, threads=threads)

@@ -7,6 +7,8 @@ import re
 
 import onnx_ir as ir
 
+from onnxopt.errors import PassOptionError
+
 
 @dataclasses.dataclass(frozen=True)
 class NodeFilter:
@@ -32,15 +34,27 @@ class NodeFilter:
 
     @classmethod
     def from_mapping(cls, spec: dict) -> NodeFilter:
-        def as_tuple(value) -> tuple[str, ...]:
+        """From a recipe entry; PassOptionError naming the key for a value of the wrong kind or a bad pattern."""
+        def strings(key: str) -> tuple[str, ...]:
+            value = spec.get(key)
             if value is None:
                 return ()
-            return (value,) if isinstance(value, str) else tuple(str(v) for v in value)
+            if isinstance(value, str):
+                return (value,)
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise PassOptionError(f"'{key}' must be a string or a list of strings, got {value!r}")
+            return tuple(value)
 
         regex = spec.get("name_regex")
-        if regex is not None:
-            re.compile(regex)
-        return cls(as_tuple(spec.get("op_types")), regex, as_tuple(spec.get("exclude")))
+        if regex is not None and not isinstance(regex, str):
+            raise PassOptionError(f"'name_regex' must be a string, got {regex!r}")
+        for key, pattern in [("name_regex", regex), *(("exclude", p) for p in strings("exclude"))]:
+            if pattern is not None:
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise PassOptionError(f"'{key}' pattern '{pattern}' is not a regular expression: {exc}") from None
+        return cls(strings("op_types"), regex, strings("exclude"))
 
 
 SELECT_ALL = NodeFilter()

@@ -77,8 +77,14 @@ def load_recipe(path: str | pathlib.Path) -> list[PassSpec]:
         unknown = set(entry) - {"name", "options", "op_types", "name_regex", "exclude"}
         if unknown:
             raise PassOptionError(f"recipe {path}: unknown keys {sorted(unknown)} in pass '{entry['name']}'")
-        filt = NodeFilter.from_mapping(entry) if {"op_types", "name_regex", "exclude"} & set(entry) else None
-        specs.append(PassSpec(entry["name"], dict(entry.get("options") or {}), filt))
+        try:
+            filt = NodeFilter.from_mapping(entry) if {"op_types", "name_regex", "exclude"} & set(entry) else None
+        except PassOptionError as exc:
+            raise PassOptionError(f"recipe {path}, pass '{entry['name']}': {exc}") from None
+        options = entry.get("options") or {}
+        if not isinstance(options, dict):
+            raise PassOptionError(f"recipe {path}, pass '{entry['name']}': 'options' must be a mapping, got {options!r}")
+        specs.append(PassSpec(entry["name"], dict(options), filt))
     return specs
 
 

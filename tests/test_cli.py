@@ -205,6 +205,13 @@ def _wrong_rank(tmp: pathlib.Path) -> pathlib.Path:
     return path
 
 
+def _wrong_fixed_dim(tmp: pathlib.Path) -> pathlib.Path:
+    """Onnxruntime's own message names neither the input nor the axis in its first line."""
+    path = tmp / "d.npz"
+    np.savez(path, x=np.zeros((4, 7), np.float32))
+    return path
+
+
 def _wrong_dtype(tmp: pathlib.Path) -> pathlib.Path:
     path = tmp / "wrong_dtype.npz"
     np.savez(path, x=np.array([["a"] * 8] * 2))
@@ -218,10 +225,11 @@ def _wrong_dtype(tmp: pathlib.Path) -> pathlib.Path:
         (_npz_without_arrays, "no arrays"),
         (_wrong_input_name, "no array for model input 'x'"),
         (_wrong_rank, "rank 3"),
+        (_wrong_fixed_dim, "model expects 8 on axis 1"),
         (_wrong_dtype, "model expects float32"),
         (lambda tmp: tmp / "missing.npz", "not found"),
     ],
-    ids=["empty-file", "no-arrays", "wrong-name", "wrong-rank", "wrong-dtype", "missing"],
+    ids=["empty-file", "no-arrays", "wrong-name", "wrong-rank", "wrong-dim", "wrong-dtype", "missing"],
 )
 def test_bad_data(tmp_path, mlp_path, make_data, expected):
     data = make_data(tmp_path)
@@ -320,6 +328,12 @@ def _perturbed(mlp_path: pathlib.Path, tmp: pathlib.Path, scale: float) -> pathl
     path = tmp / f"scaled_{scale}.onnx"
     onnx.save(proto, str(path))
     return path
+
+
+def test_validate_refuses_a_candidate_that_is_no_model(tmp_path, mlp_path):
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not a model")
+    assert_usage_error(invoke("validate", mlp_path, bad), tmp_path / "none.onnx", "not a valid ONNX protobuf file")
 
 
 def test_validate_threshold_exit_codes(tmp_path, mlp_path):
@@ -422,6 +436,11 @@ def test_recipe_options_and_node_filters(tmp_path, mlp_path, test_passes, recipe
         ("passes:\n  - options: {}\n", "needs a 'name'"),
         ("passes: [unclosed\n", "cannot parse recipe"),
         ("passes:\n  - name: cleanup\n    options: {iterations: lots}\n", "must be an integer"),
+        ("passes:\n  - name: prune\n    name_regex: 'fc[1'\n", "'name_regex' pattern 'fc[1' is not a regular expression"),
+        ("passes:\n  - name: prune\n    name_regex: 5\n", "'name_regex' must be a string"),
+        ("passes:\n  - name: prune\n    exclude: ['fc[1']\n", "'exclude' pattern 'fc[1' is not a regular expression"),
+        ("passes:\n  - name: prune\n    op_types: {MatMul: 1}\n", "'op_types' must be a string or a list"),
+        ("passes:\n  - name: cleanup\n    options: 3\n", "'options' must be a mapping"),
     ],
 )
 def test_bad_recipe(tmp_path, mlp_path, test_passes, text, expected):
