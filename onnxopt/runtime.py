@@ -187,7 +187,7 @@ def emulate_bfloat16(model: str | os.PathLike | ir.Model | onnx.ModelProto | byt
                     ir.convenience.replace_all_uses_with(value, cast.outputs[0], replace_graph_outputs=True)
                     cast.replace_input_with(0, value)  # replace_all_uses_with moved the cast's own input too
                     value.name = None
-                    value.type = ir.TensorType(ir.DataType.FLOAT)  # a new type object: the clone shares the old one
+                    value.type = ir.TensorType(ir.DataType.FLOAT)
                     cast.outputs[0].name = name
                     changed = True
     if not changed:
