@@ -208,7 +208,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             if name not in factors:
                 factors[name] = qz.inverse_hessian_factor(gram.hessian(self.damping))
             blocks = qz.gptq_quantize(w, factors[name], self.bits, self.block_size, self.symmetric)
-        dtype = use.array().dtype  # half-precision weights keep half-precision scales: round them now
+        dtype = constant_tensor(use.value).dtype.numpy()  # half-precision weights keep half-precision scales: round them now
         blocks = dataclasses.replace(blocks, scales=blocks.scales.astype(dtype).astype(np.float32))
         entry = _Stored(blocks, qz.relative_error(w, blocks.dequantize()), dtype)
         if gram is not None:

@@ -380,8 +380,8 @@ def _weight_changed(node: ir.Node, orig: WeightUse) -> bool:
     tensor = constant_tensor(node.inputs[1])
     if tensor is None:  # the weight is computed now (a DequantizeLinear's output, ...)
         return True
-    current = tensor.numpy()
-    return current.shape != orig.array().shape or not np.array_equal(current, orig.array())
+    current, original = tensor.numpy(), orig.array()
+    return current.shape != original.shape or not np.array_equal(current, original)
 
 
 def _subgraph_layers(original: ir.Model, compressed: ir.Model, names: set[str] | None) -> dict[str, ir.Node]:
