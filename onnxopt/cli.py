@@ -126,7 +126,9 @@ def optimize(model_path, output, pass_specs, recipe, data, report, on_error, che
     reference = validate.run_all(runtime.session(src), feeds)
 
     def progress(record: pipeline.PassRecord) -> None:
-        click.echo(f"  {record.name:<18} {record.status:<11} {record.seconds:6.2f}s  nodes {record.nodes[0]} → {record.nodes[1]}", err=True)
+        unchanged = "" if record.changed else "  (no change)"
+        click.echo(f"  {record.name:<18} {record.status:<11} {record.seconds:6.2f}s  nodes {record.nodes[0]} → {record.nodes[1]}"
+                   f"{unchanged}", err=True)
 
     model, rep = pipeline.run_pipeline(
         model, specs, dataset, check=check, numeric_check=numeric_check, on_error=on_error, on_record=progress

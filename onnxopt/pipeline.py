@@ -100,6 +100,9 @@ class PassRecord:
     errors: list[validate.OutputError]
     message: str = ""
     details: dict[str, Any] = dataclasses.field(default_factory=dict)
+    changed: bool = True
+    """What the pass said (``PassResult.modified``): False when it found nothing to do, e.g. a filter or
+    option that matches no node."""
 
 
 @dataclasses.dataclass
@@ -199,9 +202,10 @@ def run_pipeline(
         before = stats.model_stats(model)
         snapshot = io.clone(model) if (numeric_check or on_error == "skip") else None
         start = time.perf_counter()
-        status, message, errors = "ok", "", []
+        status, message, errors, changed = "ok", "", [], True
         try:
-            model = instance(model).model
+            result = instance(model)
+            model, changed = result.model, result.modified
             if check:
                 structural_check(model)
             if numeric_check:
@@ -234,6 +238,7 @@ def run_pipeline(
             errors,
             message,
             dict(getattr(instance, "details", {}) or {}),
+            changed or status != "ok",
         )
         report.records.append(record)
         if on_record:

@@ -330,6 +330,18 @@ def _perturbed(mlp_path: pathlib.Path, tmp: pathlib.Path, scale: float) -> pathl
     return path
 
 
+def test_a_pass_that_changes_nothing_says_so(tmp_path, mlp_path):
+    """A filter or option that matches no node used to look like any other run (exit 0, unchanged model)."""
+    data = tmp_path / "data.npz"
+    np.savez(data, x=X)
+    result = invoke("optimize", mlp_path, "-o", tmp_path / "out.onnx", "-p", "quantize-int8:op_types=Foo",
+                    "-p", "quantize-dynamic", "--data", data, "--report", tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("  quantize")]
+    assert "(no change)" in lines[0] and "(no change)" not in lines[1]
+    assert [r["changed"] for r in json.loads((tmp_path / "r.json").read_text())["passes"]] == [False, True]
+
+
 def test_validate_refuses_a_candidate_that_is_no_model(tmp_path, mlp_path):
     bad = tmp_path / "notes.txt"
     bad.write_text("not a model")
