@@ -268,8 +268,8 @@ class ConvertBf16Pass(_ConvertPrecision):
 
 def _set_dtype(value: ir.Value, dtype: ir.DataType) -> None:
     """Give ``value`` (a tensor, or a sequence/optional of them) element type ``dtype`` through a new type
-    object: ``Value.dtype = ...`` changes the type object in place, which ``Model.clone()`` shares with
-    the clone (the model a later ``recover`` re-fits toward turned float16 with it)."""
+    object: ``Value.dtype = ...`` changes the type object in place, and values of a model built with the
+    onnx_ir API may share one (``io.clone`` gives copies their own)."""
     def retyped(tp):
         if isinstance(tp, (ir.SequenceType, ir.OptionalType)):
             return type(tp)(retyped(tp.elem_type))
