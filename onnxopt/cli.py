@@ -94,7 +94,7 @@ def _load_data(path: str | None) -> calibration.Dataset | None:
 @click.option("-p", "--pass", "pass_specs", multiple=True, help="PASS[:key=value,...]; repeatable, run in order.")
 @click.option("--recipe", help="YAML or TOML recipe file (run before any -p passes).")
 @click.option("--data", help=".npz file (one array per input, batch on axis 0) or a directory of them.")
-@click.option("--report", help="Write the per-pass report: FILE.json and/or FILE.md (by extension).")
+@click.option("--report", help="Write the per-pass report to FILE.json or FILE.md; FILE without extension writes both.")
 @click.option("--on-error", type=click.Choice(["stop", "skip"]), default="stop", show_default=True,
               help="When a pass breaks the model: stop, or roll the pass back and go on.")
 @click.option("--check/--no-check", default=True, show_default=True, help="onnx checker + shape inference after each pass.")
@@ -117,6 +117,8 @@ def optimize(model_path, output, pass_specs, recipe, data, report, on_error, che
         spec.create(dataset)
     _require_writable_dir(out, "output")
     if report:
+        if pathlib.Path(report).suffix not in REPORT_SUFFIXES:
+            raise OnnxoptError(f"--report {report}: name a .json or .md file, or give no extension for both")
         _require_writable_dir(pathlib.Path(report), "report")
     model = io.load(src)
     if dataset is not None:
@@ -158,7 +160,7 @@ def optimize(model_path, output, pass_specs, recipe, data, report, on_error, che
         click.echo(f"{'output max abs error':<22}{'':>14}{worst.max_abs:>14.3g}")
         click.echo(f"{'output cosine':<22}{'':>14}{min(e.cosine for e in errors):>14.6f}")
         source = "the first sample of --data" if dataset is not None else "synthesized inputs"
-        click.echo(f"(output error against IN on {source}; --report compares each pass with the model before it)")
+        click.echo(f"(output error against IN on {source}; --report gives each pass's error against the model before it and against IN)")
     for note in notes:
         click.echo(f"note: {note}", err=True)
     click.echo(f"wrote {out}")
@@ -218,13 +220,14 @@ def _file_size(path: pathlib.Path) -> int:
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
+REPORT_SUFFIXES = ("", ".json", ".md")
+
+
 def _write_report(rep: pipeline.Report, path: pathlib.Path) -> None:
-    if path.suffix == ".md":
-        path.write_text(rep.to_markdown())
-    elif path.suffix == ".json":
-        path.write_text(rep.to_json())
-    else:
+    """FILE.json or FILE.md by extension; both beside each other for a FILE without one."""
+    if path.suffix in ("", ".json"):
         path.with_suffix(".json").write_text(rep.to_json())
+    if path.suffix in ("", ".md"):
         path.with_suffix(".md").write_text(rep.to_markdown())
 
 

@@ -98,11 +98,15 @@ class PassRecord:
     tensor_bytes: tuple[int, int]
     op_delta: dict[str, int]
     errors: list[validate.OutputError]
+    """Outputs after the pass against those before it."""
     message: str = ""
     details: dict[str, Any] = dataclasses.field(default_factory=dict)
     changed: bool = True
     """What the pass said (``PassResult.modified``): False when it found nothing to do, e.g. a filter or
     option that matches no node."""
+    input_errors: list[validate.OutputError] = dataclasses.field(default_factory=list)
+    """Outputs after the pass against the pipeline's input model's: where the passes so far have taken it
+    (a ``recover`` shows here as the error it takes back)."""
 
 
 @dataclasses.dataclass
@@ -117,20 +121,16 @@ class Report:
 
     def to_markdown(self) -> str:
         lines = [
-            "| pass | status | time (s) | nodes | parameters | tensor bytes | max abs err | max rel err | cosine |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| pass | status | time (s) | nodes | parameters | tensor bytes | max abs err | max rel err | cosine "
+            "| max abs err vs input | cosine vs input |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in self.records:
-            worst = max(r.errors, key=lambda e: e.max_rel, default=None)
-            err = (
-                (f"{worst.max_abs:.3g}", f"{worst.max_rel:.3g}", f"{min(e.cosine for e in r.errors):.6f}")
-                if worst
-                else ("-", "-", "-")
-            )
             lines.append(
                 f"| {r.name} | {r.status} | {r.seconds:.2f} | {r.nodes[0]} → {r.nodes[1]} | "
                 f"{r.parameters[0]} → {r.parameters[1]} | {stats.human_bytes(r.tensor_bytes[0])} → "
-                f"{stats.human_bytes(r.tensor_bytes[1])} | {err[0]} | {err[1]} | {err[2]} |"
+                f"{stats.human_bytes(r.tensor_bytes[1])} | {_error_cells(r.errors, relative=True)} | "
+                f"{_error_cells(r.input_errors, relative=False)} |"
             )
         for r in self.records:
             if r.op_delta or r.message or r.details:
@@ -141,6 +141,15 @@ class Report:
                     lines.append(f"- {key}: {value}")
         lines += [f"\nnote: {note}" for note in self.notes]
         return "\n".join(lines) + "\n"
+
+
+def _error_cells(errors: list[validate.OutputError], relative: bool) -> str:
+    """The worst output's max abs (and max rel) error and the lowest cosine, as table cells."""
+    worst = max(errors, key=lambda e: e.max_rel, default=None)
+    if worst is None:
+        return " | ".join(["-"] * (3 if relative else 2))
+    cells = [f"{worst.max_abs:.3g}", *([f"{worst.max_rel:.3g}"] if relative else []), f"{min(e.cosine for e in errors):.6f}"]
+    return " | ".join(cells)
 
 
 def structural_check(model: ir.Model) -> None:
@@ -190,6 +199,7 @@ def run_pipeline(
             report.notes.append(f"structural checks off: the input model already fails them ({exc})")
     feeds = validate.feeds_for(model, data) if numeric_check else []
     previous_outputs = _outputs(model, feeds, report.notes) if numeric_check else {}
+    input_outputs, input_errors = previous_outputs, []
     # the model before the first other lossy pass: what a `recover` given no reference re-fits toward
     wants_reference = [hasattr(i, "pipeline_original") and not i.reference and i.original is None for _, i, _ in instances]
     reference = None
@@ -219,6 +229,7 @@ def run_pipeline(
                         + (f"; first diverging value: '{where}'" if where else "")
                     )
                 previous_outputs = outputs
+                input_errors = validate.compare_outputs(input_outputs, outputs)
         except OnnxoptError:
             raise
         except Exception as exc:  # a broken pass result: roll back or stop
@@ -239,6 +250,7 @@ def run_pipeline(
             message,
             dict(getattr(instance, "details", {}) or {}),
             changed or status != "ok",
+            input_errors,
         )
         report.records.append(record)
         if on_record:

@@ -520,3 +520,10 @@ def test_single_file_output_replaces_an_external_data_output(tmp_path, mlp_path)
         assert result.exit_code == 0, result.output
         assert (tmp_path / "out.onnx.data").exists() == (flag == "--external-data")  # no stale data file left
     assert runtime.session(out).run(None, {"x": X})[0].shape[0] == X.shape[0]
+
+
+def test_report_with_another_extension_is_refused_before_any_work(tmp_path, mlp_path):
+    out = tmp_path / "out.onnx"
+    result = invoke("optimize", mlp_path, "-o", out, "-p", "cleanup", "--report", tmp_path / "r.txt")
+    assert_usage_error(result, out, "name a .json or .md file")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([mlp_path.name])

@@ -192,3 +192,27 @@ def test_every_pass_runs_after_every_other(first, second, model_and_data):
     feeds = {name: array[:2] for name, array in arrays.items()}
     expected = runtime.session(path).run(None, feeds)
     assert [a.shape for a in runtime.session(model).run(None, feeds)] == [a.shape for a in expected]
+
+
+def test_report_gives_each_pass_error_against_the_input_too(mlp_path):
+    """A `recover` after a lossy pass changes the outputs (its error against the pass before it), yet brings
+    them back toward the input model's: the report says both, so recovery does not read as damage."""
+    data = Dataset.from_arrays({"x": np.random.default_rng(8).standard_normal((256, 8)).astype(np.float32)})
+    _, report = pipeline.run_pipeline(io.load(mlp_path), ["prune:sparsity=0.6,min_elements=1", "recover"], data)
+    prune, recover = report.records
+    assert prune.input_errors == prune.errors
+    assert recover.errors[0].max_abs > 1e-3
+    assert recover.input_errors[0].max_abs < prune.input_errors[0].max_abs
+    assert recover.input_errors[0].cosine > prune.input_errors[0].cosine
+    markdown = report.to_markdown()
+    assert "| cosine vs input |" in markdown
+    assert f"| {recover.input_errors[0].max_abs:.3g} | {recover.input_errors[0].cosine:.6f} |" in markdown
+
+
+def test_a_rolled_back_pass_keeps_the_error_against_the_input(mlp_path, test_passes):
+    data = Dataset.from_arrays({"x": X})
+    _, report = pipeline.run_pipeline(io.load(mlp_path), ["prune:sparsity=0.5,min_elements=1", "test-break"], data,
+                                      on_error="skip")
+    prune, broken = report.records
+    assert broken.status == "rolled back" and broken.errors[0].max_abs > 1e-3  # why it was rolled back
+    assert broken.input_errors == prune.input_errors and prune.input_errors[0].max_abs > 0
