@@ -128,9 +128,10 @@ def optimize(model_path, output, pass_specs, recipe, data, report, on_error, che
     reference = validate.run_all(runtime.session(src), feeds)
 
     def progress(record: pipeline.PassRecord) -> None:
+        cosine = f"  cosine vs IN {min(e.cosine for e in record.input_errors):.6f}" if record.input_errors else ""
         unchanged = "" if record.changed else "  (no change)"
         click.echo(f"  {record.name:<18} {record.status:<11} {record.seconds:6.2f}s  nodes {record.nodes[0]} → {record.nodes[1]}"
-                   f"{unchanged}", err=True)
+                   f"{cosine}{unchanged}", err=True)
 
     model, rep = pipeline.run_pipeline(
         model, specs, dataset, check=check, numeric_check=numeric_check, on_error=on_error, on_record=progress

@@ -339,6 +339,7 @@ def test_a_pass_that_changes_nothing_says_so(tmp_path, mlp_path):
     assert result.exit_code == 0, result.output
     lines = [line for line in result.stderr.splitlines() if line.startswith("  quantize")]
     assert "(no change)" in lines[0] and "(no change)" not in lines[1]
+    assert "cosine vs IN 1.000000" in lines[0] and float(lines[1].split("cosine vs IN ")[1].split()[0]) < 1
     assert [r["changed"] for r in json.loads((tmp_path / "r.json").read_text())["passes"]] == [False, True]
 
 
