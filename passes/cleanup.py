@@ -73,12 +73,45 @@ class CleanupPass(ir.passes.InPlacePass):
             common_passes.RemoveUnusedOpsetsPass(),
         ]
         modified = False
+        named = _node_names(model)
         for _ in range(self.iterations):
             result = ir.passes.Sequential(*steps)(model)
             modified |= result.modified
             if not result.modified:
                 break
+        _restore_names(model, named)
         return ir.passes.PassResult(model, modified)
+
+
+def _node_names(model: ir.Model) -> dict[tuple[str, str], str]:
+    """Node names keyed by (op type, first input) and by ("", first output): what identifies a node that a
+    rewrite replaces by one of its own (a Conv with a BatchNorm folded in reads the old Conv's input)."""
+    names: dict[tuple[str, str], str] = {}
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if node.name and node.inputs and node.inputs[0] is not None:
+            names[(node.op_type, node.inputs[0].name or "")] = node.name
+        if node.name and node.outputs:
+            names[("", node.outputs[0].name or "")] = node.name
+    return names
+
+
+def _restore_names(model: ir.Model, before: dict[tuple[str, str], str]) -> None:
+    """Give the nodes onnxscript's rewriter created (``node_Conv_0``) the name of the node they replace:
+    the same op reading the same input, else the node whose output they now produce. Recipes filter by
+    name, and ``recover`` matches layers by name."""
+    nodes = list(ir.traversal.RecursiveGraphIterator(model.graph))
+    kept = set(before.values())
+    gone = kept - {node.name for node in nodes}
+    for node in nodes:
+        if node.name in kept:
+            continue
+        first_in = node.inputs[0].name if node.inputs and node.inputs[0] is not None else None
+        for key in ((node.op_type, first_in), ("", node.outputs[0].name if node.outputs else None)):
+            old = before.get(key)
+            if old in gone:
+                node.name = old
+                gone.discard(old)
+                break
 
 
 def folding_hazard(model: ir.Model) -> str | None:

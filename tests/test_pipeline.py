@@ -149,9 +149,11 @@ def test_option_conversion():
         registry.convert(True, float, "w")
 
 
-def test_fuse_keeps_the_names_of_the_layers_it_folds_batchnorm_into(tmp_path):
+@pytest.mark.parametrize("pass_name", ["fuse", "cleanup"])
+def test_batchnorm_folding_keeps_the_layer_names(tmp_path, pass_name):
     """Conv + BatchNormalization folded: the Conv written keeps the layer's name (node filters, recipes and
-    ``recover`` address layers by name), and outputs are unchanged."""
+    ``recover`` address layers by name), and outputs are unchanged. cleanup's rewriter (onnxscript) named
+    the new Conv ``node_Conv_0`` before its names were restored."""
     import sys
     from pathlib import Path
 
@@ -159,7 +161,7 @@ def test_fuse_keeps_the_names_of_the_layers_it_folds_batchnorm_into(tmp_path):
     from compression_graphs import conv_model, run
 
     path, feeds = conv_model(tmp_path)
-    model, _ = pipeline.run_pipeline(io.load(path), ["fuse"])
+    model, _ = pipeline.run_pipeline(io.load(path), [pass_name])
     assert [n.name for n in model.graph if n.op_type in ("Conv", "Gemm")] == ["conv1", "conv2", "fc"]
     assert "BatchNormalization" not in [n.op_type for n in model.graph]
     np.testing.assert_allclose(run(model, feeds)[0], run(io.load(path), feeds)[0], rtol=1e-4, atol=1e-4)
