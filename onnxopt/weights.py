@@ -195,7 +195,11 @@ def _unsupported_reason(use: WeightUse) -> str | None:
 
 
 def constant_tensor(value: ir.Value | None) -> ir.TensorProtocol | None:
-    """The tensor of an initializer or Constant-node output; None if not constant."""
+    """The tensor of an initializer or Constant-node output, also behind Identity nodes (torch's exporter
+    shares equal tensors that way, e.g. all-zero biases); None if not constant."""
+    while value is not None and value.const_value is None and (node := value.producer()) is not None \
+            and node.op_type == "Identity" and node.domain in ("", "ai.onnx"):
+        value = node.inputs[0]
     if value is None:
         return None
     if value.const_value is not None:

@@ -218,12 +218,15 @@ def _flatten_reshape(group: ChannelGroup, node: ir.Node, layout: Layout) -> Layo
         rest = int(np.prod(dims.dims[1:]))
     flattening = (
         target is not None and len(target) == 2 and layout.is_axis1 and not layout.flat
-        and node.attributes.get_int("allowzero", 0) == 0
+        and (node.attributes.get_int("allowzero", 0) == 0 or 0 not in target)  # allowzero: a 0 stays 0
         and ((target[0] == 0 and (target[1] == -1 or target[1] > 0)) or (target[0] == -1 and target[1] == rest))
     )
     if not flattening:
-        raise Refused(f"Reshape '{node.name}' to {target} is not a proven (batch, C·rest) flatten of the channels"
-                      " (attention heads: use heads=true)")
+        out_shape = node.outputs[0].shape
+        rank = len(target) if target is not None else (out_shape.rank() if out_shape is not None else 0)
+        hint = " (attention heads are removed whole by heads=true)" if rank > 2 else ""
+        text = target if target is not None else "a shape computed at run time"
+        raise Refused(f"Reshape '{node.name}' to {text} is not a proven (batch, C·rest) flatten of the channels{hint}")
     if target[1] > 0:
         if target[1] % group.channels:
             raise Refused(f"Reshape '{node.name}' width {target[1]} is not a multiple of {group.channels} channels")
@@ -358,7 +361,9 @@ def trace_heads(output: WeightUse) -> HeadGroup:
     merge = _producer(output.activation, "Reshape", values)
     merge_shape = constant_tensor(merge.inputs[1])
     transpose = _producer(merge.inputs[0], "Transpose", values)
-    if merge_shape is None or merge_shape.size != 3 or _perm(transpose) != [0, 2, 1, 3]:
+    if merge_shape is None:
+        raise Refused(f"context Reshape '{merge.name}' takes a shape computed at run time; heads are traced through constant shapes only")
+    if merge_shape.size != 3 or _perm(transpose) != [0, 2, 1, 3]:
         raise Refused("context is not Transpose(0,2,1,3) then Reshape to 3-D")
     context = _producer(transpose.inputs[0], "MatMul", values)
     softmax = _producer(context.inputs[0], "Softmax", values)

@@ -218,3 +218,23 @@ def test_a_rolled_back_pass_keeps_the_error_against_the_input(mlp_path, test_pas
     prune, broken = report.records
     assert broken.status == "rolled back" and broken.errors[0].max_abs > 1e-3  # why it was rolled back
     assert broken.input_errors == prune.input_errors and prune.input_errors[0].max_abs > 0
+
+
+def test_cleanup_folds_a_concat_of_weights_larger_than_onnxscripts_input_limit():
+    """``fuse`` feeds ORT's Attention a Concat of the Q/K/V weights (128x128 each here: 16384 elements, over
+    onnxscript's default input limit of 8192). Folding it frees as many elements as it stores: cleanup folds it."""
+    rng = np.random.default_rng(9)
+    parts = [ir.Value(name=f"w{i}", const_value=ir.tensor(rng.standard_normal((128, 128)).astype(np.float32), name=f"w{i}"))
+             for i in range(3)]
+    x = ir.val("x", ir.DataType.FLOAT, ir.Shape(["n", 128]))
+    concat = ir.node("Concat", parts, attributes={"axis": 1})
+    matmul = ir.node("MatMul", [x, concat.outputs[0]])
+    matmul.outputs[0].name, matmul.outputs[0].type, matmul.outputs[0].shape = "y", ir.TensorType(ir.DataType.FLOAT), ir.Shape(["n", 384])
+    graph = ir.Graph([x], matmul.outputs, nodes=[concat, matmul], initializers=parts, opset_imports={"": 17}, name="g")
+    model = ir.Model(graph, ir_version=10)
+    feed = {"x": rng.standard_normal((2, 128)).astype(np.float32)}
+    expected = runtime.session(io.clone(model)).run(None, feed)[0]
+    model, report = pipeline.run_pipeline(model, ["cleanup"])
+    assert [n.op_type for n in model.graph] == ["MatMul"]
+    assert report.records[0].tensor_bytes[1] <= report.records[0].tensor_bytes[0]
+    np.testing.assert_allclose(runtime.session(model).run(None, feed)[0], expected, rtol=1e-5, atol=1e-5)

@@ -393,6 +393,14 @@ def test_reshape_after_the_pruned_layer(kind, shape, infer, reason):
     _check_pattern(kind, _pattern(kind, nodes, {"shape": shape, "w2": _w(rows, 3)}, infer=infer), reason)
 
 
+@pytest.mark.parametrize(("kind", "shape"), [("conv", [-1, 144]), ("mm", [-1, 8])])
+def test_reshape_with_allowzero(kind, shape):
+    """torch's dynamo exporter writes allowzero=1 on every Reshape: it only matters for a 0 in the target
+    (a dimension of size 0 instead of a copied one), so [-1, K] is still a flatten."""
+    nodes = [mk("Reshape", ["r", "shape"], ["f"], allowzero=1), mk("MatMul", ["f", "w2"], ["y"], name="fc2")]
+    _check_pattern(kind, _pattern(kind, nodes, {"shape": shape, "w2": _w(shape[-1], 3)}, infer=True), None)
+
+
 def _layer_norm(kind: str) -> tuple[list, dict]:
     """Decomposed LayerNorm over the channels (MatMul: last axis; Conv: axis 1) of r into n."""
     axes, const = ([-1], (8,)) if kind == "mm" else ([1], (4, 1, 1))

@@ -57,6 +57,23 @@ def test_scan_finds_constant_shared_subgraph_and_skips_quantized():
     np.testing.assert_array_equal(shared.matrix(), w)
 
 
+def test_weights_behind_identity_nodes_are_constant():
+    """torch's exporter shares equal tensors through Identity nodes (HF's all-zero biases): still weights."""
+    w = RNG.standard_normal((4, 3)).astype(np.float32)
+    model = _model(
+        [helper.make_node("Identity", ["w"], ["w_alias"]), helper.make_node("Identity", ["w_alias"], ["w_alias2"]),
+         helper.make_node("MatMul", ["x", "w_alias2"], ["a"], name="m1"), helper.make_node("MatMul", ["x", "w"], ["b"], name="m2")],
+        [_f("x", [2, 4])], [_f("a", [2, 3]), _f("b", [2, 3])], [numpy_helper.from_array(w, "w")],
+    )
+    use = next(u for u in weights.scan_weights(model).uses if u.label == "m1")
+    np.testing.assert_array_equal(use.matrix(), w)
+    weights.set_weight(use, np.zeros_like(w), "zero")
+    a, b = runtime.session(model).run(None, {"x": np.ones((2, 4), np.float32)})
+    np.testing.assert_array_equal(a, 0)
+    np.testing.assert_allclose(b, np.ones((2, 4)) @ w, rtol=1e-5)
+    assert weights.constant_tensor(model.graph.inputs[0]) is None
+
+
 def test_set_weight_leaves_other_consumers_of_a_shared_weight():
     w = RNG.standard_normal((4, 3)).astype(np.float32)
     model = _model(
