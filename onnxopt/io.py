@@ -107,23 +107,24 @@ def save(
     ir_version = model.ir_version
     model.ir_version = _output_ir_version(model)
     try:
-        tmp_model = pathlib.Path(tmp_dir) / path.name
-        sparse = _sparse_flagged(model)
-        # ir.save keeps lazily loaded tensors pointing at the input's data file: a single-file output
-        # must read them in, or it would depend on (a file named like) the input's data
-        if sparse or (not external_data and _external_tensors(model)):
-            proto = ir.to_proto(model)
-            _sparsify_initializers(proto.graph, sparse)
-            _inline_external(proto, model)
-            onnx.save(
-                proto,
-                str(tmp_model),
-                save_as_external_data=external_data,
-                location=data_name,
-                size_threshold=1024,
-            )
-        else:
-            ir.save(model, tmp_model, external_data=data_name if external_data else None, size_threshold_bytes=1024)
+        with _no_initializer_value_info(model):
+            tmp_model = pathlib.Path(tmp_dir) / path.name
+            sparse = _sparse_flagged(model)
+            # ir.save keeps lazily loaded tensors pointing at the input's data file: a single-file output
+            # must read them in, or it would depend on (a file named like) the input's data
+            if sparse or (not external_data and _external_tensors(model)):
+                proto = ir.to_proto(model)
+                _sparsify_initializers(proto.graph, sparse)
+                _inline_external(proto, model)
+                onnx.save(
+                    proto,
+                    str(tmp_model),
+                    save_as_external_data=external_data,
+                    location=data_name,
+                    size_threshold=1024,
+                )
+            else:
+                ir.save(model, tmp_model, external_data=data_name if external_data else None, size_threshold_bytes=1024)
         if external_data and (pathlib.Path(tmp_dir) / data_name).exists():
             os.replace(pathlib.Path(tmp_dir) / data_name, directory / data_name)
         os.replace(tmp_model, path)
@@ -136,6 +137,21 @@ def save(
                 leftover.unlink()
             os.rmdir(tmp_dir)
     return path
+
+
+@contextlib.contextmanager
+def _no_initializer_value_info(model: ir.Model):
+    """Hide the type and shape of initializers while saving: onnx_ir writes them as ``value_info`` entries
+    that repeat what each tensor already says (a few hundred bytes per model, more with many weights)."""
+    hidden = [(value, value.type, value.shape) for graph in model.graphs() for value in graph.initializers.values()
+              if not value.is_graph_input() and not value.metadata_props and not value.doc_string]
+    for value, _, _ in hidden:
+        value.type, value.shape = None, None
+    try:
+        yield
+    finally:
+        for value, type_, shape in hidden:
+            value.type, value.shape = type_, shape
 
 
 def clone(model: ir.Model) -> ir.Model:

@@ -17,6 +17,9 @@ from onnxopt.weights import constant_tensor
 # spent, while the output cap (``fold_size_limit``) is what keeps the file from growing.
 FOLD_INPUT_LIMIT = 1 << 24
 
+# onnxscript's default rewrite rules, less Flatten2Reshape: a Reshape needs a shape tensor, so the file grew
+CLEANUP_RULES = [rule for rule in rewriter._DEFAULT_REWRITE_RULES if getattr(rule, "name", None) != "Flatten2Reshape"]
+
 # Folding these would widen stored weights (e.g. int8 -> float32): the file would grow.
 _WIDENING_OPS = {"DequantizeLinear", "QuantizeLinear", "DynamicQuantizeLinear", "Cast", "CastLike"}
 
@@ -69,7 +72,7 @@ class CleanupPass(ir.passes.InPlacePass):
                 )
             )
         steps += [
-            rewriter.RewritePass(rewriter._DEFAULT_REWRITE_RULES),
+            rewriter.RewritePass(CLEANUP_RULES),
             common_passes.IdentityEliminationPass(),
             common_passes.CommonSubexpressionEliminationPass(),
             ContiguousInitializersPass(),

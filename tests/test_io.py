@@ -273,6 +273,22 @@ def test_if_loop_subgraphs_survive_load_save_and_cleanup(tmp_path, sign):
     np.testing.assert_allclose(_run(optimized, {"x": x})[0], expected, rtol=1e-5)
 
 
+def test_save_writes_no_value_info_for_initializers(tmp_path):
+    """onnx_ir writes every initializer's type and shape again as value_info: a file that no pass changed
+    came out bigger than it went in. The model in memory keeps them."""
+    path = tmp_path / "if_loop.onnx"
+    onnx.save(_if_loop_model(), str(path))
+    model = io.load(path)
+    saved = io.save(model, tmp_path / "saved.onnx")
+    proto = onnx.load(str(saved))
+    for graph in (proto.graph, *(a.g for n in proto.graph.node for a in n.attribute if a.type == onnx.AttributeProto.GRAPH)):
+        assert not {v.name for v in graph.value_info} & {t.name for t in graph.initializer}
+    assert saved.stat().st_size <= path.stat().st_size
+    assert all(v.type is not None for g in model.graphs() for v in g.initializers.values())
+    x = np.abs(X)
+    np.testing.assert_allclose(_run(saved, {"x": x})[0], _run(path, {"x": x})[0], rtol=1e-6)
+
+
 def _sparse_model() -> tuple[onnx.ModelProto, np.ndarray]:
     dense = np.zeros((8, 4), np.float32)
     dense[[0, 3, 5, 7], [1, 0, 2, 3]] = [1.5, -2.0, 0.25, 4.0]
