@@ -82,45 +82,45 @@ class CleanupPass(ir.passes.InPlacePass):
             common_passes.RemoveUnusedOpsetsPass(),
         ]
         modified = False
-        named = _node_names(model)
+        names = layer_names_by_output(model)
         for _ in range(self.iterations):
             result = ir.passes.Sequential(*steps)(model)
             modified |= result.modified
             if not result.modified:
                 break
-        _restore_names(model, named)
+        restore_layer_names(model, names)
         return ir.passes.PassResult(model, modified)
 
 
-def _node_names(model: ir.Model) -> dict[tuple[str, str], str]:
-    """Node names keyed by (op type, first input) and by ("", first output): what identifies a node that a
-    rewrite replaces by one of its own (a Conv with a BatchNorm folded in reads the old Conv's input)."""
-    names: dict[tuple[str, str], str] = {}
+LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+"""Layers whose nodes the rewrite rules may write anew: the node written keeps the layer's name."""
+
+
+def layer_names_by_output(model: ir.Model) -> dict[str, str]:
+    """Name of each layer by its output, and by the output of a BatchNormalization / bias Add after it
+    (which the folded layer takes over)."""
+    names = {}
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        if node.name and node.inputs and node.inputs[0] is not None:
-            names[(node.op_type, node.inputs[0].name or "")] = node.name
-        if node.name and node.outputs:
-            names[("", node.outputs[0].name or "")] = node.name
+        if node.op_type in LAYERS and node.name and node.outputs[0].name:
+            names.setdefault(node.outputs[0].name, node.name)
+        producer = node.inputs[0].producer() if node.inputs and node.inputs[0] is not None else None
+        if node.op_type in ("BatchNormalization", "Add") and producer is not None and producer.op_type in LAYERS:
+            if producer.name and node.outputs[0].name:
+                names[node.outputs[0].name] = producer.name
     return names
 
 
-def _restore_names(model: ir.Model, before: dict[tuple[str, str], str]) -> None:
-    """Give the nodes onnxscript's rewriter created (``node_Conv_0``) the name of the node they replace:
-    the same op reading the same input, else the node whose output they now produce. Recipes filter by
-    name, and ``recover`` matches layers by name."""
-    nodes = list(ir.traversal.RecursiveGraphIterator(model.graph))
-    kept = set(before.values())
-    gone = kept - {node.name for node in nodes}
-    for node in nodes:
-        if node.name in kept:
-            continue
-        first_in = node.inputs[0].name if node.inputs and node.inputs[0] is not None else None
-        for key in ((node.op_type, first_in), ("", node.outputs[0].name if node.outputs else None)):
-            old = before.get(key)
-            if old in gone:
-                node.name = old
-                gone.discard(old)
-                break
+def restore_layer_names(model: ir.Model, names: dict[str, str]) -> None:
+    """Give the layers the rules wrote their layer's old name (onnxscript names them ``node_<Op>_<n>``),
+    so node filters, recipes and ``recover`` (which matches layers by name) see the same names after
+    ``fuse`` or ``cleanup`` as before."""
+    taken = {n.name for n in ir.traversal.RecursiveGraphIterator(model.graph)}
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        old = names.get(node.outputs[0].name) if node.op_type in LAYERS and node.outputs else None
+        if old and node.name != old and old not in taken:
+            taken.discard(node.name)
+            node.name = old
+            taken.add(old)
 
 
 def folding_hazard(model: ir.Model) -> str | None:

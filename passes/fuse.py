@@ -16,7 +16,7 @@ from onnxscript.rewriter import _ir_utils, pattern
 from onnxscript.rewriter.rules import common as rules
 from onnxscript.rewriter.rules.fusion import _layer_norm
 
-from onnxopt.passes.cleanup import folding_hazard
+from onnxopt.passes.cleanup import folding_hazard, layer_names_by_output, restore_layer_names
 from onnxopt.io import no_new_value_info
 from onnxopt.registry import register
 
@@ -41,37 +41,6 @@ class LayerNormAxesAttributeFusion(_layer_norm.LayerNormFusion):
 LAYER_NORM_RULES = pattern.RewriteRuleSet(
     [LayerNormAxesAttributeFusion.rule(), *_layer_norm.layer_normalization_rules]
 )
-
-
-LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-"""Layers whose nodes the rewrite rules may write anew: the node written keeps the layer's name."""
-
-
-def _layer_names_by_output(model: ir.Model) -> dict[str, str]:
-    """Name of each layer by its output, and by the output of a BatchNormalization / bias Add after it
-    (which the folded layer takes over)."""
-    names = {}
-    for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        if node.op_type in LAYERS and node.name and node.outputs[0].name:
-            names.setdefault(node.outputs[0].name, node.name)
-        producer = node.inputs[0].producer() if node.inputs and node.inputs[0] is not None else None
-        if node.op_type in ("BatchNormalization", "Add") and producer is not None and producer.op_type in LAYERS:
-            if producer.name and node.outputs[0].name:
-                names[node.outputs[0].name] = producer.name
-    return names
-
-
-def _restore_layer_names(model: ir.Model, names: dict[str, str]) -> None:
-    """Give the layers the rules wrote their layer's old name (onnxscript names them ``node_<Op>_<n>``),
-    so node filters, recipes and ``recover`` (which matches layers by name) see the same names after
-    ``fuse`` as before."""
-    taken = {n.name for n in ir.traversal.RecursiveGraphIterator(model.graph)}
-    for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        old = names.get(node.outputs[0].name) if node.op_type in LAYERS and node.outputs else None
-        if old and node.name != old and old not in taken:
-            taken.discard(node.name)
-            node.name = old
-            taken.add(old)
 
 
 @register("fuse", lossless=True)
@@ -111,7 +80,8 @@ class FusePass(ir.passes.InPlacePass):
                 rules.transpose_b_matmul_add_to_gemm_rule,
                 rules.transpose_ab_matmul_add_to_gemm_rule,
             ]
-        names = _layer_names_by_output(model)
+        names = layer_names_by_output(model)
+        nodes_before = sum(1 for _ in ir.traversal.RecursiveGraphIterator(model.graph))
         counts["batchnorm/gemm"] = rewriter.RewriteRuleSet(ruleset).apply_to_model(model)
         if self.layer_norm and model.opset_imports.get("", 0) >= 17:
             counts["layer_norm"] = LAYER_NORM_RULES.apply_to_model(model)
@@ -121,8 +91,9 @@ class FusePass(ir.passes.InPlacePass):
 
             _, fused = ort_fusions.optimize_for_ort(model)  # runs onnxscript's constant folder too
             counts.update({k: v for k, v in fused.items() if v})
-        _restore_layer_names(model, names)
+        restore_layer_names(model, names)
         self.details = {k: v for k, v in counts.items() if v}
         if hazard:
             self.details["ort fusions"] = f"skipped: onnxscript's constant folder mishandles {hazard}"
-        return ir.passes.PassResult(model, any(counts.values()))
+        folded = nodes_before != sum(1 for _ in ir.traversal.RecursiveGraphIterator(model.graph))  # ORT's constant folding
+        return ir.passes.PassResult(model, any(counts.values()) or folded)

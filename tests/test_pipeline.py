@@ -238,3 +238,15 @@ def test_cleanup_folds_a_concat_of_weights_larger_than_onnxscripts_input_limit()
     assert [n.op_type for n in model.graph] == ["MatMul"]
     assert report.records[0].tensor_bytes[1] <= report.records[0].tensor_bytes[0]
     np.testing.assert_allclose(runtime.session(model).run(None, feed)[0], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fuse_reports_a_change_when_only_its_constant_folding_changed_the_graph():
+    """ORT's fusion pipeline folds constants too; the pass said 'no change' while nodes went 17 → 11."""
+    x = ir.val("x", ir.DataType.FLOAT, ir.Shape(["n", 4]))
+    c = ir.Value(name="c", const_value=ir.tensor(np.arange(4, dtype=np.float32), name="c"))
+    neg = ir.node("Neg", [c])
+    add = ir.node("Add", [x, neg.outputs[0]])
+    add.outputs[0].name, add.outputs[0].type, add.outputs[0].shape = "y", ir.TensorType(ir.DataType.FLOAT), ir.Shape(["n", 4])
+    model = ir.Model(ir.Graph([x], add.outputs, nodes=[neg, add], initializers=[c], opset_imports={"": 17}, name="g"), ir_version=10)
+    model, report = pipeline.run_pipeline(model, ["fuse"])
+    assert report.records[0].nodes == (2, 1) and report.records[0].changed
