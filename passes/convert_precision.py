@@ -26,6 +26,7 @@ from onnx_ir.passes.common import ShapeInferencePass
 
 from onnxopt.calibration import Dataset, capture
 from onnxopt.filters import NodeFilter
+from onnxopt.io import no_new_value_info
 from onnxopt.registry import register
 from onnxopt.weights import constant_tensor, drop_if_unused, name_uniquely, new_initializer
 
@@ -58,6 +59,12 @@ UNCONVERTIBLE_OPS = {
     "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear",
 }  # fmt: skip
 ANY_TYPE_INPUT_OPS = {"Cast", "Shape", "Size"}
+DATA_MOVEMENT_OPS = {
+    "Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Concat", "Split", "Slice", "Gather",
+    "GatherElements", "GatherND", "Expand", "Tile", "Pad", "DepthToSpace", "SpaceToDepth", "Cast", "Shape", "Size",
+}  # fmt: skip
+"""Ops that only move or measure values: a region of them alone, holding no weight, would gain nothing in
+half precision and pay a Cast at each end."""
 FLOAT32_INPUTS = {"Resize": {1, 2}, "Upsample": {1}}  # inputs that must stay float32 whatever T is
 
 
@@ -97,6 +104,10 @@ class _ConvertPrecision(ir.passes.InPlacePass):
         return any(name == p or re.fullmatch(p, name) for p in self.exclude)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        with no_new_value_info(model):  # inferred shapes are only needed while converting
+            return self._call(model)
+
+    def _call(self, model: ir.Model) -> ir.passes.PassResult:
         ShapeInferencePass()(model)
         nodes = list(ir.traversal.RecursiveGraphIterator(model.graph))
         originally_float = {
@@ -105,6 +116,7 @@ class _ConvertPrecision(ir.passes.InPlacePass):
         overflowing = self._overflowing(model, nodes, originally_float)
         opset = model.opset_imports.get("", 1)
         half = self._half_nodes(nodes, originally_float, set(overflowing) if self.keep_overflowing else set(), opset)
+        half -= _idle_regions(half, originally_float)
         if not self.keep_io_types:
             for value in model.graph.inputs:
                 if value in originally_float:
@@ -264,6 +276,26 @@ class ConvertBf16Pass(_ConvertPrecision):
     __doc__ = "Convert float32 to bfloat16 with float32 islands for sensitive ops.\n" + _ARGS_DOC
     target = ir.DataType.BFLOAT16
     suffix = "bf16"
+
+
+def _idle_regions(half: set[ir.Node], originally_float: set) -> set[ir.Node]:
+    """The nodes of connected regions of ``half`` made of :data:`DATA_MOVEMENT_OPS` only and reading no
+    float constant (e.g. the Transpose/Unsqueeze between two float32 GRUs)."""
+    region = {node: node for node in half}  # union-find over values passed between half nodes
+
+    def root(node: ir.Node) -> ir.Node:
+        while region[node] is not node:
+            region[node] = node = region[region[node]]
+        return node
+
+    for node in half:
+        for value in node.outputs:
+            for reader, _ in value.uses():
+                if reader in region:
+                    region[root(reader)] = root(node)
+    busy = {root(node) for node in half if node.op_type not in DATA_MOVEMENT_OPS
+            or any(v in originally_float and constant_tensor(v) is not None for v in node.inputs)}
+    return {node for node in half if root(node) not in busy}
 
 
 def _set_dtype(value: ir.Value, dtype: ir.DataType) -> None:
