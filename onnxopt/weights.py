@@ -101,6 +101,10 @@ class WeightScan:
     skipped: list[tuple[str, str]]  # (node label, reason)
 
 
+FUSED_LAYERS = {("com.microsoft", "Attention"), ("com.microsoft", "PackedAttention")}
+"""ORT contrib ops that hold the Q/K/V weights ``fuse`` took from MatMul layers: no pass compresses them."""
+
+
 def scan_weights(
     model: ir.Model | ir.Graph,
     op_types: Iterable[str] = ("MatMul", "Gemm"),
@@ -112,9 +116,11 @@ def scan_weights(
     op_types = set(op_types)
     uses, skipped = [], []
     for scope, node in scoped_nodes(graph):
-        if node.op_type not in op_types or node.domain not in ("", "ai.onnx"):
-            continue
         if node_filter is not None and not node_filter(node):
+            continue
+        if "MatMul" in op_types and (node.domain, node.op_type) in FUSED_LAYERS:
+            skipped.append((scope + node.name, f"weights fused into {node.domain}.{node.op_type} by `fuse`: run this pass before it"))
+        if node.op_type not in op_types or node.domain not in ("", "ai.onnx"):
             continue
         use = WeightUse(node, WEIGHT_INPUT[node.op_type], scope)
         reason = _unsupported_reason(use)

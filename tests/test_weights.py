@@ -74,6 +74,17 @@ def test_weights_behind_identity_nodes_are_constant():
     assert weights.constant_tensor(model.graph.inputs[0]) is None
 
 
+def test_scan_names_attention_that_fuse_built_from_layers():
+    """After `fuse`, ORT's Attention holds the Q/K/V weights: a compression pass run then leaves them float,
+    and says to run it before fuse instead of skipping them silently."""
+    w = numpy_helper.from_array(RNG.standard_normal((8, 24)).astype(np.float32), "qkv")
+    b = numpy_helper.from_array(np.zeros(24, np.float32), "qkv_bias")
+    attention = helper.make_node("Attention", ["x", "qkv", "qkv_bias"], ["y"], name="attn", domain="com.microsoft", num_heads=2)
+    model = _model([attention], [_f("x", [1, 4, 8])], [_f("y", [1, 4, 8])], [w, b])
+    assert ("attn", "weights fused into com.microsoft.Attention by `fuse`: run this pass before it") in weights.scan_weights(model).skipped
+    assert weights.scan_weights(model, ("Gather",)).skipped == []
+
+
 def test_set_weight_leaves_other_consumers_of_a_shared_weight():
     w = RNG.standard_normal((4, 3)).astype(np.float32)
     model = _model(
