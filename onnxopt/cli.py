@@ -117,7 +117,7 @@ def optimize(model_path, output, pass_specs, recipe, data, report, on_error, che
         spec.create(dataset)
     _require_writable_dir(out, "output")
     if report:
-        if pathlib.Path(report).suffix not in REPORT_SUFFIXES:
+        if pathlib.Path(report).suffix not in ("", *REPORT_FORMATS):
             raise OnnxoptError(f"--report {report}: name a .json or .md file, or give no extension for both")
         _require_writable_dir(pathlib.Path(report), "report")
     model = io.load(src)
@@ -221,15 +221,14 @@ def _file_size(path: pathlib.Path) -> int:
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
-REPORT_SUFFIXES = ("", ".json", ".md")
+REPORT_FORMATS = {".json": pipeline.Report.to_json, ".md": pipeline.Report.to_markdown}
 
 
 def _write_report(rep: pipeline.Report, path: pathlib.Path) -> None:
     """FILE.json or FILE.md by extension; both beside each other for a FILE without one."""
-    if path.suffix in ("", ".json"):
-        path.with_suffix(".json").write_text(rep.to_json())
-    if path.suffix in ("", ".md"):
-        path.with_suffix(".md").write_text(rep.to_markdown())
+    for suffix, render in REPORT_FORMATS.items():
+        if path.suffix in ("", suffix):
+            path.with_suffix(suffix).write_text(render(rep))
 
 
 @main.command()

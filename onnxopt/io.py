@@ -69,14 +69,30 @@ def load(path: str | os.PathLike, *, lift_constants: bool = True) -> ir.Model:
 
 
 def normalize(model: ir.Model) -> ir.Model:
-    """Lift weights held in Constant nodes to initializers (main graph and subgraphs), and make
-    initializers listed as graph inputs too (IR 3 style, overridable defaults) plain constants, in place:
+    """Lift weights held in Constant nodes to initializers (main graph and subgraphs), make initializers
+    listed as graph inputs too (IR 3 style, overridable defaults) plain constants, and bypass Identity
+    nodes of initializers, in place:
     passes replace weights, and onnxruntime neither folds an initializer that is an input nor runs a
     model whose weight became a required input."""
     LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=16)(model)
     for value in [v for v in model.graph.inputs if v.is_initializer()]:
         model.graph.inputs.remove(value)
+    _bypass_constant_identities(model)
     return model
+
+
+def _bypass_constant_identities(model: ir.Model) -> None:
+    """Let the readers of ``Identity(initializer)`` read the initializer: PyTorch's exporter shares equal
+    tensors (HF's all-zero biases) through Identity nodes, which hid them from the passes as weights
+    and hid that they are shared. An Identity whose output is a graph output stays."""
+    for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
+        if node.op_type != "Identity" or node.domain not in ("", "ai.onnx"):
+            continue
+        source, alias = node.inputs[0], node.outputs[0]
+        if source is None or source.const_value is None or alias.is_graph_output():
+            continue
+        alias.replace_all_uses_with(source)
+        node.graph.remove(node, safe=True)
 
 
 def save(
@@ -144,7 +160,8 @@ def _no_initializer_value_info(model: ir.Model):
     """Hide the type and shape of initializers while saving: onnx_ir writes them as ``value_info`` entries
     that repeat what each tensor already says (a few hundred bytes per model, more with many weights)."""
     hidden = [(value, value.type, value.shape) for graph in model.graphs() for value in graph.initializers.values()
-              if not value.is_graph_input() and not value.metadata_props and not value.doc_string]
+              if value.const_value is not None and not value.is_graph_input() and not value.metadata_props
+              and not value.doc_string]
     for value, _, _ in hidden:
         value.type, value.shape = None, None
     try:

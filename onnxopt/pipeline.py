@@ -144,11 +144,11 @@ class Report:
 
 
 def _error_cells(errors: list[validate.OutputError], relative: bool) -> str:
-    """The worst output's max abs (and max rel) error and the lowest cosine, as table cells."""
-    worst = max(errors, key=lambda e: e.max_rel, default=None)
-    if worst is None:
+    """The largest max abs (and max rel) error and the lowest cosine over the outputs, as table cells."""
+    if not errors:
         return " | ".join(["-"] * (3 if relative else 2))
-    cells = [f"{worst.max_abs:.3g}", *([f"{worst.max_rel:.3g}"] if relative else []), f"{min(e.cosine for e in errors):.6f}"]
+    cells = [f"{max(e.max_abs for e in errors):.3g}", *([f"{max(e.max_rel for e in errors):.3g}"] if relative else []),
+             f"{min(e.cosine for e in errors):.6f}"]
     return " | ".join(cells)
 
 

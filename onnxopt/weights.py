@@ -119,7 +119,8 @@ def scan_weights(
         if node_filter is not None and not node_filter(node):
             continue
         if "MatMul" in op_types and (node.domain, node.op_type) in FUSED_LAYERS:
-            skipped.append((scope + node.name, f"weights fused into {node.domain}.{node.op_type} by `fuse`: run this pass before it"))
+            fused = f"{node.domain}.{node.op_type}"
+            skipped.append((scope + (node.name or fused), f"weights fused into {fused} by `fuse`: run this pass before it"))
         if node.op_type not in op_types or node.domain not in ("", "ai.onnx"):
             continue
         use = WeightUse(node, WEIGHT_INPUT[node.op_type], scope)
@@ -201,11 +202,7 @@ def _unsupported_reason(use: WeightUse) -> str | None:
 
 
 def constant_tensor(value: ir.Value | None) -> ir.TensorProtocol | None:
-    """The tensor of an initializer or Constant-node output, also behind Identity nodes (torch's exporter
-    shares equal tensors that way, e.g. all-zero biases); None if not constant."""
-    while value is not None and value.const_value is None and (node := value.producer()) is not None \
-            and node.op_type == "Identity" and node.domain in ("", "ai.onnx"):
-        value = node.inputs[0]
+    """The tensor of an initializer or Constant-node output; None if not constant."""
     if value is None:
         return None
     if value.const_value is not None:

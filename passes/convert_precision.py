@@ -116,7 +116,8 @@ class _ConvertPrecision(ir.passes.InPlacePass):
         overflowing = self._overflowing(model, nodes, originally_float)
         opset = model.opset_imports.get("", 1)
         half = self._half_nodes(nodes, originally_float, set(overflowing) if self.keep_overflowing else set(), opset)
-        half -= _idle_regions(half, originally_float)
+        retyped_io = set() if self.keep_io_types else {v for v in (*model.graph.inputs, *model.graph.outputs) if v in originally_float}
+        half -= _idle_regions(half, originally_float, retyped_io)
         if not self.keep_io_types:
             for value in model.graph.inputs:
                 if value in originally_float:
@@ -145,7 +146,7 @@ class _ConvertPrecision(ir.passes.InPlacePass):
             "overflowing_ops": overflowing,
         }
         name_uniquely(model)
-        return ir.passes.PassResult(model, bool(half))
+        return ir.passes.PassResult(model, bool(half) or bool(retyped_io))
 
     def _half_nodes(self, nodes: list[ir.Node], originally_float: set, overflowing: set[str], opset: int) -> set[ir.Node]:
         kept_values: set[ir.Value] = set()
@@ -278,9 +279,10 @@ class ConvertBf16Pass(_ConvertPrecision):
     suffix = "bf16"
 
 
-def _idle_regions(half: set[ir.Node], originally_float: set) -> set[ir.Node]:
-    """The nodes of connected regions of ``half`` made of :data:`DATA_MOVEMENT_OPS` only and reading no
-    float constant (e.g. the Transpose/Unsqueeze between two float32 GRUs)."""
+def _idle_regions(half: set[ir.Node], originally_float: set, retyped_io: set[ir.Value]) -> set[ir.Node]:
+    """The nodes of connected regions of ``half`` made of :data:`DATA_MOVEMENT_OPS` only, reading no float
+    constant and touching no model input or output retyped to half (``keep_io_types=false``): e.g. the
+    Transpose/Unsqueeze between two float32 GRUs."""
     region = {node: node for node in half}  # union-find over values passed between half nodes
 
     def root(node: ir.Node) -> ir.Node:
@@ -294,7 +296,8 @@ def _idle_regions(half: set[ir.Node], originally_float: set) -> set[ir.Node]:
                 if reader in region:
                     region[root(reader)] = root(node)
     busy = {root(node) for node in half if node.op_type not in DATA_MOVEMENT_OPS
-            or any(v in originally_float and constant_tensor(v) is not None for v in node.inputs)}
+            or any(v in originally_float and constant_tensor(v) is not None for v in node.inputs)
+            or any(v in retyped_io for v in (*node.inputs, *node.outputs))}
     return {node for node in half if root(node) not in busy}
 
 
