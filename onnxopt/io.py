@@ -359,16 +359,17 @@ def _external_tensors(model: ir.Model) -> dict[str, ir.ExternalTensor]:
 
 @contextlib.contextmanager
 def no_new_value_info(model: ir.Model):
-    """Drop shapes and types that a lossless pass inferred for intermediate values on its way.
+    """Drop shapes and types that a pass inferred for intermediate values on its way.
 
     Shape inference annotates every intermediate value; written out as ``value_info`` these make
-    the file bigger although the model is the same, and onnxruntime infers them again at load.
+    the file bigger although the model is the same, and onnxruntime infers them again at load. The
+    values themselves are held (not their ``id()``, which a value created meanwhile could reuse).
     """
-    bare = {id(v) for node in ir.traversal.RecursiveGraphIterator(model.graph) for v in node.outputs
+    bare = {v for node in ir.traversal.RecursiveGraphIterator(model.graph) for v in node.outputs
             if v.type is None and v.shape is None}
     yield
-    graph_outputs = {id(v) for v in model.graph.outputs}
+    graph_outputs = set(model.graph.outputs)
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
         for value in node.outputs:
-            if id(value) in bare and id(value) not in graph_outputs and not value.is_graph_output():
+            if value in bare and value not in graph_outputs and not value.is_graph_output():
                 value.type, value.shape = None, None
