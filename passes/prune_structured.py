@@ -10,7 +10,10 @@ that hard-code the width: only standard ONNX ops remain.
 
 Attention heads (``heads=true``): the MiniLM/BERT pattern ``x@Wq+bq → Reshape(0,0,H,d) → Transpose`` (and
 K, V) ``→ MatMul → scale/mask → Softmax → MatMul V → Transpose → Reshape(0,0,H·d) → @Wo`` loses whole
-heads: Q/K/V columns, biases, Wo rows and the Reshape head counts are sliced.
+heads: Q/K/V columns, biases, Wo rows and the Reshape head counts are sliced. PyTorch exports of it are
+followed too: Reshape targets built at run time (a head count of -1 or read with ``Shape`` needs no
+change), SDPA's NaN guard after Softmax and its Kᵀ as Reshape-Transpose-Reshape; a mask built at run
+time must broadcast over heads by symbolic shape inference.
 
 A group whose channels reach a graph output, a residual ``Add``/``Concat`` with another tensor, a shared
 weight, a subgraph, or any op that cannot be sliced is refused with a message and left as is.
@@ -32,6 +35,7 @@ from onnxopt.compression import gemm_alpha, solve_masked
 from onnxopt.filters import NodeFilter
 from onnxopt.passes.recover import GramLayer, require_data
 from onnxopt.registry import register
+from onnxopt.shapes import ancestors, symbolic_shapes
 from onnxopt.weights import (
     WeightUse,
     constant_array,
@@ -88,7 +92,7 @@ class ChannelGroup:
     producers: list[tuple[WeightUse, int]]  # (use, per): output columns
     constants: list[tuple[ir.Node, int, int, int]] = dataclasses.field(default_factory=list)  # (node, input, axis, per)
     consumers: list[Consumer] = dataclasses.field(default_factory=list)
-    reshapes: list[tuple[ir.Node, int, int]] = dataclasses.field(default_factory=list)  # (node, shape position, per)
+    reshapes: list[tuple[ir.Node, tuple[int | None, int], int]] = dataclasses.field(default_factory=list)  # (node, where, per)
     region: dict[ir.Value, Layout] = dataclasses.field(default_factory=dict)
     unshaped: list[ir.Value] = dataclasses.field(default_factory=list)  # shapes forgotten after slicing
     unit: str = "channels"
@@ -230,7 +234,7 @@ def _flatten_reshape(group: ChannelGroup, node: ir.Node, layout: Layout) -> Layo
     if target[1] > 0:
         if target[1] % group.channels:
             raise Refused(f"Reshape '{node.name}' width {target[1]} is not a multiple of {group.channels} channels")
-        group.reshapes.append((node, 1, target[1] // group.channels))
+        group.reshapes.append((node, (None, 1), target[1] // group.channels))
     return Layout(-1, 2, flat=True)
 
 
@@ -262,8 +266,10 @@ def _add_consumer(group: ChannelGroup, node: ir.Node, layout: Layout) -> None:
 
 
 def _only_use(value: ir.Value, values: list[ir.Value]) -> None:
-    """Refuse unless ``value`` is read once (by the pattern) and is no graph output; remember it."""
-    if len(value.uses()) != 1 or value.is_graph_output():
+    """Refuse unless ``value`` is read once by the pattern (``Shape`` readers aside: they follow the new
+    head count at run time) and is no graph output; remember it."""
+    readers = [node for node, _ in value.uses() if node.op_type != "Shape"]
+    if len(readers) != 1 or value.is_graph_output():
         raise Refused(f"'{value.name}' is read outside the attention pattern")
     values.append(value)
 
@@ -298,6 +304,23 @@ def _skip_scalar_ops(value: ir.Value, values: list[ir.Value]) -> ir.Value:
     return value
 
 
+def _softmax(value: ir.Value, values: list[ir.Value]) -> ir.Node:
+    """The Softmax producing ``value``, also through ``Where(IsNaN(p), 0, p)``: PyTorch's SDPA export."""
+    where = value.producer()
+    test = where.inputs[0].producer() if where is not None and where.op_type == "Where" else None
+    if test is not None and test.op_type == "IsNaN" and test.inputs[0] is where.inputs[2] and _scalar_input(where) == 1:
+        _only_use(value, values)
+        value = where.inputs[2]
+        if {node for node, _ in value.uses()} != {test, where} or value.is_graph_output():
+            raise Refused(f"'{value.name}' is read outside the attention pattern")
+        values.append(value)
+        node = value.producer()
+        if node is None or node.op_type != "Softmax":
+            raise Refused(f"'{value.name}' is not produced by Softmax")
+        return node
+    return _producer(value, "Softmax", values)
+
+
 def _is_one_along(value: ir.Value, axis: int) -> bool:
     """Whether ``value`` statically has size 1 (or no dimension) along negative ``axis`` (mask broadcast)."""
     tensor = constant_tensor(value)
@@ -321,6 +344,98 @@ def _is_one_along(value: ir.Value, axis: int) -> bool:
     return False
 
 
+# Reshape targets. Exporters build them at run time: ``Concat`` of constants and dimensions read with
+# ``Shape`` → ``Gather``/``Slice``. An entry is a constant or such a read; a read follows the pruned head
+# count by itself when it reads a head axis, every other entry must not depend on the heads.
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One entry of a Reshape target: ``constant``, or dimension ``axis`` of ``tensor`` read at run time.
+
+    ``where`` locates a constant that can be rewritten: (Concat input or None for a constant target, index).
+    """
+
+    constant: int | None = None
+    tensor: ir.Value | None = None
+    axis: int | None = None
+    where: tuple[int | None, int] | None = None
+
+
+def _rank(value: ir.Value, ranks: dict[ir.Value, int]) -> int | None:
+    return ranks.get(value, len(value.shape) if value.shape is not None else None)
+
+
+def _dimension_reads(value: ir.Value, ranks: dict[ir.Value, int]) -> list[Entry] | None:
+    """Entries of a 1-D int64 piece of a Reshape target: a constant or a read of a ``Shape``; None if unknown."""
+    tensor = constant_tensor(value)
+    if tensor is not None:
+        return [Entry(int(v)) for v in tensor.numpy().reshape(-1)] if tensor.dtype.is_integer() else None
+    node = value.producer()
+    if node is None:
+        return None
+    if node.op_type in ("Unsqueeze", "Squeeze", "Cast", "Identity"):
+        return _dimension_reads(node.inputs[0], ranks)
+    if node.op_type == "Concat":
+        pieces = [_dimension_reads(v, ranks) for v in node.inputs]
+        return None if any(p is None for p in pieces) else [e for p in pieces for e in p]
+    source = node if node.op_type == "Shape" else (node.inputs[0].producer() if node.inputs else None)
+    if source is None or source.op_type != "Shape":
+        return None
+    rank = _rank(source.inputs[0], ranks)
+    start = source.attributes.get_int("start", 0)
+    end = source.attributes.get_int("end", rank if rank is not None else _UNBOUNDED)
+    if node.op_type == "Shape":
+        picked = _axes(start, end, rank)
+    elif node.op_type == "Gather" and (index := constant_tensor(node.inputs[1])) is not None:
+        axes, indices = _axes(start, end, rank), index.numpy().reshape(-1).tolist()
+        if axes is None and start == 0 and min(indices, default=0) >= 0:
+            axes = range(max(indices, default=0) + 1)  # leading axes: the rank is not needed
+        picked = None if axes is None or not all(-len(axes) <= i < len(axes) for i in indices) else [axes[i] for i in indices]
+    elif node.op_type == "Slice" and len(node.inputs) in (3, 4) and all(constant_tensor(v) is not None for v in node.inputs[1:]):
+        bounds = [constant_tensor(v).numpy().reshape(-1).tolist() for v in node.inputs[1:]]
+        if any(len(b) != 1 for b in bounds) or (len(bounds) == 3 and bounds[2][0] != 0):
+            return None
+        axes = _axes(start, end, rank)
+        picked = None if axes is None else axes[slice(bounds[0][0], bounds[1][0])]
+        if axes is None and start == 0 and 0 <= bounds[0][0] <= bounds[1][0] < _UNBOUNDED:
+            picked = list(range(bounds[0][0], bounds[1][0]))
+    else:
+        return None
+    if picked is None:
+        return None
+    return [Entry(tensor=source.inputs[0], axis=axis) for axis in picked]
+
+
+_UNBOUNDED = 1 << 62
+
+
+def _axes(start: int, end: int, rank: int | None) -> list[int] | None:
+    """The axes ``Shape(start, end)`` reads; None when that needs an unknown rank."""
+    if rank is None:
+        return list(range(start, end)) if 0 <= start <= end < _UNBOUNDED else None
+    return list(range(rank))[start:end]
+
+
+def _target(reshape: ir.Node, ranks: dict[ir.Value, int]) -> list[Entry]:
+    """The entries of ``reshape``'s target shape (a 0 copies the input's dimension unless ``allowzero``)."""
+    target, concat = reshape.inputs[1], reshape.inputs[1].producer()
+    if constant_tensor(target) is not None:
+        entries = [dataclasses.replace(e, where=(None, i)) for i, e in enumerate(_dimension_reads(target, ranks))]
+    elif concat is not None and concat.op_type == "Concat":
+        pieces = [_dimension_reads(piece, ranks) for piece in concat.inputs]
+        entries = None if any(p is None for p in pieces) else [
+            dataclasses.replace(e, where=(j, k)) if constant_tensor(concat.inputs[j]) is not None else e
+            for j, piece in enumerate(pieces) for k, e in enumerate(piece)]
+    else:
+        entries = _dimension_reads(target, ranks)
+    if entries is None:
+        raise Refused(f"Reshape '{reshape.name}' takes a shape computed at run time in a way not traced")
+    if not reshape.attributes.get_int("allowzero", 0):
+        entries = [Entry(tensor=reshape.inputs[0], axis=i) if e.constant == 0 else e for i, e in enumerate(entries)]
+    return entries
+
+
 @dataclasses.dataclass
 class HeadGroup:
     """One attention block: Q/K/V projections (output columns), their biases, Reshapes, and Wo."""
@@ -330,8 +445,7 @@ class HeadGroup:
     head_dim: int
     projections: list[WeightUse]
     biases: list[tuple[ir.Node, int]]
-    split_reshapes: list[ir.Node]
-    merge_reshape: ir.Node
+    reshapes: list[tuple[ir.Node, tuple[int | None, int], int]]  # (Reshape, head count's place, per head)
     output: WeightUse
     values: list[ir.Value]
 
@@ -339,11 +453,71 @@ class HeadGroup:
         """The same slicing expressed per head: units of ``head_dim`` channels."""
         group = ChannelGroup(self.label, self.heads, [(u, self.head_dim) for u in self.projections])
         group.constants = [(node, index, -1, self.head_dim) for node, index in self.biases]
-        group.reshapes = [(node, 2, 1) for node in self.split_reshapes] + [(self.merge_reshape, 2, self.head_dim)]
+        group.reshapes = self.reshapes
         group.consumers = [Consumer(self.output, self.head_dim)]
         group.unshaped = self.values
         group.unit = "heads"
         return group
+
+
+class _HeadTrace:
+    """Walks one attention block back from its output projection, noting each tensor's head axis."""
+
+    def __init__(self):
+        self.values: list[ir.Value] = []
+        self.head_axes: dict[ir.Value, int] = {}  # non-negative axis holding the heads (or heads × head_dim)
+        self.ranks: dict[ir.Value, int] = {}
+        self.checks: list[tuple[ir.Node, int, str]] = []  # (Reshape, head position, what the entry counts)
+
+    def note(self, value: ir.Value, axis: int, rank: int) -> ir.Value:
+        self.head_axes[value], self.ranks[value] = axis, rank
+        return value
+
+    def producer(self, value: ir.Value, op_type: str) -> ir.Node:
+        return _producer(value, op_type, self.values)
+
+    def transpose(self, value: ir.Value, perms: list[list[int]], name: str) -> ir.Node:
+        node = self.producer(value, "Transpose")
+        if _perm(node) not in perms:
+            raise Refused(f"{name} Transpose perm {_perm(node)} is not {' or '.join(map(str, perms))}")
+        return node
+
+    def reshape(self, value: ir.Value, position: int, counts: str, rank: int) -> ir.Node:
+        """The Reshape producing ``value``, whose head entry sits at ``position`` (see :meth:`check_entries`)."""
+        node = self.producer(value, "Reshape")
+        if len(_target(node, self.ranks)) != rank:
+            raise Refused(f"Reshape '{node.name}' does not give a {rank}-D tensor")
+        self.checks.append((node, position, counts))
+        return node
+
+    def key_transposed(self, value: ir.Value) -> ir.Value:
+        """From Kᵀ (batch, heads, head_dim, keys) back to the head-split K projection (batch, keys, heads, head_dim)."""
+        node = value.producer()
+        if node is not None and node.op_type == "Reshape":  # dynamo's SDPA: Kᵀ as Reshape-Transpose-Reshape
+            inner = self.note(self.reshape(value, 1, "heads", 4).inputs[0], 0, 3)
+            merged = self.note(self.transpose(inner, [[0, 2, 1]], "k").inputs[0], 0, 3)
+            value = self.note(self.reshape(merged, 0, "batch × heads", 3).inputs[0], 1, 4)
+        elif node is not None and _perm(node) == [0, 1, 3, 2]:
+            value = self.note(self.transpose(value, [[0, 1, 3, 2]], "k").inputs[0], 1, 4)
+        else:
+            return self.note(self.transpose(value, [[0, 2, 3, 1]], "k").inputs[0], 2, 4)
+        return self.note(self.transpose(value, [[0, 2, 1, 3]], "k").inputs[0], 2, 4)
+
+    def check_entries(self, heads: int, head_dim: int) -> list[tuple[ir.Node, tuple[int | None, int], int]]:
+        """Check every traced Reshape target; the entries holding a constant head count, to update."""
+        counts = {"heads": heads, "heads × head_dim": heads * head_dim}
+        updates = []
+        for node, position, counts_what in self.checks:
+            entries = _target(node, self.ranks)
+            for i, entry in enumerate(entries):
+                reads_heads = entry.tensor is not None and self.head_axes.get(entry.tensor) == entry.axis
+                if i != position and reads_heads:
+                    raise Refused(f"Reshape '{node.name}' reads the head count into entry {i}")
+                if i == position and not reads_heads and entry.constant != -1:
+                    if entry.constant != counts.get(counts_what) or entry.where is None:
+                        raise Refused(f"Reshape '{node.name}' entry {i} is not -1 or a constant {counts_what} count")
+                    updates.append((node, entry.where, 1 if counts_what == "heads" else head_dim))
+        return updates
 
 
 def _looks_like_attention_output(use: WeightUse) -> bool:
@@ -355,70 +529,86 @@ def _looks_like_attention_output(use: WeightUse) -> bool:
     return transpose is not None and transpose.op_type == "Transpose"
 
 
-def trace_heads(output: WeightUse) -> HeadGroup:
+def _scores_input(add: ir.Node, model: ir.Model) -> int:
+    """Which input of ``add`` carries the scores; the other, the mask, must broadcast over the heads.
+
+    Exporters compute masks with run-time shapes: their head axis is found by symbolic shape inference.
+    """
+    ones = [_is_one_along(v, -3) for v in add.inputs]
+    # the side computed by fewer nodes first: usually the mask, not the whole model before the block
+    for i in sorted((0, 1), key=lambda i: len(ancestors([add.inputs[i]]))) if not any(ones) else ():
+        shape = symbolic_shapes(model, [add.inputs[i]]).get(add.inputs[i])
+        if shape is not None and (len(shape) < 3 or shape[-3] == 1):
+            ones[i] = True
+            break
+    if ones == [True, False]:
+        return 1
+    if not ones[1]:
+        raise Refused(f"attention mask added by '{add.name or add.op_type}' is not broadcast over heads")
+    return 0
+
+
+def trace_heads(output: WeightUse, model: ir.Model) -> HeadGroup:
     """Match the attention pattern ending at output projection ``output``; :class:`Refused` otherwise."""
-    values: list[ir.Value] = []
-    merge = _producer(output.activation, "Reshape", values)
-    merge_shape = constant_tensor(merge.inputs[1])
-    transpose = _producer(merge.inputs[0], "Transpose", values)
-    if merge_shape is None:
-        raise Refused(f"context Reshape '{merge.name}' takes a shape computed at run time; heads are traced through constant shapes only")
-    if merge_shape.size != 3 or _perm(transpose) != [0, 2, 1, 3]:
-        raise Refused("context is not Transpose(0,2,1,3) then Reshape to 3-D")
-    context = _producer(transpose.inputs[0], "MatMul", values)
-    softmax = _producer(context.inputs[0], "Softmax", values)
+    trace = _HeadTrace()
+    trace.note(output.activation, 2, 3)
+    merge = trace.reshape(output.activation, 2, "heads × head_dim", 3)
+    context = trace.note(trace.transpose(trace.note(merge.inputs[0], 2, 4), [[0, 2, 1, 3]], "context").inputs[0], 1, 4)
+    if (node := context.producer()) is not None and node.op_type == "Reshape":  # the TorchScript SDPA export
+        context = trace.note(trace.reshape(context, 1, "heads", 4).inputs[0], 1, 4)
+    attend = trace.producer(context, "MatMul")
+    softmax = _softmax(trace.note(attend.inputs[0], 1, 4), trace.values)
+    trace.note(softmax.outputs[0], 1, 4)
     if softmax.attributes.get_int("axis", -1) not in (-1, 3):
         raise Refused("Softmax is not over the key axis")
-    scores = softmax.inputs[0]
+    scores = trace.note(softmax.inputs[0], 1, 4)
     while (node := scores.producer()) is not None and node.op_type in ("Add", "Mul", "Div"):
         if node.op_type == "Add":  # attention mask: must be the same for every head
-            path = 1 if _is_one_along(node.inputs[0], -3) and not _is_one_along(node.inputs[1], -3) else 0
-            if not _is_one_along(node.inputs[1 - path], -3):
-                raise Refused(f"attention mask added by '{node.name or node.op_type}' is not broadcast over heads")
+            path = _scores_input(node, model)
         elif _scalar_input(node) != 1:
             raise Refused(f"scores scaled by '{node.name}' with a non-scalar")
         else:
             path = 0
-        _only_use(scores, values)
-        scores = node.inputs[path]
-    product = _producer(scores, "MatMul", values)
-    branches = {"q": (_skip_scalar_ops(product.inputs[0], values), [0, 2, 1, 3]),
-                "k": (_skip_scalar_ops(product.inputs[1], values), [0, 2, 3, 1]),
-                "v": (context.inputs[1], [0, 2, 1, 3])}
-    projections, biases, reshapes, split = [], [], [], None
-    for name, (value, perm) in branches.items():
-        node = _producer(value, "Transpose", values)
-        if _perm(node) != perm:
-            raise Refused(f"{name} Transpose perm {_perm(node)} is not {perm}")
-        reshape = _producer(node.inputs[0], "Reshape", values)
-        shape = constant_tensor(reshape.inputs[1])
-        if shape is None or shape.size != 4 or min(shape.numpy()[2:]) < 1:
-            raise Refused(f"{name} Reshape does not split into (.., .., heads, head_dim) with constants")
-        split = split or tuple(shape.numpy()[2:].tolist())
-        if tuple(shape.numpy()[2:].tolist()) != split:
-            raise Refused("Q/K/V split into different head shapes")
-        reshapes.append(reshape)
-        value = reshape.inputs[0]
+        _only_use(scores, trace.values)
+        scores = trace.note(node.inputs[path], 1, 4)
+    product = trace.producer(scores, "MatMul")
+    query = trace.note(_skip_scalar_ops(trace.note(product.inputs[0], 1, 4), trace.values), 1, 4)
+    key = trace.note(_skip_scalar_ops(trace.note(product.inputs[1], 1, 4), trace.values), 1, 4)
+    split_values = {"q": trace.note(trace.transpose(query, [[0, 2, 1, 3]], "q").inputs[0], 2, 4),
+                    "k": trace.key_transposed(key),
+                    "v": trace.note(trace.transpose(trace.note(attend.inputs[1], 1, 4), [[0, 2, 1, 3]], "v").inputs[0], 2, 4)}
+    projections, biases, head_dims = [], [], set()
+    for name, value in split_values.items():
+        split = trace.reshape(value, 2, "heads", 4)
+        last = _target(split, trace.ranks)[3]
+        if last.constant is None or last.constant < 1:
+            raise Refused(f"{name} Reshape does not split into (.., .., heads, head_dim) with a constant head_dim")
+        head_dims.add(last.constant)
+        value = trace.note(split.inputs[0], 2, 3)
         if (add := value.producer()) is not None and add.op_type == "Add":
             bias_index = 1 if constant_tensor(add.inputs[1]) is not None else 0
-            _producer(value, "Add", values)
+            trace.producer(value, "Add")
             biases.append((add, bias_index))
-            value = add.inputs[1 - bias_index]
-        matmul = _producer(value, "MatMul", values)
+            value = trace.note(add.inputs[1 - bias_index], 2, 3)
+        matmul = trace.producer(value, "MatMul")
         use = WeightUse(matmul, 1)
         if constant_tensor(use.value) is None or use.shared or use.array().ndim != 2:
             raise Refused(f"{name} projection '{matmul.name}' has no unshared constant 2-D weight")
         projections.append(use)
-    heads, head_dim = split
-    width = heads * head_dim
-    if any(_out_columns(u) != width for u in projections) or merge_shape.numpy()[-1] != width:
-        raise Refused(f"projection widths do not equal heads × head_dim = {width}")
+    if len(head_dims) != 1:
+        raise Refused("Q/K/V split into different head shapes")
+    head_dim = head_dims.pop()
+    width = _out_columns(projections[0])
+    if width % head_dim or any(_out_columns(u) != width for u in projections):
+        raise Refused(f"projection widths are not equal multiples of head_dim {head_dim}")
     if any(constant_tensor(node.inputs[index]) is None or constant_tensor(node.inputs[index]).size != width
            for node, index in biases):
         raise Refused("a Q/K/V bias is not a per-channel constant")
     if output.shared or _in_rows(output) != width:
-        raise Refused("output projection weight is shared or does not match heads × head_dim")
-    return HeadGroup(output.label, heads, head_dim, projections, biases, reshapes, merge, output, values)
+        raise Refused(f"output projection weight is shared or does not match heads × head_dim = {width}")
+    heads = width // head_dim
+    updates = trace.check_entries(heads, head_dim)
+    return HeadGroup(output.label, heads, head_dim, projections, biases, updates, output, trace.values)
 
 
 # --------------------------------------------------------------------------- slicing
@@ -452,15 +642,30 @@ def apply_group(group: ChannelGroup, keep: np.ndarray) -> dict[ir.Node, np.ndarr
         transposed = use.node.op_type == "Gemm" and use.node.attributes.get_int("transB", 0)
         axis = 1 if use.node.op_type == "Conv" or transposed else 0
         _slice_input(use.node, use.index, axis, entries, "pruned")
-    for node, position, per in group.reshapes:
-        shape = constant_array(node.inputs[1]).copy()
-        shape[position] = len(keep) * per
-        set_weight(WeightUse(node, 1), shape, "pruned")
+    for node, where, per in group.reshapes:
+        _set_target_entry(node, where, len(keep) * per)
     for value, layout in group.region.items():
         _resize(value, layout.axis, group.channels, len(keep))
     for value in group.unshaped:
         value.shape = None
     return kept_outputs
+
+
+def _set_target_entry(reshape: ir.Node, where: tuple[int | None, int], count: int) -> None:
+    """Write ``count`` into ``reshape``'s target at ``where``: (None, i) in a constant target, (j, i) in
+    the constant input j of the ``Concat`` building it (copied first when other nodes read that Concat)."""
+    piece, position = where
+    holder, index = reshape, 1
+    if piece is not None:
+        holder, index = reshape.inputs[1].producer(), piece
+        if len(reshape.inputs[1].uses()) > 1 or reshape.inputs[1].is_graph_output():
+            copy = ir.node("Concat", list(holder.inputs), {"axis": 0}, name=f"{holder.name}_pruned")
+            reshape.graph.insert_before(reshape, copy)
+            reshape.replace_input_with(1, copy.outputs[0])
+            holder = copy
+    target = constant_array(holder.inputs[index]).copy()
+    target.reshape(-1)[position] = count
+    set_weight(WeightUse(holder, index), target, "pruned")
 
 
 def _resize(value: ir.Value, axis: int, old: int, new: int) -> None:
@@ -555,7 +760,7 @@ class PruneStructuredPass(ir.passes.InPlacePass):
         model.graph.sort()  # tracing reads nodes in list order: every reader must follow its producer
         scan = scan_weights(model, PRODUCER_OPS, self.node_filter)
         name_layers(scan.uses)
-        groups, refused = self._groups(scan.uses)
+        groups, refused = self._groups(model, scan.uses)
         original = io.clone(model) if self.recover else None
         norms = self._activation_norms(model, groups) if self.importance == "activation" else {}
         layers, kept_outputs, params_before = {}, {}, _parameters(model)
@@ -580,14 +785,14 @@ class PruneStructuredPass(ir.passes.InPlacePass):
         name_uniquely(model)  # a subgraph's new initializers may reuse an outer graph's names
         return ir.passes.PassResult(model, changed)
 
-    def _groups(self, uses: list[WeightUse]) -> tuple[list[ChannelGroup], dict[str, str]]:
+    def _groups(self, model: ir.Model, uses: list[WeightUse]) -> tuple[list[ChannelGroup], dict[str, str]]:
         groups, refused, claimed = [], {}, set()
         if self.heads:
             for use in uses:
                 if use.node.op_type != "MatMul":
                     continue
                 try:
-                    head_group = trace_heads(use)
+                    head_group = trace_heads(use, model)
                 except Refused as exc:
                     if _looks_like_attention_output(use):  # else: not an output projection, nothing to say
                         refused[f"{use.label} (heads)"] = str(exc)

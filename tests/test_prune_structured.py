@@ -505,3 +505,110 @@ def test_residual_with_an_unpruned_branch_is_refused(kind):
     nodes = [other, mk("Add", ["r", "o"], ["s"]), *consumer]
     inits = {"w0": _w(16, 8) if kind == "mm" else _w(4, 3, 3, 3), **weights}
     _check_pattern(kind, _pattern(kind, nodes, inits), "non-constant tensor 'o'")
+
+
+# PyTorch's exporters: head counts are -1 or run-time Shape reads, SDPA adds a NaN guard after Softmax,
+# TorchScript a no-op Reshape of the context, dynamo a Reshape-Transpose-Reshape for Kᵀ (models/torch_exports.py).
+TORCH_EXPORTS = ["bert_tiny_ts.onnx", "bert_tiny_dy.onnx"]
+
+
+def _head_groups(model):
+    from onnxopt.passes.prune_structured import trace_heads
+    from onnxopt.weights import WeightUse
+
+    groups = []
+    for node in list(model.graph):
+        if node.op_type == "MatMul" and node.inputs[1].const_value is not None:
+            try:
+                groups.append(trace_heads(WeightUse(node, 1), model))
+            except Exception:  # noqa: BLE001 - not an output projection
+                pass
+    return groups
+
+
+def _kill_head(model, head: int) -> None:
+    """Zero one head of every attention block: Q/K/V columns and biases, output projection rows."""
+    for group in _head_groups(model):
+        dead = np.arange(head * group.head_dim, (head + 1) * group.head_dim)
+        for use in group.projections:
+            _zero(model, use.value.name, dead, 1)
+        for node, index in group.biases:
+            _zero(model, node.inputs[index].name, dead, 0)
+        _zero(model, group.output.value.name, dead, 0)
+
+
+def _torch_feeds():
+    from models.torch_exports import feeds
+
+    return [feeds(), feeds(batch=3, seq=11, seed=1)]
+
+
+@pytest.mark.parametrize("name", TORCH_EXPORTS)
+def test_heads_of_pytorch_exports_are_removed_exactly(name):
+    model = load(MODELS / name)
+    assert len(_head_groups(model)) == 2
+    _kill_head(model, 1)
+    expected = [run(model, feeds)[0] for feeds in _torch_feeds()]
+    details = prune(model, ratio=0.25, heads=True, op_types="")
+    assert details["refused"] == {}
+    assert list(details["layers"].values()) == ["heads 4 -> 3, importance removed 0.0000 (l2)"] * 2
+    for group in _head_groups(model):
+        assert [u.matrix().shape for u in group.projections] == [(32, 24)] * 3
+        assert group.output.matrix().shape == (24, 32) and group.heads == 3
+    for feeds, reference in zip(_torch_feeds(), expected):
+        np.testing.assert_allclose(run(model, feeds)[0], reference, rtol=1e-5, atol=1e-5)
+
+
+def _dynamo_with_constant_head_count() -> ir.Model:
+    """The dynamo export with the head count of its (shared) split shape ``Concat`` written as 4, not -1."""
+    proto = onnx.load(MODELS / "bert_tiny_dy.onnx")
+    split = next(n for n in proto.graph.node if n.op_type == "Reshape" and n.output[0] == "view")
+    concat = next(n for n in proto.graph.node if n.output[0] == split.input[1])
+    proto.graph.initializer.append(numpy_helper.from_array(np.array([4], np.int64), "four_heads"))
+    concat.input[2] = "four_heads"
+    return ir.serde.deserialize_model(proto)
+
+
+def test_a_constant_head_count_in_a_shared_concat_is_rewritten_per_block():
+    model = _dynamo_with_constant_head_count()
+    _kill_head(model, 2)
+    expected = [run(model, feeds)[0] for feeds in _torch_feeds()]
+    details = prune(model, ratio=0.25, heads=True, op_types="")
+    assert list(details["layers"].values()) == ["heads 4 -> 3, importance removed 0.0000 (l2)"] * 2
+    counts = sorted(v.const_value.numpy().tolist() for v in model.graph.initializers.values() if v.name.startswith("four_heads"))
+    assert counts and {tuple(c) for c in counts} == {(3,)}  # every Q/K/V split reads 3 heads, none 4
+    for feeds, reference in zip(_torch_feeds(), expected):
+        np.testing.assert_allclose(run(model, feeds)[0], reference, rtol=1e-5, atol=1e-5)
+
+
+def test_a_block_left_alone_keeps_reading_the_shared_head_count():
+    from onnxopt.filters import NodeFilter
+    from onnxopt.passes.prune_structured import PruneStructuredPass
+
+    model = _dynamo_with_constant_head_count()
+    first, second = (group.output.node.name for group in _head_groups(model))
+    _kill_head(model, 3)
+    expected = [run(model, feeds)[0] for feeds in _torch_feeds()]
+    pass_ = PruneStructuredPass(ratio=0.25, heads=True, op_types=[], node_filter=NodeFilter(name_regex=f"^{first}$"))
+    pass_(model)
+    assert pass_.details["layers"] == {first: "heads 4 -> 3, importance removed 0.0000 (l2)"}
+    counts = sorted(v.const_value.numpy().tolist() for v in model.graph.initializers.values() if v.name.startswith("four_heads"))
+    assert counts == [[3], [3], [3], [4]]  # the first block's Q/K/V splits own a copy; the second's still reads 4
+    for feeds, reference in zip(_torch_feeds(), expected):
+        np.testing.assert_allclose(run(model, feeds)[0], reference, rtol=1e-5, atol=1e-5)
+    assert second not in pass_.details["refused"]
+
+
+def test_a_mask_expanded_per_head_at_run_time_is_refused():
+    """Symbolic shape inference finds the head axis of a mask computed with run-time shapes."""
+    proto = onnx.load(MODELS / "bert_tiny_ts.onnx")
+    add = next(n for n in proto.graph.node if n.name == "/bert/encoder/layer.0/attention/self/Add")
+    proto.graph.initializer.append(numpy_helper.from_array(np.array([1, 4, 1, 1], np.int64), "per_head"))
+    proto.graph.node.insert(list(proto.graph.node).index(add), helper.make_node("Expand", [add.input[1], "per_head"], ["mask4"]))
+    add.input[1] = "mask4"
+    model = ir.serde.deserialize_model(proto)
+    details = prune(model, ratio=0.5, heads=True, op_types="")
+    assert details["refused"] == {"/bert/encoder/layer.0/attention/output/dense/MatMul (heads)":
+                                  "attention mask added by '/bert/encoder/layer.0/attention/self/Add' is not broadcast over heads"}
+    assert list(details["layers"]) == ["/bert/encoder/layer.1/attention/output/dense/MatMul"]
+    assert run(model, _torch_feeds()[1])[0].shape == (3, 11, 32)
