@@ -8,7 +8,7 @@ the convolutions and the classifier), activation-aware low-rank of fc1 (``ratio`
 parameters kept), conv2 split into 3x1 then 1x3 convs (low-rank ``conv_split``). MiniLM-L6 (WordSim-353 Spearman; calibration: news snippets of
 ``lee_background.cor`` without padding): Wanda sparsity of all MatMuls, low-rank of the FFN layers
 (activation-aware SVD; ``ratio`` = fraction of the layer's parameters kept), structured pruning of FFN
-neurons, binarization of the middle FFN layers. Each point with and without ``recover``. Latency:
+neurons and of attention heads, binarization of the middle FFN layers. Each point with and without ``recover``. Latency:
 batch 1, interleaved medians against fp32 with onnxopt's kernel library registered, 1 and 2 threads.
 
     python bench/compress.py [--quick] [--only cnn|minilm] [--points REGEX]
@@ -232,6 +232,8 @@ def bench_minilm(quick: bool, words: int, target: str) -> None:
     points = [(f"low-rank FFN ratio {r}", [("low-rank", {"ratio": r, "activation_aware": True}, ffn)]) for r in ratios]
     points += [(f"sparsity {s:.0%}", [("prune", {"sparsity": s, "method": "wanda", "scope": "column"}, None)]) for s in sparsities]
     points += [(f"structured FFN {r:.0%} removed", [("prune-structured", {"ratio": r}, ffn)]) for r in (0.25, 0.5)]
+    points += [(f"attention heads {r:.0%} removed", [("prune-structured", {"ratio": r, "heads": True, "op_types": []}, None)])
+               for r in (0.25, 0.5)]
     points.append(("binarize FFN layers 2-9", [("binarize", {"keep_first_last": False}, middle)]))
     # an explicit recover pass with the chosen target (`layer` suits MiniLM, see bench/README.md); structured
     # points keep prune-structured's own recovery (it re-fits the consumers of the removed channels)
@@ -241,7 +243,7 @@ def bench_minilm(quick: bool, words: int, target: str) -> None:
     rows = run_points(path, points, data, wordsim_with_interval(path), feed, samples, repeat=20)
     table(f"MiniLM-L6 (WordSim-353 Spearman, calibration {sentences} news snippets + {words} single words, batch 1 seq 128; low-rank ratios {ratios} = "
           f"fraction of parameters kept, recover = ridge re-fit chosen on held-out batches; sparsities {sparsities}; "
-          f"structured = fraction of FFN neurons removed; recover target={target}; [a, b] = 95 % paired-bootstrap "
+          f"structured = fraction of FFN neurons (or of each layer's 12 heads) removed; recover target={target}; [a, b] = 95 % paired-bootstrap "
           f"interval of the drop from fp32 over the 353 pairs)", "WordSim [drop interval]", rows)
 
 
