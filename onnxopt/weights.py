@@ -17,7 +17,8 @@ import numpy as np
 import onnx_ir as ir
 
 # Input index holding the weight, per op type.
-WEIGHT_INPUT = {"MatMul": 1, "Gemm": 1, "Conv": 1, "Gather": 0}
+WEIGHT_INPUT = {"MatMul": 1, "Gemm": 1, "Conv": 1, "Gather": 0, "LSTM": 1, "GRU": 1, "RNN": 1}
+RECURRENT_OPS = ("LSTM", "GRU", "RNN")  # weight W (directions, gates × hidden, input); R alongside
 QUANTIZED_OPS = {
     "QuantizeLinear",
     "DequantizeLinear",
@@ -189,7 +190,7 @@ def _unsupported_reason(use: WeightUse) -> str | None:
     if act is not None and constant_tensor(act) is not None:
         return "both inputs are constant"
     rank = len(constant_tensor(value).shape)
-    expected = 4 if node.op_type == "Conv" else 2
+    expected = 4 if node.op_type == "Conv" else 3 if node.op_type in RECURRENT_OPS else 2
     if node.op_type == "Conv" and node.attributes.get_int("group", 1) != 1:
         return "grouped convolution"
     if node.op_type == "Gemm" and node.attributes.get_int("transA", 0):

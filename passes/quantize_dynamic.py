@@ -2,8 +2,10 @@
 
 Each MatMul/Gemm with a constant weight becomes onnxruntime's ``DynamicQuantizeMatMul`` (the bias
 ``Add`` that follows a MatMul is folded into it), or with ``format=onnx`` the standard
-``DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul`` chain. Weights in subgraphs, Constant-node
-weights and shared weights (quantized once) are handled; already quantized weights are skipped.
+``DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul`` chain. An LSTM becomes onnxruntime's
+``DynamicQuantizeLSTM`` (int8 W and R, one scale per gate row; GRU and RNN have no such kernel and stay
+float). Weights in subgraphs, Constant-node weights and shared weights (quantized once) are handled;
+already quantized weights are skipped.
 """
 
 from __future__ import annotations
@@ -16,7 +18,15 @@ import onnx_ir as ir
 from onnxopt import quantization as qz
 from onnxopt.filters import NodeFilter
 from onnxopt.registry import register
-from onnxopt.weights import WeightUse, constant_tensor, drop_if_unused, name_uniquely, new_initializer, scan_weights
+from onnxopt.weights import (
+    RECURRENT_OPS,
+    WeightUse,
+    constant_tensor,
+    drop_if_unused,
+    name_uniquely,
+    new_initializer,
+    scan_weights,
+)
 
 MS_DOMAIN = "com.microsoft"
 STANDARD_OPSET = 13  # the standard ops emitted (DynamicQuantizeLinear, MatMulInteger, int8 Gather dequantization)
@@ -42,6 +52,8 @@ class DynamicRewriter:
         node, graph = use.node, use.graph
         if node.op_type == "Gather":
             return quantize_gather(use, self._cache)
+        if node.op_type in RECURRENT_OPS:
+            return self._quantized_lstm(use)
         transposed = node.op_type == "Gemm" and bool(node.attributes.get_int("transB", 0))
         parts = matmul_parts(use, constant_tensor(use.value).shape[0 if transposed else 1])
         if isinstance(parts, str):
@@ -65,6 +77,51 @@ class DynamicRewriter:
                 new_initializer(graph, f"{name}_scale", scale),
                 new_initializer(graph, f"{name}_zero_point", zp),
                 error,
+            )
+        return self._cache[key]
+
+    def _quantized_lstm(self, use: WeightUse) -> float | str:
+        """``LSTM`` -> onnxruntime's ``DynamicQuantizeLSTM`` with int8 W and R."""
+        node = use.node
+        if node.op_type != "LSTM":
+            return f"no onnxruntime kernel runs a {node.op_type} with integer weights (only LSTM has one)"
+        if node.attributes.get_int("layout", 0) != 0:
+            return "LSTM with layout=1 (DynamicQuantizeLSTM takes sequence-first inputs)"
+        recurrence = constant_tensor(node.inputs[2])
+        if recurrence is None or recurrence.dtype != ir.DataType.FLOAT or len(recurrence.shape) != 3:
+            return "recurrence weight R is not a constant float32 tensor"
+        self.model.opset_imports.setdefault(MS_DOMAIN, 1)
+        (w, w_scale, w_zp, w_error), (r, r_scale, r_zp, r_error) = (self._gate_weights(use, i) for i in (1, 2))
+        optional = [node.inputs[i] if len(node.inputs) > i else None for i in range(3, 8)]  # B, lengths, h0, c0, P
+        attributes = {name: attr for name, attr in node.attributes.items() if name != "layout"}
+        new = ir.node("DynamicQuantizeLSTM", [node.inputs[0], w, r, *optional, w_scale, w_zp, r_scale, r_zp],
+                      attributes, domain=MS_DOMAIN, num_outputs=len(node.outputs), name=node.name)
+        old_inputs = list(node.inputs[1:3])
+        for old, out in zip(node.outputs, new.outputs):
+            out.name, out.shape, out.type = old.name, old.shape, old.type
+        ir.convenience.replace_nodes_and_values(use.graph, node, [node], [new], list(node.outputs), list(new.outputs))
+        for value in old_inputs:
+            drop_if_unused(value)
+        return max(w_error, r_error)
+
+    def _gate_weights(self, use: WeightUse, index: int):
+        """LSTM input ``index`` (W or R: directions × 4·hidden × K) as DynamicQuantizeLSTM reads it:
+        codes (directions, K, 4·hidden), scales and zero points per gate row (directions, 4·hidden), or
+        per direction without ``per_channel``."""
+        value = use.node.inputs[index]
+        key = (id(value), "lstm")
+        if key not in self._cache:
+            w = constant_tensor(value).numpy().astype(np.float32).transpose(0, 2, 1)
+            axis = 1 if self.per_channel else None
+            parts = [qz.quantize_tensor(m, self.weight_type, axis, True, self.reduce_range) for m in w]
+            q, scale, zp = (np.stack([p[i] for p in parts]) for i in range(3))
+            restored = np.stack([qz.dequantize(*p, axis) for p in parts])
+            home, name = use.home, value.name
+            self._cache[key] = (
+                new_initializer(home, f"{name}_quantized", q),
+                new_initializer(home, f"{name}_scale", scale.astype(np.float32)),
+                new_initializer(home, f"{name}_zero_point", zp),
+                qz.relative_error(w, restored),
             )
         return self._cache[key]
 
@@ -214,7 +271,7 @@ class QuantizeDynamicPass(ir.passes.InPlacePass):
         self.details: dict = {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        op_types = ("MatMul", "Gemm", "Gather") if self.embeddings else ("MatMul", "Gemm")
+        op_types = ("MatMul", "Gemm", *RECURRENT_OPS, *(("Gather",) if self.embeddings else ()))
         scan = scan_weights(model, op_types, self.node_filter, self.min_elements)
         notes: list[str] = []
         floats = [u for u in scan.uses if constant_tensor(u.value).dtype == ir.DataType.FLOAT]

@@ -207,6 +207,72 @@ def test_dynamic_quantization_folds_bias_and_embeddings():
     assert (reference.argmax(-1) == outputs(model, feeds)[0].argmax(-1)).mean() >= 0.95
 
 
+def recurrent_model(op: str = "LSTM", directions: int = 1, hidden: int = 24, inputs: int = 16, full: bool = True,
+                    shared: bool = False) -> ir.Model:
+    """``op`` over x (seq, batch, inputs) with bias, sequence lengths and initial states when ``full``;
+    ``shared``: a second node reads the same W and R."""
+    gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[op]
+    weights = {"W": RNG.standard_normal((directions, gates * hidden, inputs)) * 0.3,
+               "R": RNG.standard_normal((directions, gates * hidden, hidden)) * 0.3,
+               "B": RNG.standard_normal((directions, 2 * gates * hidden)) * 0.1,
+               "h0": RNG.standard_normal((directions, 3, hidden)) * 0.5,
+               "c0": RNG.standard_normal((directions, 3, hidden)) * 0.5}
+    initializers = [numpy_helper.from_array(v.astype(np.float32), k) for k, v in weights.items()]
+    initializers.append(numpy_helper.from_array(np.array([7, 4, 6], np.int32), "lengths"))
+    names = ["x", "W", "R", "B", "lengths", "h0"] + (["c0"] if op == "LSTM" else []) if full else ["x", "W", "R"]
+    attributes = {"hidden_size": hidden, "direction": "bidirectional" if directions == 2 else "forward"}
+    nodes = [helper.make_node(op, names, ["y", "y_h"], name="rnn", **attributes)]
+    outputs = ["y", "y_h"]
+    if shared:
+        nodes.append(helper.make_node(op, names, ["y2"], name="rnn2", **attributes))
+        outputs.append("y2")
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["S", 3, inputs])],
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs], initializers)
+    return ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10))
+
+
+def _ort_dynamic(model: ir.Model, tmp_path, per_channel: bool) -> ort.InferenceSession:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    io.save(model, tmp_path / "float.onnx")
+    quantize_dynamic(tmp_path / "float.onnx", tmp_path / "ort.onnx", weight_type=QuantType.QInt8, per_channel=per_channel,
+                     op_types_to_quantize=["LSTM"])
+    return ort.InferenceSession(tmp_path / "ort.onnx")
+
+
+@pytest.mark.parametrize("directions,full,per_channel", [(1, True, True), (2, True, True), (1, False, True), (2, True, False)])
+def test_dynamic_quantization_of_lstm_matches_onnxruntime_quantizer(tmp_path, directions, full, per_channel):
+    model = recurrent_model(directions=directions, full=full)
+    feeds = {"x": RNG.standard_normal((7, 3, 16)).astype(np.float32)}
+    reference, anchor = outputs(model, feeds), _ort_dynamic(model, tmp_path, per_channel).run(None, feeds)
+    size = sum(v.const_value.nbytes for v in model.graph.initializers.values())
+    details = run_pass("quantize-dynamic", model, per_channel=per_channel, reduce_range=False)
+    assert [n.op_type for n in model.graph] == ["DynamicQuantizeLSTM"] and details["quantized"] == 1
+    assert 0 < details["weight_relative_error"]["rnn"] < 0.01
+    scale = model.graph.initializers["W_scale"].const_value
+    assert scale.shape == ((directions, 96) if per_channel else (directions,))
+    assert sum(v.const_value.nbytes for v in model.graph.initializers.values()) < 0.4 * size
+    for ours, theirs, exact in zip(outputs(model, feeds), anchor, reference):
+        assert relative(exact, ours) < 0.03
+        np.testing.assert_allclose(ours, theirs, atol=1e-5)  # the same int8 weights and kernel as ORT's quantizer
+
+
+def test_dynamic_quantization_of_recurrent_layers_without_kernel_or_shared():
+    gru = recurrent_model("GRU")
+    assert run_pass("quantize-dynamic", gru)["skipped"] == {
+        "rnn": "no onnxruntime kernel runs a GRU with integer weights (only LSTM has one)"}
+    assert [n.op_type for n in gru.graph] == ["GRU"]
+    model = recurrent_model(shared=True)
+    feeds = {"x": RNG.standard_normal((7, 3, 16)).astype(np.float32)}
+    reference = outputs(model, feeds)
+    details = run_pass("quantize-dynamic", model)
+    assert set(details["weight_relative_error"]) == {"rnn", "rnn2"}
+    assert sorted(model.graph.initializers) == sorted(
+        ["B", "lengths", "h0", "c0"] + [f"{w}_{part}" for w in "WR" for part in ("quantized", "scale", "zero_point")])
+    for exact, ours in zip(reference, outputs(model, feeds)):
+        assert relative(exact, ours) < 0.03
+
+
 # ------------------------------------------------------------------ quantize-weights
 
 
