@@ -310,6 +310,7 @@ def _softmax(value: ir.Value, values: list[ir.Value]) -> ir.Node:
     test = where.inputs[0].producer() if where is not None and where.op_type == "Where" else None
     if test is not None and test.op_type == "IsNaN" and test.inputs[0] is where.inputs[2] and _scalar_input(where) == 1:
         _only_use(value, values)
+        _only_use(test.outputs[0], values)
         value = where.inputs[2]
         if {node for node, _ in value.uses()} != {test, where} or value.is_graph_output():
             raise Refused(f"'{value.name}' is read outside the attention pattern")
@@ -382,39 +383,38 @@ def _dimension_reads(value: ir.Value, ranks: dict[ir.Value, int]) -> list[Entry]
     source = node if node.op_type == "Shape" else (node.inputs[0].producer() if node.inputs else None)
     if source is None or source.op_type != "Shape":
         return None
-    rank = _rank(source.inputs[0], ranks)
-    start = source.attributes.get_int("start", 0)
-    end = source.attributes.get_int("end", rank if rank is not None else _UNBOUNDED)
+    start, end = source.attributes.get_int("start", 0), source.attributes.get_int("end", None)
     if node.op_type == "Shape":
-        picked = _axes(start, end, rank)
+        picked = _read_axes(start, end, _rank(source.inputs[0], ranks), lambda axes: axes)
     elif node.op_type == "Gather" and (index := constant_tensor(node.inputs[1])) is not None:
-        axes, indices = _axes(start, end, rank), index.numpy().reshape(-1).tolist()
-        if axes is None and start == 0 and min(indices, default=0) >= 0:
-            axes = range(max(indices, default=0) + 1)  # leading axes: the rank is not needed
-        picked = None if axes is None or not all(-len(axes) <= i < len(axes) for i in indices) else [axes[i] for i in indices]
+        indices = index.numpy().reshape(-1).tolist()
+        picked = _read_axes(start, end, _rank(source.inputs[0], ranks), lambda axes: [axes[i] for i in indices])
     elif node.op_type == "Slice" and len(node.inputs) in (3, 4) and all(constant_tensor(v) is not None for v in node.inputs[1:]):
         bounds = [constant_tensor(v).numpy().reshape(-1).tolist() for v in node.inputs[1:]]
         if any(len(b) != 1 for b in bounds) or (len(bounds) == 3 and bounds[2][0] != 0):
             return None
-        axes = _axes(start, end, rank)
-        picked = None if axes is None else axes[slice(bounds[0][0], bounds[1][0])]
-        if axes is None and start == 0 and 0 <= bounds[0][0] <= bounds[1][0] < _UNBOUNDED:
-            picked = list(range(bounds[0][0], bounds[1][0]))
+        picked = _read_axes(start, end, _rank(source.inputs[0], ranks), lambda axes: axes[bounds[0][0]:bounds[1][0]])
     else:
         return None
-    if picked is None:
-        return None
-    return [Entry(tensor=source.inputs[0], axis=axis) for axis in picked]
+    return None if picked is None else [Entry(tensor=source.inputs[0], axis=axis) for axis in picked]
 
 
 _UNBOUNDED = 1 << 62
+_MAX_RANK = 64
 
 
-def _axes(start: int, end: int, rank: int | None) -> list[int] | None:
-    """The axes ``Shape(start, end)`` reads; None when that needs an unknown rank."""
-    if rank is None:
-        return list(range(start, end)) if 0 <= start <= end < _UNBOUNDED else None
-    return list(range(rank))[start:end]
+def _read_axes(start: int, end: int | None, rank: int | None, pick) -> list[int] | None:
+    """The axes read by ``Shape(start, end)`` then ``pick`` (a Gather or Slice of the axes it reads); without
+    the rank, only reads counted from the front are known. None when unknown."""
+    if rank is None and (start < 0 or (end is not None and end < 0)):
+        return None
+    try:
+        picked = pick(range(rank if rank is not None else _UNBOUNDED)[start:end])
+    except IndexError:
+        return None
+    if len(picked) > _MAX_RANK or any(axis >= _MAX_RANK for axis in picked):
+        return None  # counted from the end of an unknown rank
+    return list(picked)
 
 
 def _target(reshape: ir.Node, ranks: dict[ir.Value, int]) -> list[Entry]:
@@ -460,64 +460,98 @@ class HeadGroup:
         return group
 
 
+# Axis labels of the tensors of an attention block: b batch, q queries, k keys, h heads, d head_dim,
+# w = h·d, n = b·h, e the model width. Pruning changes h, w and n only.
+HEAD_LABELS = "hwn"
+
+
 class _HeadTrace:
-    """Walks one attention block back from its output projection, noting each tensor's head axis."""
+    """Walks one attention block back from its output projection, labelling each tensor's axes, and
+    checks that every Reshape target still gives its labelled shape once heads are gone."""
 
     def __init__(self):
         self.values: list[ir.Value] = []
-        self.head_axes: dict[ir.Value, int] = {}  # non-negative axis holding the heads (or heads × head_dim)
-        self.ranks: dict[ir.Value, int] = {}
-        self.checks: list[tuple[ir.Node, int, str]] = []  # (Reshape, head position, what the entry counts)
+        self.labels: dict[ir.Value, str] = {}
+        self.reshapes: list[tuple[ir.Node, list[Entry], str]] = []  # (Reshape, its target, labels of its output)
+        self.self_attention = False  # queries and keys come from one tensor: q and k are the same length
 
-    def note(self, value: ir.Value, axis: int, rank: int) -> ir.Value:
-        self.head_axes[value], self.ranks[value] = axis, rank
+    def note(self, value: ir.Value, labels: str) -> ir.Value:
+        self.labels[value] = labels
         return value
 
-    def producer(self, value: ir.Value, op_type: str) -> ir.Node:
-        return _producer(value, op_type, self.values)
-
-    def transpose(self, value: ir.Value, perms: list[list[int]], name: str) -> ir.Node:
-        node = self.producer(value, "Transpose")
-        if _perm(node) not in perms:
-            raise Refused(f"{name} Transpose perm {_perm(node)} is not {' or '.join(map(str, perms))}")
+    def producer(self, value: ir.Value, op_type: str, labels: str) -> ir.Node:
+        """The ``op_type`` node producing ``value``; its input is labelled ``labels``."""
+        node = _producer(value, op_type, self.values)
+        self.note(node.inputs[0], labels)
         return node
 
-    def reshape(self, value: ir.Value, position: int, counts: str, rank: int) -> ir.Node:
-        """The Reshape producing ``value``, whose head entry sits at ``position`` (see :meth:`check_entries`)."""
-        node = self.producer(value, "Reshape")
-        if len(_target(node, self.ranks)) != rank:
-            raise Refused(f"Reshape '{node.name}' does not give a {rank}-D tensor")
-        self.checks.append((node, position, counts))
-        return node
+    def transpose(self, value: ir.Value, perm: list[int], name: str) -> ir.Value:
+        """The input of the Transpose ``perm`` producing ``value`` (labelled by undoing the perm)."""
+        node = _producer(value, "Transpose", self.values)
+        if _perm(node) != perm:
+            raise Refused(f"{name} Transpose perm {_perm(node)} is not {perm}")
+        labels = [""] * len(perm)
+        for out_axis, in_axis in enumerate(perm):
+            labels[in_axis] = self.labels[value][out_axis]
+        return self.note(node.inputs[0], "".join(labels))
+
+    def reshape(self, value: ir.Value, labels: str, input_labels: str) -> ir.Value:
+        """The input of the Reshape producing ``value``: ``labels`` → ``input_labels``."""
+        node = _producer(value, "Reshape", self.values)
+        self.note(value, labels)
+        self.note(node.inputs[0], input_labels)
+        target = _target(node, {v: len(labels) for v, labels in self.labels.items()})
+        if len(target) != len(labels):
+            raise Refused(f"Reshape '{node.name}' does not give a {len(labels)}-D tensor")
+        self.reshapes.append((node, target, labels))
+        return node.inputs[0]
 
     def key_transposed(self, value: ir.Value) -> ir.Value:
-        """From Kᵀ (batch, heads, head_dim, keys) back to the head-split K projection (batch, keys, heads, head_dim)."""
+        """From Kᵀ (b, h, d, k) back to the head-split K projection (b, k, h, d)."""
         node = value.producer()
         if node is not None and node.op_type == "Reshape":  # dynamo's SDPA: Kᵀ as Reshape-Transpose-Reshape
-            inner = self.note(self.reshape(value, 1, "heads", 4).inputs[0], 0, 3)
-            merged = self.note(self.transpose(inner, [[0, 2, 1]], "k").inputs[0], 0, 3)
-            value = self.note(self.reshape(merged, 0, "batch × heads", 3).inputs[0], 1, 4)
+            merged = self.transpose(self.reshape(value, "bhdk", "ndk"), [0, 2, 1], "k")
+            value = self.reshape(merged, "nkd", "bhkd")
         elif node is not None and _perm(node) == [0, 1, 3, 2]:
-            value = self.note(self.transpose(value, [[0, 1, 3, 2]], "k").inputs[0], 1, 4)
+            value = self.transpose(value, [0, 1, 3, 2], "k")
         else:
-            return self.note(self.transpose(value, [[0, 2, 3, 1]], "k").inputs[0], 2, 4)
-        return self.note(self.transpose(value, [[0, 2, 1, 3]], "k").inputs[0], 2, 4)
+            return self.transpose(value, [0, 2, 3, 1], "k")
+        return self.transpose(value, [0, 2, 1, 3], "k")
+
+    def _entry_label(self, entry: Entry) -> str | None:
+        """The label an entry reads; None for a read of a tensor outside the block (unchanged by pruning)."""
+        labels = self.labels.get(entry.tensor)
+        if labels is None:
+            return "?" if entry.tensor in self.values else None  # a block tensor not labelled: never matches
+        return labels[entry.axis] if entry.axis < len(labels) else "?"
 
     def check_entries(self, heads: int, head_dim: int) -> list[tuple[ir.Node, tuple[int | None, int], int]]:
-        """Check every traced Reshape target; the entries holding a constant head count, to update."""
-        counts = {"heads": heads, "heads × head_dim": heads * head_dim}
+        """Check every traced Reshape target against the labels of its output; the constant head counts
+        to rewrite, as (Reshape, place, units per head)."""
+        same = {"q": "qk", "k": "qk"} if self.self_attention else {}
+        counts = {"h": (heads, 1), "w": (heads * head_dim, head_dim), "d": (head_dim, None)}
         updates = []
-        for node, position, counts_what in self.checks:
-            entries = _target(node, self.ranks)
-            for i, entry in enumerate(entries):
-                reads_heads = entry.tensor is not None and self.head_axes.get(entry.tensor) == entry.axis
-                if i != position and reads_heads:
-                    raise Refused(f"Reshape '{node.name}' reads the head count into entry {i}")
-                if i == position and not reads_heads and entry.constant != -1:
-                    if entry.constant != counts.get(counts_what) or entry.where is None:
-                        raise Refused(f"Reshape '{node.name}' entry {i} is not -1 or a constant {counts_what} count")
-                    updates.append((node, entry.where, 1 if counts_what == "heads" else head_dim))
+        for node, entries, labels in self.reshapes:
+            for i, (entry, wanted) in enumerate(zip(entries, labels)):
+                if entry.tensor is not None:
+                    read = self._entry_label(entry)
+                    fine = wanted not in HEAD_LABELS if read is None else read in same.get(wanted, wanted)
+                elif entry.constant == -1:
+                    fine = True  # inferred: right when every other entry is
+                elif wanted in counts:
+                    count, per = counts[wanted]
+                    fine = entry.constant == count and (per is None or entry.where is not None)
+                    if fine and per is not None:
+                        updates.append((node, entry.where, per))
+                else:
+                    fine = wanted not in HEAD_LABELS  # a static batch or sequence length
+                if not fine:
+                    raise Refused(f"Reshape '{node.name}' entry {i} does not give the {_LABEL_NAMES[wanted]}")
         return updates
+
+
+_LABEL_NAMES = {"b": "batch", "q": "query length", "k": "key length", "h": "head count", "d": "head size",
+                "w": "heads × head size", "n": "batch × heads", "e": "model width"}
 
 
 def _looks_like_attention_output(use: WeightUse) -> bool:
@@ -551,17 +585,15 @@ def _scores_input(add: ir.Node, model: ir.Model) -> int:
 def trace_heads(output: WeightUse, model: ir.Model) -> HeadGroup:
     """Match the attention pattern ending at output projection ``output``; :class:`Refused` otherwise."""
     trace = _HeadTrace()
-    trace.note(output.activation, 2, 3)
-    merge = trace.reshape(output.activation, 2, "heads × head_dim", 3)
-    context = trace.note(trace.transpose(trace.note(merge.inputs[0], 2, 4), [[0, 2, 1, 3]], "context").inputs[0], 1, 4)
+    context = trace.transpose(trace.reshape(output.activation, "bqw", "bqhd"), [0, 2, 1, 3], "context")
     if (node := context.producer()) is not None and node.op_type == "Reshape":  # the TorchScript SDPA export
-        context = trace.note(trace.reshape(context, 1, "heads", 4).inputs[0], 1, 4)
-    attend = trace.producer(context, "MatMul")
-    softmax = _softmax(trace.note(attend.inputs[0], 1, 4), trace.values)
-    trace.note(softmax.outputs[0], 1, 4)
+        context = trace.reshape(context, "bhqd", "bhqd")
+    attend = trace.producer(context, "MatMul", "bhqk")
+    trace.note(attend.inputs[1], "bhkd")
+    softmax = _softmax(attend.inputs[0], trace.values)
     if softmax.attributes.get_int("axis", -1) not in (-1, 3):
         raise Refused("Softmax is not over the key axis")
-    scores = trace.note(softmax.inputs[0], 1, 4)
+    scores = trace.note(softmax.inputs[0], "bhqk")
     while (node := scores.producer()) is not None and node.op_type in ("Add", "Mul", "Div"):
         if node.op_type == "Add":  # attention mask: must be the same for every head
             path = _scores_input(node, model)
@@ -570,31 +602,28 @@ def trace_heads(output: WeightUse, model: ir.Model) -> HeadGroup:
         else:
             path = 0
         _only_use(scores, trace.values)
-        scores = trace.note(node.inputs[path], 1, 4)
-    product = trace.producer(scores, "MatMul")
-    query = trace.note(_skip_scalar_ops(trace.note(product.inputs[0], 1, 4), trace.values), 1, 4)
-    key = trace.note(_skip_scalar_ops(trace.note(product.inputs[1], 1, 4), trace.values), 1, 4)
-    split_values = {"q": trace.note(trace.transpose(query, [[0, 2, 1, 3]], "q").inputs[0], 2, 4),
-                    "k": trace.key_transposed(key),
-                    "v": trace.note(trace.transpose(trace.note(attend.inputs[1], 1, 4), [[0, 2, 1, 3]], "v").inputs[0], 2, 4)}
+        scores = trace.note(node.inputs[path], "bhqk")
+    product = trace.producer(scores, "MatMul", "bhqd")
+    query = trace.note(_skip_scalar_ops(product.inputs[0], trace.values), "bhqd")
+    key = trace.note(_skip_scalar_ops(trace.note(product.inputs[1], "bhdk"), trace.values), "bhdk")
+    split_values = {"q": (trace.transpose(query, [0, 2, 1, 3], "q"), "q"),
+                    "k": (trace.key_transposed(key), "k"),
+                    "v": (trace.transpose(attend.inputs[1], [0, 2, 1, 3], "v"), "k")}
     projections, biases, head_dims = [], [], set()
-    for name, value in split_values.items():
-        split = trace.reshape(value, 2, "heads", 4)
-        last = _target(split, trace.ranks)[3]
-        if last.constant is None or last.constant < 1:
-            raise Refused(f"{name} Reshape does not split into (.., .., heads, head_dim) with a constant head_dim")
-        head_dims.add(last.constant)
-        value = trace.note(split.inputs[0], 2, 3)
+    for name, (value, length) in split_values.items():
+        value = trace.reshape(value, f"b{length}hd", f"b{length}w")
+        head_dims.add(_head_dim(trace.reshapes[-1][1], name))
         if (add := value.producer()) is not None and add.op_type == "Add":
             bias_index = 1 if constant_tensor(add.inputs[1]) is not None else 0
-            trace.producer(value, "Add")
+            _producer(value, "Add", trace.values)
             biases.append((add, bias_index))
-            value = trace.note(add.inputs[1 - bias_index], 2, 3)
-        matmul = trace.producer(value, "MatMul")
+            value = trace.note(add.inputs[1 - bias_index], f"b{length}w")
+        matmul = trace.producer(value, "MatMul", f"b{length}e")
         use = WeightUse(matmul, 1)
         if constant_tensor(use.value) is None or use.shared or use.array().ndim != 2:
             raise Refused(f"{name} projection '{matmul.name}' has no unshared constant 2-D weight")
         projections.append(use)
+    trace.self_attention = projections[0].activation is projections[1].activation
     if len(head_dims) != 1:
         raise Refused("Q/K/V split into different head shapes")
     head_dim = head_dims.pop()
@@ -608,7 +637,33 @@ def trace_heads(output: WeightUse, model: ir.Model) -> HeadGroup:
         raise Refused(f"output projection weight is shared or does not match heads × head_dim = {width}")
     heads = width // head_dim
     updates = trace.check_entries(heads, head_dim)
+    _check_shape_readers(trace)
     return HeadGroup(output.label, heads, head_dim, projections, biases, updates, output, trace.values)
+
+
+def _head_dim(target: list[Entry], name: str) -> int:
+    """The constant head size a split Reshape ``target`` writes last."""
+    if target[-1].constant is None or target[-1].constant < 1:
+        raise Refused(f"{name} Reshape does not split into (.., .., heads, head_dim) with a constant head_dim")
+    return target[-1].constant
+
+
+def _check_shape_readers(trace: _HeadTrace) -> None:
+    """A ``Shape`` of a block tensor may only feed the Reshape targets checked: elsewhere its head count
+    would change under a node that expects the old one."""
+    checked = {node.inputs[1] for node, _, _ in trace.reshapes}
+    for value in trace.values:
+        stack = [shape.outputs[0] for shape, _ in value.uses() if shape.op_type == "Shape"]
+        while stack:
+            piece = stack.pop()
+            if piece in checked:
+                continue
+            readers = [node for node, _ in piece.uses()]
+            if piece.is_graph_output() or not readers or any(
+                    node.op_type not in ("Gather", "Slice", "Unsqueeze", "Squeeze", "Concat", "Cast", "Identity")
+                    for node in readers):
+                raise Refused(f"the shape of '{value.name}' is read outside the attention pattern")
+            stack.extend(node.outputs[0] for node in readers)
 
 
 # --------------------------------------------------------------------------- slicing

@@ -612,3 +612,54 @@ def test_a_mask_expanded_per_head_at_run_time_is_refused():
                                   "attention mask added by '/bert/encoder/layer.0/attention/self/Add' is not broadcast over heads"}
     assert list(details["layers"]) == ["/bert/encoder/layer.1/attention/output/dense/MatMul"]
     assert run(model, _torch_feeds()[1])[0].shape == (3, 11, 32)
+
+
+def _ts_block_mutated(mutate) -> tuple[ir.Model, dict]:
+    """The TorchScript export with ``mutate(proto, prefix)`` applied to layer 0's attention; prune its heads."""
+    proto = onnx.load(MODELS / "bert_tiny_ts.onnx")
+    mutate(proto, "/bert/encoder/layer.0/attention/self/")
+    model = ir.serde.deserialize_model(proto)
+    return model, prune(model, ratio=0.25, heads=True, op_types="")
+
+
+def _swap_context_rows(proto, prefix):
+    """Context target [B, -1, S, d] -> [S, -1, B, d]: a valid model that regroups rows across heads."""
+    concat = next(n for n in proto.graph.node if n.name == prefix + "Concat_3")
+    b, minus_one, s, d = list(concat.input)
+    concat.input[:] = [s, minus_one, b, d]
+
+
+def _width_read_downstream(proto, prefix):
+    """The merged context width read with Shape and used after the block (as width / 32)."""
+    merged = prefix + "Reshape_4_output_0"
+    dense = next(n for n in proto.graph.node if n.output[0] == "/bert/encoder/layer.0/attention/output/dense/Add_output_0")
+    proto.graph.initializer.extend([numpy_helper.from_array(np.array(2, np.int64), "two"),
+                                    numpy_helper.from_array(np.array(32, np.float32), "thirty_two")])
+    for node in proto.graph.node:
+        node.input[:] = ["scaled" if name == dense.output[0] else name for name in node.input]
+    nodes = list(proto.graph.node)
+    at = nodes.index(dense) + 1
+    nodes[at:at] = [helper.make_node("Shape", [merged], ["width_shape"]),
+                    helper.make_node("Gather", ["width_shape", "two"], ["width"]),
+                    helper.make_node("Cast", ["width"], ["width_f"], to=TensorProto.FLOAT),
+                    helper.make_node("Div", ["width_f", "thirty_two"], ["factor"]),
+                    helper.make_node("Mul", [dense.output[0], "factor"], ["scaled"])]
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+
+
+def _nan_test_output(proto, prefix):
+    """SDPA's IsNaN(probabilities) also made a graph output: per-head data leaving the block."""
+    proto.graph.output.append(helper.make_tensor_value_info(prefix + "IsNaN_output_0", TensorProto.BOOL, None))
+
+
+@pytest.mark.parametrize("mutate,reason", [
+    (_swap_context_rows, "Reshape '/bert/encoder/layer.0/attention/self/Reshape_3' entry 0 does not give the batch"),
+    (_width_read_downstream, "the shape of '/bert/encoder/layer.0/attention/self/Reshape_4_output_0' is read outside the attention pattern"),
+    (_nan_test_output, "'/bert/encoder/layer.0/attention/self/IsNaN_output_0' is read outside the attention pattern"),
+])
+def test_exported_blocks_whose_head_slicing_would_change_other_values_are_refused(mutate, reason):
+    model, details = _ts_block_mutated(mutate)
+    assert details["refused"] == {"/bert/encoder/layer.0/attention/output/dense/MatMul (heads)": reason}
+    assert list(details["layers"]) == ["/bert/encoder/layer.1/attention/output/dense/MatMul"]
+    assert run(model, _torch_feeds()[1])[0].shape == (3, 11, 32)
