@@ -1,10 +1,15 @@
-"""Tiny HuggingFace BERT encoders exported by both of torch's ONNX exporters (test fixtures).
+"""Tiny models exported by both of torch's ONNX exporters (test fixtures).
 
 Real exporter output differs from hand-built graphs: shapes computed at run time from ``Shape`` nodes,
 ``-1`` head counts, SDPA's ``IsNaN`` guard, the dynamo exporter's ``Reshape``/``Transpose`` chain for
-Kᵀ. ``bert_tiny_ts.onnx`` (TorchScript exporter, opset 17) and ``bert_tiny_dy.onnx`` (dynamo, opset 20)
-hold the same randomized 2-layer model: hidden 32, 4 heads of 8, FFN 64, vocab 64, dynamic batch and
-sequence; inputs ``input_ids``, ``attention_mask``, ``token_type_ids`` int64, output ``last_hidden_state``.
+Kᵀ, weights computed by ``Slice``/``Concat`` subgraphs. Each model is written as ``<name>_ts.onnx``
+(TorchScript exporter, opset 17) and ``<name>_dy.onnx`` (dynamo, opset 20), dynamic batch and sequence:
+
+- ``bert_tiny``: a randomized 2-layer HF BERT, hidden 32, 4 heads of 8, FFN 64, vocab 64; inputs
+  ``input_ids``, ``attention_mask``, ``token_type_ids`` int64, output ``last_hidden_state``.
+- ``lstm_tiny``: ``nn.LSTM(8, 48, batch_first=True)`` then ``nn.Linear(48, 4)`` on the last step; input
+  ``x`` float32 (batch, seq, 8), output ``logits``. Its 48×48 gate blocks exceed the per-node folding
+  limit of ``cleanup``: the dynamo export's gate-reordering Slices fold only as a region.
 
     python -m models.torch_exports       # needs torch and transformers (build time only)
 """
@@ -32,11 +37,33 @@ def feeds(batch: int = 2, seq: int = 7, seed: int = 0) -> dict[str, np.ndarray]:
             "token_type_ids": np.zeros((batch, seq), np.int64)}
 
 
+def lstm_feeds(batch: int = 2, seq: int = 5, seed: int = 0) -> dict[str, np.ndarray]:
+    return {"x": np.random.default_rng(seed).standard_normal((batch, seq, 8)).astype(np.float32)}
+
+
 def build() -> None:
+    import torch
+
+    warnings.filterwarnings("ignore")
+    torch.manual_seed(0)
+    names = ("input_ids", "attention_mask", "token_type_ids")
+    _export("bert_tiny", _bert(), feeds(), names, ["last_hidden_state"])
+
+    class Recurrent(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm, self.head = torch.nn.LSTM(8, 48, batch_first=True), torch.nn.Linear(48, 4)
+
+        def forward(self, x):
+            return self.head(self.lstm(x)[0][:, -1])
+
+    _export("lstm_tiny", Recurrent().eval(), lstm_feeds(), ("x",), ["logits"])
+
+
+def _bert():
     import torch
     from transformers import BertConfig, BertModel
 
-    torch.manual_seed(0)
     config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                         vocab_size=VOCAB, max_position_embeddings=32)
     bert = BertModel(config, add_pooling_layer=False).eval()
@@ -53,22 +80,26 @@ def build() -> None:
             return self.bert(input_ids=input_ids, attention_mask=attention_mask,
                              token_type_ids=token_type_ids).last_hidden_state
 
-    model, example = Encoder().eval(), feeds()
-    args = tuple(torch.from_numpy(example[name]) for name in ("input_ids", "attention_mask", "token_type_ids"))
-    names = list(example)
+    return Encoder().eval()
+
+
+def _export(name: str, model, example: dict[str, np.ndarray], inputs, outputs) -> None:
+    """Write ``<name>_ts.onnx`` and ``<name>_dy.onnx`` with batch and sequence (axes 0, 1) dynamic."""
+    import torch
+
+    args = tuple(torch.from_numpy(example[n]) for n in inputs)
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq", max=32)
-    warnings.filterwarnings("ignore")
     with tempfile.TemporaryDirectory() as tmp:
         for tag, options in (
-            ("ts", dict(dynamo=False, opset_version=17, dynamic_axes={n: {0: "batch", 1: "seq"} for n in names})),
-            ("dy", dict(dynamo=True, dynamic_shapes={n: {0: batch, 1: seq} for n in names})),
+            ("ts", dict(dynamo=False, opset_version=17, dynamic_axes={n: {0: "batch", 1: "seq"} for n in inputs})),
+            ("dy", dict(dynamo=True, dynamic_shapes={n: {0: batch, 1: seq} for n in inputs})),
         ):
             path = os.path.join(tmp, f"{tag}.onnx")
-            torch.onnx.export(model, args, path, input_names=names, output_names=["last_hidden_state"], **options)
+            torch.onnx.export(model, args, path, input_names=list(inputs), output_names=outputs, **options)
             proto = onnx.load(path)  # the dynamo exporter writes external data: save as one file
             for node in proto.graph.node:  # the dynamo exporter's stack traces: 70 % of the file
                 del node.metadata_props[:]
-            out = save_model(proto, PKG_DIR / f"bert_tiny_{tag}.onnx", smoke_feed=example)
+            out = save_model(proto, PKG_DIR / f"{name}_{tag}.onnx", smoke_feed=example)
             print(f"wrote {out} ({out.stat().st_size} bytes)")
 
 

@@ -71,6 +71,7 @@ class CleanupPass(ir.passes.InPlacePass):
                     should_fold=self._should_fold,
                 )
             )
+            steps.append(FoldConstantRegionsPass(FOLD_INPUT_LIMIT))
         steps += [
             rewriter.RewritePass(CLEANUP_RULES),
             common_passes.IdentityEliminationPass(),
@@ -141,6 +142,109 @@ def folding_hazard(model: ir.Model) -> str | None:
         ):
             return node.op_type
     return None
+
+
+# Never folded by regions: results that change from run to run, and ops that hold subgraphs.
+_UNFOLDABLE_OPS = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial",
+                   "Bernoulli", "Dropout", "If", "Loop", "Scan", "SequenceMap"}
+
+
+class FoldConstantRegionsPass(ir.passes.InPlacePass):
+    """Fold whole regions of nodes computed from constants when the folded results take no more bytes
+    than the constants the region alone reads.
+
+    A node-by-node folder cannot see that: PyTorch's dynamo exporter writes an LSTM's recurrence weight as
+    four ``Slice`` s of one parameter, a ``Concat`` and an ``Unsqueeze``; each Slice alone would add a
+    quarter of the weight while the parameter stays, so none is folded, though the region as a whole
+    only reorders the gates. Regions are evaluated with onnx's reference evaluator.
+    """
+
+    def __init__(self, input_limit: int):
+        super().__init__()
+        self.input_limit = input_limit
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        modified = False
+        for graph in (model.graph, *model.graph.subgraphs()):
+            for region in _constant_regions(graph, self.input_limit):
+                modified |= self._fold(graph, region, model.opset_imports)
+        return ir.passes.PassResult(model, modified)
+
+    def _fold(self, graph: ir.Graph, region: list[ir.Node], opsets: dict[str, int]) -> bool:
+        import onnx
+        from onnx.reference import ReferenceEvaluator
+
+        members = set(region)
+        sources = list(dict.fromkeys(v for n in region for v in n.inputs if v is not None and v.producer() not in members))
+        results = [out for n in region for out in n.outputs
+                   if out.is_graph_output() or any(user not in members for user, _ in out.uses())]
+        freed = [v for v in sources if all(user in members for user, _ in v.uses()) and not v.is_graph_output()]
+        limit = sum(constant_tensor(v).nbytes for v in freed)
+        if not results or any(r.is_graph_output() for r in results):
+            return False
+        proto = onnx.helper.make_model(
+            onnx.helper.make_graph([ir.serde.serialize_node(n) for n in region], "region", [],
+                                   [onnx.helper.make_empty_tensor_value_info(r.name) for r in results],
+                                   [_named_tensor(v) for v in sources]),
+            opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in opsets.items()], ir_version=10)
+        try:
+            arrays = ReferenceEvaluator(proto).run(None, {})
+        except Exception:  # noqa: BLE001 - an op the reference evaluator lacks: leave the region
+            return False
+        if not all(isinstance(a, np.ndarray) for a in arrays) or sum(a.nbytes for a in arrays) > limit:
+            return False
+        for value, array in zip(results, arrays):
+            folded = ir.Value(name=value.name, const_value=ir.tensor(array, name=value.name))
+            folded.type, folded.shape = ir.TensorType(ir.DataType.from_numpy(array.dtype)), ir.Shape(array.shape)
+            value.name = None
+            ir.convenience.replace_all_uses_with(value, folded)
+            graph.register_initializer(folded)
+        for node in reversed(region):
+            graph.remove(node, safe=False)
+        for value in freed:
+            if value.is_initializer():
+                graph.initializers.pop(value.name, None)
+        return True
+
+
+def _named_tensor(value: ir.Value):
+    """``value``'s constant as an in-memory TensorProto (external data loaded)."""
+    tensor = constant_tensor(value)
+    return ir.serde.serialize_tensor(ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=value.name))
+
+
+def _constant_regions(graph: ir.Graph, input_limit: int) -> list[list[ir.Node]]:
+    """Connected groups of standard-domain nodes whose inputs are constants or outputs of the group,
+    with every constant read at most ``input_limit`` elements; Constant nodes stay sources."""
+    constant: set[ir.Node] = set()
+    for node in graph:
+        if node.op_type == "Constant" or node.domain not in ("", "ai.onnx") or node.op_type in _UNFOLDABLE_OPS:
+            continue
+        inputs = [v for v in node.inputs if v is not None]
+        if inputs and all(v.producer() in constant or _small_constant(v, input_limit) for v in inputs):
+            constant.add(node)
+    groups: dict[ir.Node, ir.Node] = {}  # union-find over nodes linked by a value one produces, one reads
+
+    def root(node: ir.Node) -> ir.Node:
+        while groups.setdefault(node, node) is not node:
+            node = groups[node]
+        return node
+
+    for node in constant:
+        for value in node.inputs:
+            if value is not None and value.producer() in constant:
+                groups[root(node)] = root(value.producer())
+    regions: dict[ir.Node, list[ir.Node]] = {}
+    for node in graph:
+        if node in constant:
+            regions.setdefault(root(node), []).append(node)
+    return [nodes for nodes in regions.values() if len(nodes) > 1]
+
+
+def _small_constant(value: ir.Value, limit: int) -> bool:
+    tensor = constant_tensor(value)
+    return (tensor is not None and tensor.size <= limit and not value.is_graph_input()  # an input may be fed
+            and (value.is_initializer() or value.producer() is not None))
 
 
 class ContiguousInitializersPass(ir.passes.InPlacePass):

@@ -260,3 +260,53 @@ def test_fuse_reports_a_change_when_only_its_constant_folding_changed_the_graph(
     model = ir.Model(ir.Graph([x], add.outputs, nodes=[neg, add], initializers=[c], opset_imports={"": 17}, name="g"), ir_version=10)
     model, report = pipeline.run_pipeline(model, ["fuse"])
     assert report.records[0].nodes == (2, 1) and report.records[0].changed
+
+
+def _gate_model(weight_extra_reader: bool = False, tile: bool = False, fed_weight: bool = False):
+    """x @ Unsqueeze(Concat(Slice(w) x4 in another order))[0]: dynamo's LSTM gate reordering, as a MatMul.
+
+    ``weight_extra_reader``: w is also added to the output (it stays in the file); ``tile``: the region
+    makes two copies of w; ``fed_weight``: w is a graph input with an initializer (it may be fed)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((64, 256)).astype(np.float32)  # each gate 64x64: over the folder's size limit
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array([1], np.int64), "axis1"),
+             numpy_helper.from_array(np.array([0], np.int64), "axis0")]
+    nodes = []
+    for i in range(4):
+        inits += [numpy_helper.from_array(np.array([64 * i], np.int64), f"s{i}"),
+                  numpy_helper.from_array(np.array([64 * i + 64], np.int64), f"e{i}")]
+        nodes.append(helper.make_node("Slice", ["w", f"s{i}", f"e{i}", "axis1"], [f"gate{i}"]))
+    order = ["gate0", "gate3", "gate1", "gate2"] + (["gate0", "gate3", "gate1", "gate2"] if tile else [])
+    nodes += [helper.make_node("Concat", order, ["reordered"], axis=1),
+              helper.make_node("Unsqueeze", ["reordered", "axis0"], ["stacked"]),
+              helper.make_node("Squeeze", ["stacked", "axis0"], ["weight"]),
+              helper.make_node("MatMul", ["x", "weight"], ["y" if not weight_extra_reader else "p"])]
+    if weight_extra_reader:
+        nodes += [helper.make_node("MatMul", ["x", "w"], ["q"]), helper.make_node("Add", ["p", "q"], ["y"])]
+    width = 512 if tile else 256
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64])]
+    if fed_weight:
+        inputs.append(helper.make_tensor_value_info("w", TensorProto.FLOAT, [64, 256]))
+    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", width])], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    return ir.serde.deserialize_model(proto)
+
+
+@pytest.mark.parametrize("kind,folded", [("plain", True), ("weight_extra_reader", False), ("tile", False), ("fed_weight", False)])
+def test_cleanup_folds_a_weight_region_that_frees_what_it_stores(tmp_path, kind, folded):
+    """Each Slice alone would add a quarter of w while w stays; the region as a whole stores w once, reordered.
+    A region whose results outweigh what it frees (w read elsewhere too, or tiled) and a weight that a graph
+    input may replace are left as they are."""
+    model = _gate_model(**({} if kind == "plain" else {kind: True}))
+    feed = {"x": np.random.default_rng(1).standard_normal((3, 64)).astype(np.float32)}
+    expected = runtime.session(io.clone(model)).run(None, feed)[0]
+    before = io.save(io.clone(model), tmp_path / "before.onnx").stat().st_size
+    model, report = pipeline.run_pipeline(model, ["cleanup"])
+    ops = [n.op_type for n in model.graph]
+    assert ("Slice" not in ops) == folded
+    if folded:
+        assert ops == ["MatMul"] and list(model.graph.initializers) == ["weight"]
+    assert io.save(model, tmp_path / "after.onnx").stat().st_size <= before
+    np.testing.assert_allclose(runtime.session(model).run(None, feed)[0], expected, rtol=1e-6, atol=1e-6)

@@ -756,3 +756,20 @@ def test_int8_raises_the_opset_for_activation_qdq_alone():
     details = run_pass("quantize-int8", model, Dataset.from_arrays(feeds))
     assert model.opset_imports[""] == 13 and details["quantized_ops"] == {"Relu": 1}
     assert relative(reference, outputs(model, feeds)[0]) < 0.05
+
+
+@pytest.mark.parametrize("name", ["lstm_tiny_ts.onnx", "lstm_tiny_dy.onnx"])
+def test_dynamic_quantization_of_pytorch_lstm_exports(name):
+    """The dynamo exporter computes R by Slice/Concat of the parameter (gate reordering): ``cleanup`` folds
+    that region, then the LSTM is quantized like the TorchScript export's."""
+    from models.torch_exports import lstm_feeds
+
+    model = io.load(MODELS / name)
+    feeds = [lstm_feeds(), lstm_feeds(batch=3, seq=9, seed=1)]
+    reference = [outputs(model, f)[0] for f in feeds]
+    registry.get("cleanup").create()(model)
+    details = run_pass("quantize-dynamic", model)
+    assert "DynamicQuantizeLSTM" in [n.op_type for n in model.graph] and not any(
+        "LSTM" in label for label in details["skipped"])
+    for f, exact in zip(feeds, reference):
+        assert relative(exact, outputs(model, f)[0]) < 0.03
