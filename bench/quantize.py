@@ -1,12 +1,14 @@
-"""Quantization benchmark: onnxruntime's quantizers vs onnxopt's passes on MiniLM-L6 and the MNIST CNN.
+"""Quantization benchmark: onnxruntime's quantizers vs onnxopt's passes on MiniLM-L6, the MNIST CNN and an LSTM.
 
     python bench/quantize.py            # full run (~15-25 min on 2 cores)
     python bench/quantize.py --quick    # fewer calibration samples and latency rounds
+    python bench/quantize.py --only lstm
 
 Each quantization runs in its own subprocess, which reports its wall time and peak RSS
 (``VmHWM``: interpreter + libraries + the quantizer's own memory). Latency: batch 1 (MiniLM:
 seq 128), medians of interleaved rounds over all variants of a model, at 1 and 2 threads.
-Metrics: MiniLM WordSim-353 Spearman, CNN held-out accuracy. Models go to ``bench/out/quantize/``.
+Metrics: MiniLM WordSim-353 Spearman, CNN held-out accuracy, LSTM relative L2 error of the output against
+fp32 (a seeded random LSTM, input 256, hidden 512, 64 steps; no task data). Models go to ``bench/out/quantize/``.
 """
 
 from __future__ import annotations
@@ -61,6 +63,13 @@ CNN_VARIANTS = {
     "onnxopt dynamic": ("onnxopt", {"passes": ["quantize-dynamic"]}),
     "onnxopt fp16": ("onnxopt", {"passes": ["convert-fp16"]}),
 }
+LSTM_VARIANTS = {
+    "ort dynamic per-tensor": ("ort_dynamic", {"per_channel": False}),
+    "ort dynamic per-channel": ("ort_dynamic", {"per_channel": True}),
+    "onnxopt dynamic per-tensor": ("onnxopt", {"passes": ["quantize-dynamic:per_channel=false"]}),
+    "onnxopt dynamic": ("onnxopt", {"passes": ["quantize-dynamic"]}),
+}
+LSTM_SHAPE = {"inputs": 256, "hidden": 512, "steps": 64, "classes": 10}
 
 
 # ------------------------------------------------------------------ worker (one quantization)
@@ -170,6 +179,45 @@ def prepare() -> pathlib.Path:
     return cnn_path
 
 
+def lstm_model() -> tuple[pathlib.Path, pathlib.Path]:
+    """A seeded random LSTM (sequence first, batch 1) with a Gemm classifier on its last state, and a
+    calibration file of random sequences (the dynamic quantizers read none)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    k, h, steps, classes = (LSTM_SHAPE[key] for key in ("inputs", "hidden", "steps", "classes"))
+    rng = np.random.default_rng(0)
+    bound = 1 / np.sqrt(h)  # PyTorch's LSTM initialization range
+    weights = {"W": rng.uniform(-bound, bound, (1, 4 * h, k)), "R": rng.uniform(-bound, bound, (1, 4 * h, h)),
+               "B": rng.uniform(-bound, bound, (1, 8 * h)), "fc_w": rng.uniform(-bound, bound, (classes, h)),
+               "fc_b": np.zeros(classes), "axes": np.array([0])}
+    inits = [numpy_helper.from_array(v.astype(np.int64 if n == "axes" else np.float32), n) for n, v in weights.items()]
+    nodes = [helper.make_node("LSTM", ["x", "W", "R", "B"], ["", "h_last"], hidden_size=h, name="lstm"),
+             helper.make_node("Squeeze", ["h_last", "axes"], ["state"]),
+             helper.make_node("Gemm", ["state", "fc_w", "fc_b"], ["logits"], transB=1, name="fc")]
+    graph = helper.make_graph(nodes, "lstm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [steps, 1, k])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, classes])], inits)
+    path, calib = OUT / "lstm_fp32.onnx", OUT / "lstm_calib.npz"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), path)
+    np.savez(calib, x=rng.standard_normal((steps, 1, k)).astype(np.float32))  # read by no dynamic quantizer
+    return path, calib
+
+
+def lstm_error(fp32_path: pathlib.Path):
+    """Relative L2 error of a model's logits against fp32's over 32 seeded random sequences."""
+    from onnxopt import runtime
+
+    feeds = [{"x": x} for x in np.random.default_rng(1).standard_normal((32, LSTM_SHAPE["steps"], 1, LSTM_SHAPE["inputs"])).astype(np.float32)]
+    reference = np.concatenate([runtime.session(str(fp32_path)).run(None, f)[0] for f in feeds])
+
+    def error(path: str) -> float:
+        session = runtime.session(path)
+        out = np.concatenate([session.run(None, f)[0] for f in feeds])
+        return float(np.linalg.norm(out - reference) / np.linalg.norm(reference))
+
+    return error
+
+
 def measure(title, source, variants, calib, samples, metric, feed, rounds, repeat) -> list[dict]:
     from onnxopt import runtime
     from onnxopt.validate import interleaved_latency_ms
@@ -219,6 +267,7 @@ def table(title: str, rows: list[dict], metric_name: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="32 calibration samples, fewer latency rounds")
+    parser.add_argument("--only", choices=("minilm", "cnn", "lstm"), action="append", help="run only these tables")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -233,17 +282,24 @@ def main() -> None:
     samples = 32 if args.quick else 128
     started, load_before = time.perf_counter(), os.getloadavg()
     rounds, repeat = (3, 5) if args.quick else (7, 10)
+    only = set(args.only or ("minilm", "cnn", "lstm"))
     cnn_path = prepare()
-    minilm_variants = {k: v for k, v in MINILM_VARIANTS.items() if not (args.quick and k in SLOW_VARIANTS)}
-    minilm_rows = measure(
-        "minilm", MINILM, minilm_variants, MINILM_CALIB, samples,
-        lambda p: evaluate.word_similarity(p, "wordsim353"), evaluate.minilm_inputs(1, 128), rounds, repeat,
-    )  # fmt: skip
-    cnn_feed = {"input": evaluate.mnist_calibration()["input"][:1]}
-    cnn_rows = measure("cnn", cnn_path, CNN_VARIANTS, CNN_CALIB, 256, evaluate.mnist_accuracy, cnn_feed, rounds, repeat * 4)
-    print(table(f"MiniLM-L6 (batch 1, seq 128; {samples} calibration samples)", minilm_rows, "WordSim-353"))
-    print()
-    print(table("MNIST CNN (batch 1; 256 calibration samples; BatchNorm folded first)", cnn_rows, "accuracy"))
+    if "minilm" in only:
+        minilm_variants = {k: v for k, v in MINILM_VARIANTS.items() if not (args.quick and k in SLOW_VARIANTS)}
+        minilm_rows = measure(
+            "minilm", MINILM, minilm_variants, MINILM_CALIB, samples,
+            lambda p: evaluate.word_similarity(p, "wordsim353"), evaluate.minilm_inputs(1, 128), rounds, repeat,
+        )  # fmt: skip
+        print(table(f"MiniLM-L6 (batch 1, seq 128; {samples} calibration samples)", minilm_rows, "WordSim-353") + "\n")
+    if "cnn" in only:
+        cnn_feed = {"input": evaluate.mnist_calibration()["input"][:1]}
+        cnn_rows = measure("cnn", cnn_path, CNN_VARIANTS, CNN_CALIB, 256, evaluate.mnist_accuracy, cnn_feed, rounds, repeat * 4)
+        print(table("MNIST CNN (batch 1; 256 calibration samples; BatchNorm folded first)", cnn_rows, "accuracy") + "\n")
+    if "lstm" in only:
+        lstm_path, lstm_calib = lstm_model()
+        feed = {"x": np.random.default_rng(2).standard_normal((LSTM_SHAPE["steps"], 1, LSTM_SHAPE["inputs"])).astype(np.float32)}
+        lstm_rows = measure("lstm", lstm_path, LSTM_VARIANTS, lstm_calib, 16, lstm_error(lstm_path), feed, rounds, repeat)
+        print(table(f"LSTM ({LSTM_SHAPE}, batch 1; seeded random weights)", lstm_rows, "rel. error vs fp32"))
     load = ", ".join(f"{a:.1f}" for a in os.getloadavg())
     print(f"\n{os.cpu_count()} CPUs; load average {load_before[0]:.1f} at the start, {load} (1/5/15 min) at the end; "
           f"total {time.perf_counter() - started:.0f} s. Loaded machines inflate every latency; compare ratios.")
