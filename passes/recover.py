@@ -394,6 +394,19 @@ def _subgraph_layers(original: ir.Model, compressed: ir.Model, names: set[str] |
     }
 
 
+UNRECOGNIZED_REASON = "compressed in a form recover does not re-fit (e.g. factored twice); left as is"
+RESHAPED_REASON = ("its input or output width differs from the reference's (channels removed by prune-structured, "
+                   "whose own recover re-fits its consumers); left as is")
+
+
+def _reshaped(layer, orig: WeightUse) -> bool:
+    """Whether ``layer`` no longer reads (K) or writes (N) as many channels as ``orig``; a spatial split's
+    horizontal Conv reads the vertical one's channels, so only its N counts."""
+    k, n = (layer.packed.K, layer.packed.N) if isinstance(layer, _Binary) else layer.matrix(layer.current()).shape
+    k_orig, n_orig = orig.matrix().shape
+    return n != n_orig or (k != k_orig and not isinstance(layer, _SpatialSplit))
+
+
 def _orig_bias(orig: WeightUse) -> np.ndarray | None:
     return layer_bias(orig.node, orig.matrix().shape[1])
 
@@ -417,18 +430,16 @@ def recover_layers(
     (``<container node>/<attribute>/<name>``).
     """
     reference = {u.node.name: u for u in scan_weights(original, LAYER_OPS).uses if u.node.name and not u.scope}
-    found, unrecognized = [], []
+    found, results = [], {}
     for node in list(compressed.graph):
         if names is None or node.name in names:
             layer = _identify(node, reference.get(node.name))
-            if layer is not None:
+            if layer is not None and _reshaped(layer, reference[node.name]):
+                results[node.name] = {"kind": "skipped", "reason": RESHAPED_REASON}
+            elif layer is not None:
                 found.append((node.name, layer, reference[node.name]))
             elif node.name in reference and _weight_changed(node, reference[node.name]):
-                unrecognized.append(node.name)
-    results: dict[str, dict[str, float | str]] = {
-        name: {"kind": "skipped", "reason": "compressed in a form recover does not re-fit (e.g. factored twice); left as is"}
-        for name in unrecognized
-    }
+                results[node.name] = {"kind": "skipped", "reason": UNRECOGNIZED_REASON}
     # Consecutive layers reading the same value (e.g. attention's Q, K, V) share one capture: re-fitting
     # one of them cannot change the others' input.
     for _, run in itertools.groupby(found, key=lambda entry: (entry[1].activation.name, entry[2].activation.name)):

@@ -247,6 +247,26 @@ def test_layers_compressed_in_forms_recover_does_not_refit_are_listed(tmp_path):
 
 
 @pytest.mark.parametrize("target", ["model", "layer"])
+def test_layers_narrowed_by_structured_pruning_are_listed_not_refit(tmp_path, target):
+    """prune-structured removes fc0's outputs and fc1's inputs, low-rank then factors every layer: the
+    original fc0 (48 outputs) and fc1 (48 inputs) cannot be the targets of the narrowed ones. recover says
+    so instead of failing, and re-fits fc2."""
+    from onnxopt import pipeline
+    from onnxopt.filters import NodeFilter
+    from onnxopt.pipeline import PassSpec
+
+    path = chain_model(tmp_path, (32, 48, 48, 16), gemm_last=False, name="narrowed")
+    x = np.random.default_rng(8).standard_normal((128, 32)).astype(np.float32)
+    passes = [PassSpec("prune-structured", {"ratio": "0.5"}, NodeFilter(name_regex="^fc0$")),
+              "low-rank:rank=4,min_elements=1", f"recover:target={target}"]
+    model, report = pipeline.run_pipeline(load(path), passes, Dataset.from_arrays({"x": x}), numeric_check=False)
+    layers = report.records[-1].details["layers"]
+    reshaped = {name for name, v in layers.items() if v["kind"] == "skipped" and "differs from the reference" in v["reason"]}
+    assert reshaped == {"fc0", "fc1"} and layers["fc2"]["kind"] == "lowrank", layers
+    assert run(model, {"x": x[:4]})[0].shape == (4, 16)
+
+
+@pytest.mark.parametrize("target", ["model", "layer"])
 def test_target_sets_what_each_layer_reproduces(tmp_path, target):
     """``model``: fc1 is fitted to the original model's fc1 output (x_o W_o); ``layer``: to the original fc1
     weight applied to the pruned model's own fc1 input (x_c W_o). The reported error before the re-fit
