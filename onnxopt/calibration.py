@@ -163,7 +163,9 @@ def synthesize_inputs(model: ir.Model, batch: int = 1, seq: int = 16, seed: int 
             dims.append(dim if isinstance(dim, int) else (batch if i == 0 else seq))
         dtype = NUMPY_DTYPE.get(value.dtype, np.float32)
         name = value.name.lower()
-        if dtype == np.bool_:
+        if value.dtype == ir.DataType.STRING:
+            feeds[value.name] = rng.choice(np.array(["a", "b", "c"], dtype=object), size=dims)
+        elif dtype == np.bool_:
             feeds[value.name] = np.asarray(rng.random(dims) > 0.5)  # a 0-d comparison gives a numpy scalar
         elif np.issubdtype(dtype, np.integer):
             if "mask" in name:

@@ -9,6 +9,7 @@ from onnx_ir.passes import common as common_passes
 from onnxscript import rewriter
 from onnxscript.optimizer import _constant_folding
 
+from onnxopt import io
 from onnxopt.io import no_new_value_info
 from onnxopt.registry import register
 from onnxopt.weights import constant_tensor
@@ -46,6 +47,9 @@ class CleanupPass(ir.passes.InPlacePass):
         self.iterations = iterations
 
     def _should_fold(self, node: ir.Node) -> bool | None:
+        strings = [v for v in (*node.inputs, *node.outputs) if v is not None and v.dtype == ir.DataType.STRING]
+        if strings or (node.op_type == "Cast" and node.attributes.get_int("to", 0) == ir.DataType.STRING):
+            return False  # onnx_ir cannot write the folded string tensor back
         if node.op_type in _WIDENING_OPS:
             tensor = constant_tensor(node.inputs[0]) if node.inputs else None
             if tensor is not None and tensor.size > self.fold_size_limit:
@@ -144,9 +148,11 @@ def folding_hazard(model: ir.Model) -> str | None:
     return None
 
 
-# Never folded by regions: results that change from run to run, and ops that hold subgraphs.
-_UNFOLDABLE_OPS = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial",
-                   "Bernoulli", "Dropout", "If", "Loop", "Scan", "SequenceMap"}
+# Ops a region may hold: data movement and elementwise arithmetic, which the reference evaluator computes
+# as onnxruntime does and whose intermediates are no bigger than their inputs. Reductions, broadcasts
+# (Expand, Tile, ConstantOfShape), random and Q/DQ ops stay with onnxscript's node-by-node folder.
+REGION_OPS = {"Slice", "Concat", "Split", "Unsqueeze", "Squeeze", "Reshape", "Transpose", "Flatten", "Identity",
+              "Gather", "Cast", "Add", "Sub", "Mul", "Div", "Neg", "Abs", "Sqrt"}
 
 
 class FoldConstantRegionsPass(ir.passes.InPlacePass):
@@ -156,7 +162,7 @@ class FoldConstantRegionsPass(ir.passes.InPlacePass):
     A node-by-node folder cannot see that: PyTorch's dynamo exporter writes an LSTM's recurrence weight as
     four ``Slice`` s of one parameter, a ``Concat`` and an ``Unsqueeze``; each Slice alone would add a
     quarter of the weight while the parameter stays, so none is folded, though the region as a whole
-    only reorders the gates. Regions are evaluated with onnx's reference evaluator.
+    only reorders the gates. Regions (of :data:`REGION_OPS`) are evaluated with onnx's reference evaluator.
     """
 
     def __init__(self, input_limit: int):
@@ -167,61 +173,63 @@ class FoldConstantRegionsPass(ir.passes.InPlacePass):
         modified = False
         for graph in (model.graph, *model.graph.subgraphs()):
             for region in _constant_regions(graph, self.input_limit):
-                modified |= self._fold(graph, region, model.opset_imports)
+                modified |= _fold_region(graph, region, model.opset_imports)
         return ir.passes.PassResult(model, modified)
 
-    def _fold(self, graph: ir.Graph, region: list[ir.Node], opsets: dict[str, int]) -> bool:
-        import onnx
-        from onnx.reference import ReferenceEvaluator
 
-        members = set(region)
-        sources = list(dict.fromkeys(v for n in region for v in n.inputs if v is not None and v.producer() not in members))
-        results = [out for n in region for out in n.outputs
-                   if out.is_graph_output() or any(user not in members for user, _ in out.uses())]
-        freed = [v for v in sources if all(user in members for user, _ in v.uses()) and not v.is_graph_output()]
-        limit = sum(constant_tensor(v).nbytes for v in freed)
-        if not results or any(r.is_graph_output() for r in results):
-            return False
-        proto = onnx.helper.make_model(
-            onnx.helper.make_graph([ir.serde.serialize_node(n) for n in region], "region", [],
-                                   [onnx.helper.make_empty_tensor_value_info(r.name) for r in results],
-                                   [_named_tensor(v) for v in sources]),
-            opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in opsets.items()], ir_version=10)
-        try:
-            arrays = ReferenceEvaluator(proto).run(None, {})
-        except Exception:  # noqa: BLE001 - an op the reference evaluator lacks: leave the region
-            return False
-        if not all(isinstance(a, np.ndarray) for a in arrays) or sum(a.nbytes for a in arrays) > limit:
-            return False
-        for value, array in zip(results, arrays):
-            folded = ir.Value(name=value.name, const_value=ir.tensor(array, name=value.name))
-            folded.type, folded.shape = ir.TensorType(ir.DataType.from_numpy(array.dtype)), ir.Shape(array.shape)
-            value.name = None
-            ir.convenience.replace_all_uses_with(value, folded)
-            graph.register_initializer(folded)
-        for node in reversed(region):
-            graph.remove(node, safe=False)
-        for value in freed:
-            if value.is_initializer():
-                graph.initializers.pop(value.name, None)
-        return True
+def _fold_region(graph: ir.Graph, region: list[ir.Node], opsets: dict[str, int]) -> bool:
+    import onnx
+    from onnx.reference import ReferenceEvaluator
+
+    members = set(region)
+    sources = list(dict.fromkeys(v for n in region for v in n.inputs if v is not None and v.producer() not in members))
+    results = [out for n in region for out in n.outputs if out.uses() and any(user not in members for user, _ in out.uses())]
+    freed = [v for v in sources if all(user in members for user, _ in v.uses())
+             and not v.is_graph_output() and not v.meta.get(io.SPARSE_META_KEY)]  # a sparse one is stored smaller
+    if not results or any(out.is_graph_output() for n in region for out in n.outputs):
+        return False
+    proto = onnx.helper.make_model(
+        onnx.helper.make_graph([ir.serde.serialize_node(n) for n in region], "region", [],
+                               [onnx.helper.make_empty_tensor_value_info(r.name) for r in results],
+                               [_in_memory(v) for v in sources]),
+        opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in opsets.items()], ir_version=10)
+    try:
+        arrays = ReferenceEvaluator(proto).run(None, {})
+    except Exception:  # noqa: BLE001 - a case the reference evaluator does not cover: leave the region
+        return False
+    if any(not isinstance(a, np.ndarray) or a.dtype.kind in "OUSV" for a in arrays):
+        return False
+    if sum(a.nbytes for a in arrays) > sum(constant_tensor(v).nbytes for v in freed):
+        return False
+    for value, array in zip(results, arrays):
+        folded = ir.Value(name=value.name, const_value=ir.tensor(array, name=value.name))
+        folded.type, folded.shape = ir.TensorType(ir.DataType.from_numpy(array.dtype)), ir.Shape(array.shape)
+        value.name = None
+        ir.convenience.replace_all_uses_with(value, folded)
+        graph.register_initializer(folded)
+    for node in reversed(region):
+        graph.remove(node, safe=True)
+    for value in freed:
+        if value.is_initializer() and not value.uses():
+            value.graph.initializers.pop(value.name, None)
+    return True
 
 
-def _named_tensor(value: ir.Value):
-    """``value``'s constant as an in-memory TensorProto (external data loaded)."""
+def _in_memory(value: ir.Value):
+    """``value``'s constant as a TensorProto holding its data (external data loaded)."""
     tensor = constant_tensor(value)
     return ir.serde.serialize_tensor(ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=value.name))
 
 
 def _constant_regions(graph: ir.Graph, input_limit: int) -> list[list[ir.Node]]:
-    """Connected groups of standard-domain nodes whose inputs are constants or outputs of the group,
-    with every constant read at most ``input_limit`` elements; Constant nodes stay sources."""
+    """Connected groups of :data:`REGION_OPS` nodes whose inputs are numeric constants of at most
+    ``input_limit`` elements or outputs of the group; Constant nodes stay sources."""
     constant: set[ir.Node] = set()
     for node in graph:
-        if node.op_type == "Constant" or node.domain not in ("", "ai.onnx") or node.op_type in _UNFOLDABLE_OPS:
+        if node.op_type not in REGION_OPS or node.domain not in ("", "ai.onnx"):
             continue
         inputs = [v for v in node.inputs if v is not None]
-        if inputs and all(v.producer() in constant or _small_constant(v, input_limit) for v in inputs):
+        if inputs and all(v.producer() in constant or _numeric_constant(v, input_limit) for v in inputs):
             constant.add(node)
     groups: dict[ir.Node, ir.Node] = {}  # union-find over nodes linked by a value one produces, one reads
 
@@ -241,10 +249,11 @@ def _constant_regions(graph: ir.Graph, input_limit: int) -> list[list[ir.Node]]:
     return [nodes for nodes in regions.values() if len(nodes) > 1]
 
 
-def _small_constant(value: ir.Value, limit: int) -> bool:
+def _numeric_constant(value: ir.Value, limit: int) -> bool:
     tensor = constant_tensor(value)
     return (tensor is not None and tensor.size <= limit and not value.is_graph_input()  # an input may be fed
-            and (value.is_initializer() or value.producer() is not None))
+            and (value.is_initializer() or value.producer() is not None)
+            and (tensor.dtype.is_floating_point() or tensor.dtype.is_integer() or tensor.dtype == ir.DataType.BOOL))
 
 
 class ContiguousInitializersPass(ir.passes.InPlacePass):

@@ -310,3 +310,45 @@ def test_cleanup_folds_a_weight_region_that_frees_what_it_stores(tmp_path, kind,
         assert ops == ["MatMul"] and list(model.graph.initializers) == ["weight"]
     assert io.save(model, tmp_path / "after.onnx").stat().st_size <= before
     np.testing.assert_allclose(runtime.session(model).run(None, feed)[0], expected, rtol=1e-6, atol=1e-6)
+
+
+def _string_tile_model():
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("Tile", ["s", "repeats"], ["tiled"]), helper.make_node("Concat", ["tiled", "q"], ["y"], axis=0)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("q", TensorProto.STRING, [3])],
+                              [helper.make_tensor_value_info("y", TensorProto.STRING, None)],
+                              [helper.make_tensor("s", TensorProto.STRING, [1], [b"x" * 64]),
+                               numpy_helper.from_array(np.array([200], np.int64), "repeats")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), {"q": np.array(["a"] * 3, dtype=object)}
+
+
+def _quantized_weight_model():
+    """A weight already stored as int8 behind DequantizeLinear, sliced and concatenated before its MatMul."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(rng.integers(-127, 128, (64, 256)).astype(np.int8), "wq"),
+             numpy_helper.from_array(np.array(0.02, np.float32), "scale"),
+             numpy_helper.from_array(np.array([0], np.int64), "start"), numpy_helper.from_array(np.array([128], np.int64), "mid"),
+             numpy_helper.from_array(np.array([256], np.int64), "end"), numpy_helper.from_array(np.array([1], np.int64), "axis")]
+    nodes = [helper.make_node("DequantizeLinear", ["wq", "scale"], ["w"]),
+             helper.make_node("Slice", ["w", "start", "mid", "axis"], ["a"]), helper.make_node("Slice", ["w", "mid", "end", "axis"], ["b"]),
+             helper.make_node("Concat", ["b", "a"], ["swapped"], axis=1), helper.make_node("MatMul", ["x", "swapped"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 256])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), {"x": rng.standard_normal((2, 64)).astype(np.float32)}
+
+
+@pytest.mark.parametrize("build", [_string_tile_model, _quantized_weight_model])
+def test_cleanup_leaves_string_and_quantized_constants_alone(tmp_path, build):
+    """Folding a string Tile left a tensor onnx_ir cannot save; folding a DequantizeLinear would store the
+    int8 weight as float32 (4x the bytes) and drop its quantization."""
+    proto, feed = build()
+    model = ir.serde.deserialize_model(proto)
+    expected = runtime.session(io.clone(model)).run(None, feed)[0]
+    before = io.save(io.clone(model), tmp_path / "before.onnx").stat().st_size
+    model, _ = pipeline.run_pipeline(model, ["cleanup"])
+    assert io.save(model, tmp_path / "after.onnx").stat().st_size <= before + 16  # + the inferred output shape
+    assert ("DequantizeLinear" in [n.op_type for n in model.graph]) == (build is _quantized_weight_model)
+    np.testing.assert_array_equal(runtime.session(model).run(None, feed)[0], expected)
