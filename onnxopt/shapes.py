@@ -10,6 +10,8 @@ from __future__ import annotations
 import onnx
 import onnx_ir as ir
 
+from onnxopt.weights import constant_tensor
+
 SMALL_CONSTANT = 4096  # integer initializers up to this size are kept: they may hold shapes
 
 
@@ -30,7 +32,8 @@ def ancestors(values: list[ir.Value]) -> list[ir.Node]:
 def symbolic_shapes(model: ir.Model, values: list[ir.Value]) -> dict[ir.Value, tuple[int | str | None, ...]]:
     """Shapes of ``values`` (of the main graph) with named dimensions; values it cannot infer are absent."""
     values = [v for v in values if v.producer() is not None]  # graph inputs and initializers: as declared
-    nodes = ancestors(values)
+    # Constant nodes become initializers: the inference reads only the ``value`` form of their attribute
+    nodes = [node for node in ancestors(values) if node.op_type != "Constant"]
     if not nodes:
         return {}
     produced = {out for node in nodes for out in node.outputs}
@@ -38,16 +41,14 @@ def symbolic_shapes(model: ir.Model, values: list[ir.Value]) -> dict[ir.Value, t
     graph = onnx.GraphProto(name="shapes")
     graph.node.extend(ir.serde.serialize_node(node) for node in nodes)
     for value in sources:
-        tensor = value.const_value
+        tensor = constant_tensor(value)
         if tensor is not None and tensor.dtype.is_integer() and tensor.size <= SMALL_CONSTANT:
             graph.initializer.append(ir.serde.serialize_tensor(tensor))
             graph.initializer[-1].name = value.name
+        elif tensor is not None:  # only its shape can decide another shape
+            graph.input.append(onnx.helper.make_tensor_value_info(value.name, tensor.dtype, list(tensor.shape.numpy())))
         elif value.type is not None:
-            info = ir.serde.serialize_value(value)
-            if tensor is not None:
-                info.type.tensor_type.shape.CopyFrom(onnx.TensorShapeProto(
-                    dim=[onnx.TensorShapeProto.Dimension(dim_value=d) for d in tensor.shape.numpy()]))
-            graph.input.append(info)
+            graph.input.append(ir.serde.serialize_value(value))
         else:
             return {}
     graph.output.extend(onnx.ValueInfoProto(name=v.name) for v in values)

@@ -543,9 +543,14 @@ def _torch_feeds():
     return [feeds(), feeds(batch=3, seq=11, seed=1)]
 
 
+@pytest.mark.parametrize("cleanup", [False, True])
 @pytest.mark.parametrize("name", TORCH_EXPORTS)
-def test_heads_of_pytorch_exports_are_removed_exactly(name):
+def test_heads_of_pytorch_exports_are_removed_exactly(name, cleanup):
+    """Also after ``cleanup``: onnxscript writes Constant nodes with ``value_ints``, which onnxruntime's
+    symbolic shape inference (the mask check) cannot read; the mask was refused then."""
     model = load(MODELS / name)
+    if cleanup:
+        registry.get("cleanup").create()(model)
     assert len(_head_groups(model)) == 2
     _kill_head(model, 1)
     expected = [run(model, feeds)[0] for feeds in _torch_feeds()]
