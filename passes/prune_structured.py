@@ -755,6 +755,11 @@ def _consumer_row_norms(consumer: Consumer, order: int) -> np.ndarray:
     return _unit_norms(use.matrix(), consumer.group, 0, order)
 
 
+NO_BLOCK = ("none found: a block is traced back from an output projection MatMul that reads "
+            "Reshape(Transpose(context)), with separate Q, K and V MatMuls; fused QKV projections (GPT-2's c_attn) "
+            "and Gemm projections are not traced")
+
+
 @register("prune-structured", lossless=False)
 class PruneStructuredPass(ir.passes.InPlacePass):
     """Remove whole channels, neurons or attention heads and shrink every consumer (a smaller dense model).
@@ -834,6 +839,9 @@ class PruneStructuredPass(ir.passes.InPlacePass):
         params_after = _parameters(model)
         self.details.update(layers=layers, refused=refused, skipped=dict(scan.skipped),
                             parameters=f"{params_before} -> {params_after}")
+        if self.heads:
+            blocks = sum(g.unit == "heads" for g in groups) + sum(k.endswith(" (heads)") for k in refused)
+            self.details["attention blocks"] = blocks or NO_BLOCK
         changed = params_after != params_before
         if self.recover and changed:
             self.details["recover"] = self._recover(original, model, groups, kept_outputs)

@@ -668,3 +668,12 @@ def test_exported_blocks_whose_head_slicing_would_change_other_values_are_refuse
     assert details["refused"] == {"/bert/encoder/layer.0/attention/output/dense/MatMul (heads)": reason}
     assert list(details["layers"]) == ["/bert/encoder/layer.1/attention/output/dense/MatMul"]
     assert run(model, _torch_feeds()[1])[0].shape == (3, 11, 32)
+
+
+def test_heads_report_how_many_attention_blocks_were_found():
+    from onnxopt.passes.prune_structured import NO_BLOCK
+
+    assert prune(load(MODELS / "bert_tiny_dy.onnx"), ratio=0.5, heads=True, op_types="")["attention blocks"] == 2
+    mask_refused, details = _ts_block_mutated(_nan_test_output)
+    assert details["attention blocks"] == 2 and len(details["layers"]) == 1  # one pruned, one refused
+    assert prune(load(MODELS / "mlp.onnx"), ratio=0.5, heads=True)["attention blocks"] == NO_BLOCK
