@@ -208,6 +208,9 @@ def constant_tensor(value: ir.Value | None) -> ir.TensorProtocol | None:
         return None
     if value.const_value is not None:
         return value.const_value
+    node = value.producer()
+    if node is not None and node.op_type == "Constant" and list(node.attributes) == ["value"] and not node.attributes["value"].is_ref():
+        return node.attributes["value"].as_tensor()  # get_const_tensor would name it: the file grows by the name
     return ir.convenience.get_const_tensor(value)
 
 
