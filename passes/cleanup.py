@@ -4,6 +4,7 @@ common-subexpression elimination, initializer de-duplication and dead-code remov
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
 from onnxscript import rewriter
@@ -12,7 +13,7 @@ from onnxscript.optimizer import _constant_folding
 from onnxopt import io
 from onnxopt.io import no_new_value_info
 from onnxopt.registry import register
-from onnxopt.weights import constant_tensor
+from onnxopt.weights import constant_tensor, new_initializer
 
 # Largest constant input evaluated while folding (elements, 64 MB of float32): bounds the time and memory
 # spent, while the output cap (``fold_size_limit``) is what keeps the file from growing.
@@ -178,7 +179,6 @@ class FoldConstantRegionsPass(ir.passes.InPlacePass):
 
 
 def _fold_region(graph: ir.Graph, region: list[ir.Node], opsets: dict[str, int]) -> bool:
-    import onnx
     from onnx.reference import ReferenceEvaluator
 
     members = set(region)
@@ -202,11 +202,8 @@ def _fold_region(graph: ir.Graph, region: list[ir.Node], opsets: dict[str, int])
     if sum(a.nbytes for a in arrays) > sum(constant_tensor(v).nbytes for v in freed):
         return False
     for value, array in zip(results, arrays):
-        folded = ir.Value(name=value.name, const_value=ir.tensor(array, name=value.name))
-        folded.type, folded.shape = ir.TensorType(ir.DataType.from_numpy(array.dtype)), ir.Shape(array.shape)
-        value.name = None
-        ir.convenience.replace_all_uses_with(value, folded)
-        graph.register_initializer(folded)
+        name, value.name = value.name, None  # the initializer takes over the name
+        ir.convenience.replace_all_uses_with(value, new_initializer(graph, name, array))
     for node in reversed(region):
         graph.remove(node, safe=True)
     for value in freed:
