@@ -30,6 +30,9 @@ _WIDENING_OPS = {"DequantizeLinear", "QuantizeLinear", "DynamicQuantizeLinear", 
 class CleanupPass(ir.passes.InPlacePass):
     """Fold constants (size-capped), drop no-ops, identities, duplicates and dead code.
 
+    Constants fold node by node, then as whole regions (data movement and elementwise ops) when the
+    result takes no more bytes than the constants the region alone reads.
+
     Args:
         fold_constants: Fold subgraphs whose inputs are all constant (onnxscript's constant folder).
         fold_size_limit: Largest folded result kept, in elements, unless folding frees at least as many

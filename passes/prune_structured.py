@@ -766,7 +766,8 @@ class PruneStructuredPass(ir.passes.InPlacePass):
 
     Args:
         ratio: Fraction of the channels (or heads) removed in each channel group.
-        op_types: Producer layers whose output channels are pruned (MatMul, Gemm, Conv; empty: none).
+        op_types: Producer layers whose output channels are pruned (MatMul, Gemm, Conv); ``op_types=``
+            (empty) prunes none, e.g. heads only.
         heads: Also remove whole attention heads (Q/K/V columns, Wo rows, Reshape head counts).
         importance: ``l1``/``l2``: norm of the producer's output column (Q/K/V/Wo weights of a head);
             ``activation``: Σ over consumers of ‖X_c‖·‖W_next rows of c‖ from calibration data.

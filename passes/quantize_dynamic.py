@@ -89,7 +89,7 @@ class DynamicRewriter:
             return "LSTM with layout=1 (DynamicQuantizeLSTM takes sequence-first inputs)"
         recurrence = constant_tensor(node.inputs[2])
         if recurrence is None or recurrence.dtype != ir.DataType.FLOAT or len(recurrence.shape) != 3:
-            return "recurrence weight R is not a constant float32 tensor"
+            return "recurrence weight R is not a constant float32 tensor (computed from the parameters? run cleanup first)"
         self.model.opset_imports.setdefault(MS_DOMAIN, 1)
         (w, w_scale, w_zp, w_error), (r, r_scale, r_zp, r_error) = (self._gate_weights(use, i) for i in (1, 2))
         optional = [node.inputs[i] if len(node.inputs) > i else None for i in range(3, 8)]  # B, lengths, h0, c0, P
@@ -229,10 +229,12 @@ def _single_bias_add(node: ir.Node, n: int) -> ir.Node | None:
 
 @register("quantize-dynamic", lossless=False)
 class QuantizeDynamicPass(ir.passes.InPlacePass):
-    """Int8 weights with activations quantized at run time; no calibration data needed.
+    """Int8 weights with activations quantized at run time; no calibration data needed. MatMul/Gemm,
+    embeddings (Gather) and LSTM layers (onnxruntime's DynamicQuantizeLSTM).
 
     Args:
-        per_channel: One scale per output column of each weight (else one per tensor).
+        per_channel: One scale per output column of each weight, per gate row of an LSTM (else one per
+            tensor, per direction of an LSTM).
         weight_type: Integer type of the stored weights (int8 is what onnxruntime runs fastest).
         reduce_range: Quantize weights to 7 bits, which avoids u8*s8 saturation on x86 CPUs without
             VNNI. Default (None): on when this machine is such a CPU and weight_type is int8; set it
