@@ -132,6 +132,7 @@ def save(
                 proto = ir.to_proto(model)
                 _sparsify_initializers(proto.graph, sparse)
                 _inline_external(proto, model)
+                _omit_default_domains(proto)
                 onnx.save(
                     proto,
                     str(tmp_model),
@@ -139,8 +140,15 @@ def save(
                     location=data_name,
                     size_threshold=1024,
                 )
+            elif external_data:
+                ir.save(model, tmp_model, external_data=data_name, size_threshold_bytes=1024)
+                structure = onnx.load(str(tmp_model), load_external_data=False)  # small: weights are in the data file
+                _omit_default_domains(structure)
+                onnx.save(structure, tmp_model)
             else:
-                ir.save(model, tmp_model, external_data=data_name if external_data else None, size_threshold_bytes=1024)
+                proto = ir.to_proto(model)
+                _omit_default_domains(proto)
+                onnx.save(proto, tmp_model)
         if external_data and (pathlib.Path(tmp_dir) / data_name).exists():
             os.replace(pathlib.Path(tmp_dir) / data_name, directory / data_name)
         os.replace(tmp_model, path)
@@ -153,6 +161,15 @@ def save(
                 leftover.unlink()
             os.rmdir(tmp_dir)
     return path
+
+
+def _omit_default_domains(proto: onnx.ModelProto) -> None:
+    """Leave the default domain's name unset in opset imports, as exporters do: onnx_ir writes ``domain: ""``
+    explicitly, 2 bytes per import, which made a plain load-save round trip grow the file."""
+    for imports in (proto.opset_import, *(function.opset_import for function in proto.functions)):
+        for entry in imports:
+            if entry.HasField("domain") and not entry.domain:
+                entry.ClearField("domain")
 
 
 @contextlib.contextmanager
@@ -188,11 +205,13 @@ def to_bytes(model: ir.Model) -> bytes:
     ir_version = model.ir_version
     model.ir_version = _output_ir_version(model)
     try:
-        proto = ir.to_proto(model)
+        with _no_initializer_value_info(model):
+            proto = ir.to_proto(model)
     finally:
         model.ir_version = ir_version
     _sparsify_initializers(proto.graph, _sparse_flagged(model))
     _inline_external(proto, model)
+    _omit_default_domains(proto)
     return proto.SerializeToString()
 
 
@@ -357,19 +376,45 @@ def _external_tensors(model: ir.Model) -> dict[str, ir.ExternalTensor]:
     }
 
 
+PROVENANCE_TAGS = ("pkg.onnxscript.optimizer.folded_from", "pkg.onnxscript.rewriter.rule_name")
+"""``metadata_props`` keys onnxscript's constant folder and rewriter write on what they create: the names
+of the folded inputs and the rule applied, tens of bytes per value or node in the saved file."""
+
+
 @contextlib.contextmanager
-def no_new_value_info(model: ir.Model):
-    """Drop shapes and types that a pass inferred for intermediate values on its way.
+def no_new_annotations(model: ir.Model):
+    """Drop what a pass annotated on its way and the model does not need: shapes and types inferred
+    for intermediate values, graph outputs' declarations as the model had them (a pass that changes an
+    output's dtype keeps its own), and onnxscript's provenance tags (:data:`PROVENANCE_TAGS`).
 
     Shape inference annotates every intermediate value; written out as ``value_info`` these make
-    the file bigger although the model is the same, and onnxruntime infers them again at load. The
-    values themselves are held (not their ``id()``, which a value created meanwhile could reuse).
+    the file bigger although the model is the same, and onnxruntime infers them again at load. Tags
+    the model carried before the pass stay. The values and nodes themselves are held (not their
+    ``id()``, which an object created meanwhile could reuse).
     """
     bare = {v for node in ir.traversal.RecursiveGraphIterator(model.graph) for v in node.outputs
             if v.type is None and v.shape is None}
+    tagged = {item for item in _annotated(model) if any(tag in item.metadata_props for tag in PROVENANCE_TAGS)}
+    declared = [(value.type, value.shape) for value in model.graph.outputs]
     yield
     graph_outputs = set(model.graph.outputs)
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
         for value in node.outputs:
             if value in bare and value not in graph_outputs and not value.is_graph_output():
                 value.type, value.shape = None, None
+    for value, (type_, shape) in zip(model.graph.outputs, declared):
+        if type_ is None or value.type == type_:  # inferred shapes (``unk__0`` for ``?``) would only add bytes
+            value.type, value.shape = type_, shape
+    for item in _annotated(model):
+        if item not in tagged:
+            for tag in PROVENANCE_TAGS:
+                item.metadata_props.pop(tag, None)
+
+
+def _annotated(model: ir.Model):
+    """Every node, node output and initializer of all graphs."""
+    for graph in model.graphs():
+        yield from graph.initializers.values()
+        for node in graph:
+            yield node
+            yield from node.outputs

@@ -11,7 +11,7 @@ from onnxscript import rewriter
 from onnxscript.optimizer import _constant_folding
 
 from onnxopt import io
-from onnxopt.io import no_new_value_info
+from onnxopt.io import no_new_annotations
 from onnxopt.registry import register
 from onnxopt.weights import constant_tensor, new_initializer
 
@@ -61,7 +61,7 @@ class CleanupPass(ir.passes.InPlacePass):
         return None
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        with no_new_value_info(model):
+        with no_new_annotations(model):
             return self._call(model)
 
     def _call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -82,7 +82,7 @@ class CleanupPass(ir.passes.InPlacePass):
             steps.append(FoldConstantRegionsPass(FOLD_INPUT_LIMIT))
         steps += [
             rewriter.RewritePass(CLEANUP_RULES),
-            common_passes.IdentityEliminationPass(),
+            IdentityEliminationPass(),
             common_passes.CommonSubexpressionEliminationPass(),
             ContiguousInitializersPass(),
             common_passes.DeduplicateHashedInitializersPass(),  # any size; bytes compared on a hash match
@@ -99,6 +99,18 @@ class CleanupPass(ir.passes.InPlacePass):
                 break
         restore_layer_names(model, names)
         return ir.passes.PassResult(model, modified)
+
+
+class IdentityEliminationPass(common_passes.IdentityEliminationPass):
+    """onnx_ir's pass, except that an Identity from one output of a graph to another stays: removing it
+    made one value two outputs (a Scan body returning its state also as scan output), which onnxruntime
+    runs wrong."""
+
+    def _try_eliminate_identity_node(self, node: ir.Node) -> bool:
+        source = node.inputs[0] if node.op_type == "Identity" and node.inputs else None
+        if source is not None and source.is_graph_output() and node.outputs[0].is_graph_output():
+            return False
+        return super()._try_eliminate_identity_node(node)
 
 
 LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")

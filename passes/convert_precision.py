@@ -26,7 +26,7 @@ from onnx_ir.passes.common import ShapeInferencePass
 
 from onnxopt.calibration import Dataset, capture
 from onnxopt.filters import NodeFilter
-from onnxopt.io import no_new_value_info
+from onnxopt.io import no_new_annotations
 from onnxopt.registry import register
 from onnxopt.weights import constant_tensor, drop_if_unused, name_uniquely, new_initializer
 
@@ -104,7 +104,7 @@ class _ConvertPrecision(ir.passes.InPlacePass):
         return any(name == p or re.fullmatch(p, name) for p in self.exclude)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        with no_new_value_info(model):  # inferred shapes are only needed while converting
+        with no_new_annotations(model):  # inferred shapes are only needed while converting
             return self._call(model)
 
     def _call(self, model: ir.Model) -> ir.passes.PassResult:

@@ -7,17 +7,19 @@ SkipLayerNorm, GELU/BiasGelu, attention) into ``com.microsoft`` contrib ops.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Literal
 
 import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
 from onnxscript import rewriter
-from onnxscript.rewriter import _ir_utils, pattern
+from onnxscript.rewriter import _ir_utils, ort_fusions, pattern
+from onnxscript.rewriter.ort_fusions import _core as ort_fusions_core
 from onnxscript.rewriter.rules import common as rules
 from onnxscript.rewriter.rules.fusion import _layer_norm
 
-from onnxopt.passes.cleanup import folding_hazard, layer_names_by_output, restore_layer_names
-from onnxopt.io import no_new_value_info
+from onnxopt.passes.cleanup import CleanupPass, folding_hazard, layer_names_by_output, restore_layer_names
+from onnxopt.io import no_new_annotations
 from onnxopt.registry import register
 
 
@@ -43,6 +45,25 @@ LAYER_NORM_RULES = pattern.RewriteRuleSet(
 )
 
 
+@contextlib.contextmanager
+def cleanup_as_ort_optimizer():
+    """Let onnxscript's ORT fusions simplify the model between rule sets with ``cleanup`` (functions
+    inlined first) instead of onnxscript's optimizer, which folds results of up to 256K elements (an
+    Expand of one scalar grew a 145-byte model to 1 MB), turns Flatten into Reshape and names every node."""
+
+    def optimize(model: ir.Model, *args, **kwargs) -> ir.Model:
+        common_passes.InlinePass()(model)
+        CleanupPass()(model)
+        return model
+
+    original = ort_fusions_core.optimize
+    ort_fusions_core.optimize = optimize
+    try:
+        yield
+    finally:
+        ort_fusions_core.optimize = original
+
+
 @register("fuse", lossless=True)
 class FusePass(ir.passes.InPlacePass):
     """Fold BatchNorm into Conv/Gemm, fuse LayerNorm, GELU and attention patterns.
@@ -62,7 +83,7 @@ class FusePass(ir.passes.InPlacePass):
         self.details: dict[str, int] = {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        with no_new_value_info(model):
+        with no_new_annotations(model):
             return self._call(model)
 
     def _call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -87,13 +108,12 @@ class FusePass(ir.passes.InPlacePass):
             counts["layer_norm"] = LAYER_NORM_RULES.apply_to_model(model)
         hazard = folding_hazard(model) if self.target == "ort" else None
         if self.target == "ort" and not hazard:
-            from onnxscript.rewriter import ort_fusions
-
-            _, fused = ort_fusions.optimize_for_ort(model)  # runs onnxscript's constant folder too
+            with cleanup_as_ort_optimizer():
+                _, fused = ort_fusions.optimize_for_ort(model)
             counts.update({k: v for k, v in fused.items() if v})
         restore_layer_names(model, names)
         self.details = {k: v for k, v in counts.items() if v}
         if hazard:
             self.details["ort fusions"] = f"skipped: onnxscript's constant folder mishandles {hazard}"
-        folded = nodes_before != sum(1 for _ in ir.traversal.RecursiveGraphIterator(model.graph))  # ORT's constant folding
+        folded = nodes_before != sum(1 for _ in ir.traversal.RecursiveGraphIterator(model.graph))  # cleanup between the ORT fusions
         return ir.passes.PassResult(model, any(counts.values()) or folded)

@@ -33,7 +33,7 @@ X = np.random.default_rng(1).standard_normal((3, 8)).astype(np.float32)
 
 
 def _failing_save(written: list):
-    """An ``ir.save`` that writes half a file, then fails like a full disk."""
+    """An ``onnx.save`` that writes half a file, then fails like a full disk."""
 
     def save(model, path, **kwargs):
         with open(path, "wb") as handle:
@@ -47,7 +47,7 @@ def _failing_save(written: list):
 def test_failed_save_leaves_no_file(tmp_path, mlp_path, monkeypatch):
     model = io.load(mlp_path)
     written = []
-    monkeypatch.setattr(io.ir, "save", _failing_save(written))
+    monkeypatch.setattr(io.onnx, "save", _failing_save(written))
     target = tmp_path / "out.onnx"
     with pytest.raises(errors.ModelSaveError, match="No space left"):
         io.save(model, target)
@@ -60,7 +60,7 @@ def test_failed_save_keeps_existing_output(tmp_path, mlp_path, monkeypatch):
     target = tmp_path / "out.onnx"
     io.save(io.load(mlp_path), target)
     before = _digest(target)
-    monkeypatch.setattr(io.ir, "save", _failing_save([]))
+    monkeypatch.setattr(io.onnx, "save", _failing_save([]))
     with pytest.raises(errors.ModelSaveError):
         io.save(io.load(mlp_path), target)
     assert _digest(target) == before
@@ -73,7 +73,7 @@ def test_unexpected_error_during_save_also_cleans_up(tmp_path, mlp_path, monkeyp
         path.write_bytes(b"partial")
         raise RuntimeError("serializer bug")
 
-    monkeypatch.setattr(io.ir, "save", explode)
+    monkeypatch.setattr(io.onnx, "save", explode)
     with pytest.raises(RuntimeError, match="serializer bug"):
         io.save(io.load(mlp_path), tmp_path / "out.onnx")
     assert not (tmp_path / "out.onnx").exists()
@@ -287,6 +287,24 @@ def test_save_writes_no_value_info_for_initializers(tmp_path):
     assert all(v.type is not None for g in model.graphs() for v in g.initializers.values())
     x = np.abs(X)
     np.testing.assert_allclose(_run(saved, {"x": x})[0], _run(path, {"x": x})[0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_round_trip_keeps_the_size_of_an_exporters_file(tmp_path, wide_path, external):
+    """Exporters leave the default domain's name unset in opset imports; onnx_ir writes it (2 bytes):
+    a load-save round trip must not grow the file."""
+    proto = onnx.load(str(wide_path))
+    proto.opset_import[0].ClearField("domain")  # as PyTorch writes it (onnx's make_opsetid sets "")
+    source = tmp_path / "source.onnx"
+    onnx.save(proto, str(source), save_as_external_data=external, location="source.onnx.data", size_threshold=1024)
+    saved = io.save(io.load(source), tmp_path / "saved.onnx")
+    assert not onnx.load(str(saved), load_external_data=False).opset_import[0].HasField("domain")
+    if external:  # the same tensors, each referenced by a data-file name one character shorter
+        assert (tmp_path / "saved.onnx.data").stat().st_size == (tmp_path / "source.onnx.data").stat().st_size
+        assert saved.stat().st_size == source.stat().st_size - 3
+    else:
+        assert saved.stat().st_size == source.stat().st_size
+    np.testing.assert_allclose(_run(saved, {"x": X})[0], _run(source, {"x": X})[0])
 
 
 def _sparse_model() -> tuple[onnx.ModelProto, np.ndarray]:
