@@ -8,12 +8,14 @@ import dataclasses
 import onnx_ir as ir
 
 from onnxopt.io import tensor_bytes
+from onnxopt.weights import constant_tensor
 
 
 @dataclasses.dataclass
 class ModelStats:
     nodes: int
     parameters: int
+    """Elements of all constant tensors: initializers (unused ones included) and Constant nodes."""
     tensor_bytes: int
     op_histogram: dict[str, int]
     bytes_by_dtype: dict[str, int]
@@ -23,11 +25,13 @@ class ModelStats:
 
 def model_stats(model: ir.Model) -> ModelStats:
     ops: collections.Counter[str] = collections.Counter()
-    nodes = 0
+    nodes = params = 0
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
         nodes += 1
         ops[f"{node.domain}::{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type] += 1
-    params = 0
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            tensor = constant_tensor(node.outputs[0])
+            params += 0 if tensor is None else tensor.size
     by_dtype: collections.Counter[str] = collections.Counter()
     by_op: collections.Counter[str] = collections.Counter()
     external = 0

@@ -36,6 +36,7 @@ from onnxopt.filters import NodeFilter
 from onnxopt.passes.recover import GramLayer, require_data
 from onnxopt.registry import register
 from onnxopt.shapes import ancestors, symbolic_shapes
+from onnxopt.stats import model_stats
 from onnxopt.weights import (
     WeightUse,
     constant_array,
@@ -824,7 +825,7 @@ class PruneStructuredPass(ir.passes.InPlacePass):
         groups, refused = self._groups(model, scan.uses)
         original = io.clone(model) if self.recover else None
         norms = self._activation_norms(model, groups) if self.importance == "activation" else {}
-        layers, kept_outputs, params_before = {}, {}, _parameters(model)
+        layers, kept_outputs, params_before = {}, {}, model_stats(model).parameters
         for group in groups:
             unit = group.unit
             kept = self._kept(group)
@@ -837,7 +838,7 @@ class PruneStructuredPass(ir.passes.InPlacePass):
             how = self.importance if group.label in norms or self.importance != "activation" else "l2: not observable"
             kept_outputs.update(apply_group(group, keep))
             layers[group.label] = f"{unit} {group.channels} -> {kept}, importance removed {removed:.4f} ({how})"
-        params_after = _parameters(model)
+        params_after = model_stats(model).parameters
         self.details.update(layers=layers, refused=refused, skipped=dict(scan.skipped),
                             parameters=f"{params_before} -> {params_after}")
         if self.heads:
@@ -924,17 +925,6 @@ class PruneStructuredPass(ir.passes.InPlacePass):
 
 def _block_sums(sums: np.ndarray, channels: int) -> np.ndarray:
     return sums.reshape(channels, -1).sum(axis=1)
-
-
-def _parameters(model: ir.Model) -> int:
-    """Elements of the distinct constant tensors read by nodes of all graphs."""
-    seen = {}
-    for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        for value in node.inputs:
-            tensor = constant_tensor(value)
-            if tensor is not None:
-                seen[id(value)] = tensor.size
-    return sum(seen.values())
 
 
 # --------------------------------------------------------------------------- recovery

@@ -11,7 +11,7 @@ import pytest
 from compression_graphs import SUB_MATMUL, conv_model, load, mixed_model, run
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxopt import io, registry
+from onnxopt import io, pipeline, registry
 from onnxopt.calibration import Dataset
 from onnxopt.errors import DataError, PassOptionError
 
@@ -677,3 +677,12 @@ def test_heads_report_how_many_attention_blocks_were_found():
     mask_refused, details = _ts_block_mutated(_nan_test_output)
     assert details["attention blocks"] == 2 and len(details["layers"]) == 1  # one pruned, one refused
     assert prune(load(MODELS / "mlp.onnx"), ratio=0.5, heads=True)["attention blocks"] == NO_BLOCK
+
+
+def test_reported_parameters_match_the_pipeline_table():
+    """The pass counted Constant nodes' elements (the export's shape constants), the pipeline table only
+    initializers: 20414 against 20320 on this export. Both now count every constant tensor."""
+    model, report = pipeline.run_pipeline(load(MODELS / "bert_tiny_ts.onnx"), ["prune-structured:heads=true,ratio=0.5"])
+    record = report.records[0]
+    assert record.details["parameters"] == f"{record.parameters[0]} -> {record.parameters[1]}"
+    assert any(n.op_type == "Constant" for n in model.graph)  # the case where the two counts differed
