@@ -14,6 +14,7 @@ from compression_graphs import ELSE_MATMUL, SUB_MATMUL, SUBGRAPH_SCOPE, assert_n
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxopt import io, ops, registry, runtime
+from onnxopt import quantization as qz
 from onnxopt.calibration import Dataset
 from onnxopt.compression import packed_from_node
 from onnxopt.errors import DataError, PassOptionError
@@ -242,10 +243,14 @@ def _ort_dynamic(model: ir.Model, tmp_path, per_channel: bool) -> ort.InferenceS
 
 @pytest.mark.parametrize("directions,full,per_channel", [(1, True, True), (2, True, True), (1, False, True), (2, True, False)])
 def test_dynamic_quantization_of_lstm_matches_onnxruntime_quantizer(tmp_path, directions, full, per_channel):
+    """Full-range weights (``reduce_range=False``, the default of ORT's quantizer) are ORT's int8 weights and
+    outputs. Their error is bounded only where ORT's uint8 x int8 kernels do not saturate (0.08-0.24 on an
+    AVX2 CPU without VNNI); the pass's default, 7-bit weights on such CPUs, everywhere."""
     model = recurrent_model(directions=directions, full=full)
     feeds = {"x": RNG.standard_normal((7, 3, 16)).astype(np.float32)}
     reference, anchor = outputs(model, feeds), _ort_dynamic(model, tmp_path, per_channel).run(None, feeds)
     size = sum(v.const_value.nbytes for v in model.graph.initializers.values())
+    default = io.clone(model)
     details = run_pass("quantize-dynamic", model, per_channel=per_channel, reduce_range=False)
     assert [n.op_type for n in model.graph] == ["DynamicQuantizeLSTM"] and details["quantized"] == 1
     assert 0 < details["weight_relative_error"]["rnn"] < 0.01
@@ -253,8 +258,11 @@ def test_dynamic_quantization_of_lstm_matches_onnxruntime_quantizer(tmp_path, di
     assert scale.shape == ((directions, 96) if per_channel else (directions,))
     assert sum(v.const_value.nbytes for v in model.graph.initializers.values()) < 0.4 * size
     for ours, theirs, exact in zip(outputs(model, feeds), anchor, reference):
-        assert relative(exact, ours) < 0.03
+        assert relative(exact, ours) < 0.03 or qz.u8s8_saturates()
         np.testing.assert_allclose(ours, theirs, atol=1e-5)  # the same int8 weights and kernel as ORT's quantizer
+    run_pass("quantize-dynamic", default, per_channel=per_channel)
+    for exact, ours in zip(reference, outputs(default, feeds)):
+        assert relative(exact, ours) < (0.06 if qz.u8s8_saturates() else 0.03)  # 7-bit weights: twice the step
 
 
 def test_dynamic_quantization_of_recurrent_layers_without_kernel_or_shared():
