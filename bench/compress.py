@@ -11,7 +11,7 @@ parameters kept), conv2 split into 3x1 then 1x3 convs (low-rank ``conv_split``).
 neurons and of attention heads, binarization of the middle FFN layers. Each point with and without ``recover``. Latency:
 batch 1, interleaved medians against fp32 with onnxopt's kernel library registered, 1 and 2 threads.
 
-    python bench/compress.py [--quick] [--only cnn|minilm] [--points REGEX]
+    python bench/compress.py [--quick] [--only cnn|minilm] [--points REGEX] [--minilm-snippets N --minilm-seed S]
 """
 
 from __future__ import annotations
@@ -173,7 +173,7 @@ def ffn_filter(model_path: Path):
     return NodeFilter(name_regex="^(" + "|".join(sorted(names)) + ")$"), sorted(names)
 
 
-def minilm_calibration_dir(sentences: int, words: int, seq: int = 128) -> Dataset:
+def minilm_calibration_dir(sentences: int, words: int, seq: int = 128, seed: int = 0) -> Dataset:
     """News snippets (``evaluate.minilm_calibration``, truncated to ``seq`` tokens) plus single words encoded
     alone as ``[CLS] w [SEP]``, the way the word-similarity metric feeds the model.
 
@@ -183,9 +183,9 @@ def minilm_calibration_dir(sentences: int, words: int, seq: int = 128) -> Datase
     Samples are sorted by length and written in files of 8 cut to their longest sample, so padding
     positions (which the metric pools away) hardly enter the statistics. Samples = ``sentences + words``.
     """
-    folder = TMP / f"minilm_calib_{sentences}_{words}_{seq}"
+    folder = TMP / f"minilm_calib_{sentences}_{words}_{seq}_{seed}"
     folder.mkdir(exist_ok=True)
-    feeds = [evaluate.minilm_calibration(n=sentences, seq=seq)]
+    feeds = [evaluate.minilm_calibration(n=sentences, seq=seq, seed=seed)]
     if words:
         excluded = {w.lower() for name in ("wordsim353", "simlex999") for p in evaluate.word_pairs(name)[0] for w in p}
         text = evaluate.gensim_test_data("lee_background.cor").read_text(encoding="utf-8", errors="replace")
@@ -217,14 +217,14 @@ def wordsim_with_interval(fp32_path: Path):
     return quality
 
 
-def bench_minilm(quick: bool, words: int, target: str) -> None:
+def bench_minilm(quick: bool, words: int, target: str, snippets: int, seed: int) -> None:
     path = ROOT / "models/out/minilm.onnx"
     if not path.exists():
         print("MiniLM skipped: run `python -m models.minilm` first")
         return
-    sentences = 16 if quick else 32
+    sentences = 16 if quick else snippets
     samples = sentences + words
-    data = minilm_calibration_dir(sentences, words)
+    data = minilm_calibration_dir(sentences, words, seed=seed)
     ffn, names = ffn_filter(path)
     middle = NodeFilter(name_regex="^(" + "|".join(names[2:-2]) + ")$")
     ratios = (0.25,) if quick else (0.5, 0.25, 0.1)
@@ -241,7 +241,7 @@ def bench_minilm(quick: bool, words: int, target: str) -> None:
               for label, passes in points]
     feed = evaluate.minilm_inputs(1, 128)
     rows = run_points(path, points, data, wordsim_with_interval(path), feed, samples, repeat=20)
-    table(f"MiniLM-L6 (WordSim-353 Spearman, calibration {sentences} news snippets + {words} single words, batch 1 seq 128; low-rank ratios {ratios} = "
+    table(f"MiniLM-L6 (WordSim-353 Spearman, calibration {sentences} news snippets (seed {seed}) + {words} single words, batch 1 seq 128; low-rank ratios {ratios} = "
           f"fraction of parameters kept, recover = ridge re-fit chosen on held-out batches; sparsities {sparsities}; "
           f"structured = fraction of FFN neurons (or of each layer's 12 heads) removed; recover target={target}; [a, b] = 95 % paired-bootstrap "
           f"interval of the drop from fp32 over the 353 pairs)", "WordSim [drop interval]", rows)
@@ -256,6 +256,9 @@ def main() -> None:
                         help="MiniLM: add N single words (none from the metric's lists) to the calibration snippets")
     parser.add_argument("--minilm-recover-target", choices=("model", "layer"), default="layer",
                         help="MiniLM: what recover fits each layer to (the CNN uses the default, model)")
+    parser.add_argument("--minilm-snippets", type=int, default=32, metavar="N",
+                        help="MiniLM: calibration news snippets (recovery gains with more: bench/README.md, sessions 12-13)")
+    parser.add_argument("--minilm-seed", type=int, default=0, help="MiniLM: which snippets are drawn")
     args = parser.parse_args()
     global POINTS
     POINTS = re.compile(args.points)
@@ -263,7 +266,7 @@ def main() -> None:
     if args.only in (None, "cnn"):
         bench_cnn(args.quick)
     if args.only in (None, "minilm"):
-        bench_minilm(args.quick, args.calib_words, args.minilm_recover_target)
+        bench_minilm(args.quick, args.calib_words, args.minilm_recover_target, args.minilm_snippets, args.minilm_seed)
 
 
 if __name__ == "__main__":
