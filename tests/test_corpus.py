@@ -4,8 +4,8 @@ weights (MatMul/Gemm/Conv/Gather) each compression and quantization pass.
 For each model, onnxruntime outputs of the optimized model must match the original's on the test's
 own inputs (or synthesized ones) within 1e-4 relative to max|reference| (2 ulp for 16/8-bit floats),
 the result must not be bigger than the original (``value_info`` shape annotations and node names aside,
-within ``SIZE_SLACK``), and a model the onnx checker accepts must still be accepted. Models onnxruntime cannot load or run are skipped
-with the reason; known upstream bugs are strict xfails. A summary (counts, skip reasons) is printed
+within ``SIZE_SLACK``), and a model the onnx checker accepts must still be accepted. Models onnxruntime
+cannot load or run are skipped with the reason; known upstream bugs are strict xfails. A summary (counts, skip reasons) is printed
 at the end of the session and written to ``corpus-summary.json`` beside the regenerated node tests.
 Set ``ONNXOPT_CORPUS_NODE=0`` to leave out the ~1900 regenerated node tests.
 """
