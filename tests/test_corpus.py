@@ -1,4 +1,4 @@
-"""Robustness corpus: every onnx backend test model survives ``cleanup`` + ``fuse``, and every model with
+"""Robustness corpus: every onnx backend test model survives ``cleanup``, then ``fuse``, and every model with
 weights (MatMul/Gemm/Conv/Gather) each compression and quantization pass.
 
 For each model, onnxruntime outputs of the optimized model must match the original's on the test's
@@ -27,7 +27,7 @@ from onnxopt.errors import OnnxoptError
 
 RTOL = 1e-4  # for float16/bfloat16/float8 outputs: 2 ulp (1e-4 is below their resolution)
 ATOL = 1e-7  # outputs that are exactly zero
-SIZE_SLACK = 80  # a Shape/Reshape target or Dropout mask folded to a constant: a node less, up to ~75 bytes more
+SIZE_SLACK = 96  # a Reshape target or Dropout mask folded to a constant (Constant node, named tensor): up to ~94 bytes
 _NODE_DIR = None if os.environ.get("ONNXOPT_CORPUS_NODE") == "0" else _corpus_data.ensure_node_tests()
 CORPUS = _corpus_data.collect(_NODE_DIR)
 
@@ -152,21 +152,23 @@ def test_cleanup_fuse_preserves_outputs(entry, record_property):
     deterministic = _mismatch(reference, _run(ref_session, feeds), "rerun") is None
 
     model = io.load(entry.model_path)
-    model, report = pipeline.run_pipeline(model, ["cleanup", "fuse"], check=False, numeric_check=False)
-    assert [r.status for r in report.records] == ["ok", "ok"]
-    optimized = io.to_bytes(model)
-    size_before, size_after = _size_without_annotations(proto), _size_without_annotations(onnx.load_from_string(optimized))
-    assert size_after <= size_before + SIZE_SLACK, f"grew from {size_before} to {size_after} bytes"
-    if _checker_accepts(proto):
-        onnx.checker.check_model(onnx.load_from_string(optimized))
-
-    candidate = _run(_session(optimized), feeds)
-    assert candidate.keys() == reference.keys()
-    if deterministic:
-        problems = [p for name in reference if (p := _mismatch(reference[name], candidate[name], name))]
-        assert not problems, "; ".join(problems)
-    else:
-        assert _shapes(candidate) == _shapes(reference)
+    size_before = _size_without_annotations(proto)
+    for name in ("cleanup", "fuse"):  # checked after each: fuse once repaired what cleanup broke in Scan bodies
+        model, report = pipeline.run_pipeline(model, [name], check=False, numeric_check=False)
+        assert report.records[0].status == "ok"
+        optimized = io.to_bytes(model)
+        size_after = _size_without_annotations(onnx.load_from_string(optimized))
+        assert size_after <= size_before + SIZE_SLACK, f"{name}: grew from {size_before} to {size_after} bytes"
+        if _checker_accepts(proto):
+            onnx.checker.check_model(onnx.load_from_string(optimized))
+        candidate = _run(_session(optimized), feeds)
+        assert candidate.keys() == reference.keys()
+        if deterministic:
+            problems = [p for out in reference if (p := _mismatch(reference[out], candidate[out], out))]
+            assert not problems, f"{name}: " + "; ".join(problems)
+        else:
+            assert _shapes(candidate) == _shapes(reference)
+    if not deterministic:
         record_property("corpus_note", "nondeterministic original: shapes and dtypes compared")
 
 
