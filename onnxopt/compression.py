@@ -9,7 +9,8 @@
   pulled toward a prior (ridge toward the current weights);
 * :func:`lower_to_custom_op`: THE helper replacing a MatMul/Gemm by an ``ai.onnxopt`` node
   (Gemm ``alpha``/``beta``/``transB`` and its bias handled), with :func:`custom_op_blocker` saying why
-  a layer cannot be lowered, and :func:`absorb_relu` folding a following Relu into a sparse node.
+  a layer cannot be lowered, :func:`absorb_relu` and :func:`absorb_maxpool` folding a following Relu /
+  MaxPool into a sparse node.
 """
 
 from __future__ import annotations
@@ -317,6 +318,30 @@ def absorb_relu(node: ir.Node) -> bool:
         return False
     node.attributes["activation"] = ir.AttrString("activation", "relu")
     ir.convenience.replace_nodes_and_values(node.graph, relu, [relu], [], relu.outputs, [out])
+    return True
+
+
+def absorb_maxpool(node: ir.Node) -> bool:
+    """Fold the MaxPool that alone consumes a ``SparseConv`` output into the node (``maxpool_kernel_shape``,
+    ``maxpool_strides``): the pooled planes are written directly, without the pre-pool tensor and, in
+    onnxruntime, without the NCHWc reorders its own MaxPool would get. Only the MaxPools the kernel
+    computes: 2-D, no pads, unit dilations, floor sizes, the Indices output unused. False otherwise."""
+    out = node.outputs[0]
+    uses = out.uses()
+    if node.op_type != "SparseConv" or len(uses) != 1 or out.is_graph_output() or "maxpool_kernel_shape" in node.attributes:
+        return False
+    pool = uses[0].node
+    if pool.op_type != "MaxPool" or pool.domain not in ("", "ai.onnx") or pool.graph is not node.graph:
+        return False
+    kernel = list(pool.attributes.get_ints("kernel_shape", []))
+    if (len(kernel) != 2 or any(pool.attributes.get_ints("pads", [0])) or set(pool.attributes.get_ints("dilations", [1])) != {1}
+            or pool.attributes.get_int("ceil_mode", 0) or pool.attributes.get_string("auto_pad", "NOTSET") not in ("NOTSET", "VALID")
+            or any(v.uses() or v.is_graph_output() for v in pool.outputs[1:])):
+        return False
+    node.attributes["maxpool_kernel_shape"] = ir.AttrInt64s("maxpool_kernel_shape", kernel)
+    node.attributes["maxpool_strides"] = ir.AttrInt64s("maxpool_strides", list(pool.attributes.get_ints("strides", [1, 1])))
+    out.shape = pool.outputs[0].shape
+    ir.convenience.replace_nodes_and_values(node.graph, pool, [pool], [], pool.outputs[:1], [out])
     return True
 
 

@@ -30,6 +30,9 @@ Weight layouts (all arrays are C-contiguous, little-endian; padding bits/bytes a
     SparseMatMul's). ``X`` float32
     ``(B, C, H, W)``, ``Y`` ``(B, N, OH, OW)``. The weight ``(N, C, kh, kw)`` is stored as
     SparseMatMul's CSC of its GEMM view ``W[(c*kh + i)*kw + j, n]`` (``K = C*kh*kw``).
+    Optional ``maxpool_kernel_shape``, ``maxpool_strides`` (default: the kernel shape): a MaxPool
+    without pads or dilations (floor sizes) applied after the activation, i.e. a following MaxPool
+    folded into the op (``Y`` is then the pooled ``(B, N, PH, PW)``).
 
 ``QuantMatMul``  inputs ``X, weights, scales[, zero_points][, bias]``;
     attributes ``K, N, bits (4|8), block_size (32|64|128)``.
@@ -425,6 +428,19 @@ def conv_output_size(size: int, axis: int, attributes: dict) -> int:
     return (size + pads[axis] + pads[axis + 2] - dilation * (kernel - 1) - 1) // stride + 1
 
 
+def pooled_size(size: int, axis: int, attributes: dict) -> int:
+    """Length along ``axis`` after SparseConv's folded MaxPool (``size`` itself without one)."""
+    pool = attributes.get("maxpool_kernel_shape")
+    if not pool:
+        return size
+    return (size - pool[axis]) // attributes.get("maxpool_strides", pool)[axis] + 1
+
+
+def sparse_conv_output_size(size: int, axis: int, attributes: dict) -> int:
+    """Output length of SparseConv along spatial ``axis``, the folded MaxPool included."""
+    return pooled_size(conv_output_size(size, axis, attributes), axis, attributes)
+
+
 def im2col(x: np.ndarray, kernel, strides, pads, dilations) -> np.ndarray:
     """(N, C, H, W) -> (N·OH·OW, C·kh·kw) rows of 2-D conv patches, window in (C, kh, kw) order."""
     (kh, kw), dil = kernel, dilations
@@ -449,8 +465,14 @@ def _conv_reference(packed: PackedWeight, x: np.ndarray, bias: np.ndarray | None
     y = rows @ dense_weight(packed).astype(np.float64)  # (B*OH*OW, N)
     if bias is not None:
         y = y + np.asarray(bias, dtype=np.float64).reshape(1, -1)
-    y = _activation(packed, y)
-    return y.reshape(x.shape[0], oh, ow, packed.N).transpose(0, 3, 1, 2).astype(np.float32)
+    y = _activation(packed, y).reshape(x.shape[0], oh, ow, packed.N).transpose(0, 3, 1, 2)
+    pool = a.get("maxpool_kernel_shape")
+    if pool:
+        (ph, pw), (sh, sw) = pool, a.get("maxpool_strides", pool)
+        rows = [[y[:, :, i * sh:i * sh + ph, j * sw:j * sw + pw].max(axis=(2, 3))
+                 for j in range(pooled_size(ow, 1, a))] for i in range(pooled_size(oh, 0, a))]
+        y = np.array(rows).transpose(2, 3, 0, 1).reshape(x.shape[0], packed.N, len(rows), -1)
+    return y.astype(np.float32)
 
 
 def _activation(packed: PackedWeight, y: np.ndarray) -> np.ndarray:
@@ -550,7 +572,7 @@ def make_node(
     out.type = ir.TensorType(ir.DataType.FLOAT)
     if x.shape is not None and packed.op_type == "SparseConv":
         batch, _, *spatial = list(x.shape)
-        out.shape = ir.Shape([batch, packed.N, *(conv_output_size(d, a, packed.attributes) if isinstance(d, int) else None
+        out.shape = ir.Shape([batch, packed.N, *(sparse_conv_output_size(d, a, packed.attributes) if isinstance(d, int) else None
                                                  for a, d in enumerate(spatial))])
     elif x.shape is not None:
         out.shape = ir.Shape([*list(x.shape)[:-1], packed.N])
@@ -601,7 +623,9 @@ def _infer_conv(ctx, t, out, K: int, N: int) -> None:
         return list(attr.ints) if attr is not None else default
 
     attributes = {"kernel_shape": kernel, "strides": ints("strides", [1, 1]), "dilations": ints("dilations", [1, 1]),
-                  "pads": ints("pads", [0, 0, 0, 0])}
+                  "pads": ints("pads", [0, 0, 0, 0]), "maxpool_kernel_shape": ints("maxpool_kernel_shape", [])}
+    if attributes["maxpool_kernel_shape"]:
+        attributes["maxpool_strides"] = ints("maxpool_strides", attributes["maxpool_kernel_shape"])
     if len(kernel) != 2 or K % (kernel[0] * kernel[1]):
         raise RuntimeError(f"SparseConv: K={K} is not channels x kernel_shape {kernel}")
     if t is None or not t.tensor_type.HasField("shape"):
@@ -618,7 +642,7 @@ def _infer_conv(ctx, t, out, K: int, N: int) -> None:
     for axis in (0, 1):
         dim = shape.dim.add()
         if dims[2 + axis].HasField("dim_value"):
-            dim.dim_value = conv_output_size(dims[2 + axis].dim_value, axis, attributes)
+            dim.dim_value = sparse_conv_output_size(dims[2 + axis].dim_value, axis, attributes)
 
 
 def _schema(op_type: str, doc: str, inputs, attrs, type_constraints):
@@ -630,9 +654,11 @@ def _schema(op_type: str, doc: str, inputs, attrs, type_constraints):
     params = []
     for nm, ty, desc, optional in inputs:
         params.append(FP(nm, ty, desc, param_option=Opt.Optional if optional else Opt.Single))
-    # required attributes: INT, or INTS when their "default" says "ints"
+    # required attributes: INT, or INTS when their "default" says "ints"; optional ones without a
+    # default value: req None, INTS
     kinds = {None: d.OpSchema.AttrType.INT, "ints": d.OpSchema.AttrType.INTS}
     attributes = [d.OpSchema.Attribute(a, kinds[default_value], desc) if req else
+                  d.OpSchema.Attribute(a, d.OpSchema.AttrType.INTS, desc, required=False) if req is None else
                   d.OpSchema.Attribute(a, make_attribute(a, default_value), desc)
                   for a, desc, req, default_value in attrs]
     s = d.OpSchema(
@@ -689,7 +715,8 @@ def _schemas():
          ("scales", "T", "float32 per-output-channel scale (N,)", False), bias],
         [*KN, ("kernel_shape", "(kh, kw)", True, "ints"), ("strides", "(sh, sw)", False, [1, 1]),
          ("pads", "(top, left, bottom, right)", False, [0, 0, 0, 0]), ("dilations", "(dh, dw)", False, [1, 1]),
-         activation],
+         activation, ("maxpool_kernel_shape", "(ph, pw) of a MaxPool applied after the activation", None, None),
+         ("maxpool_strides", "(sh, sw) of that MaxPool; default: its kernel shape", None, None)],
         [("TV", ["tensor(float)", "tensor(float16)", "tensor(int8)"], ""),
          ("TI", ["tensor(uint16)", "tensor(uint32)"], ""), ("TP", ["tensor(int32)"], "")],
     )

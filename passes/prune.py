@@ -4,7 +4,8 @@ Importance is |W| (magnitude) or |W|·‖X_k‖ from calibration data (``method=
 applies per layer, per output column, or with one global threshold over all layers. A pruned weight is
 written as an ONNX ``sparse_initializer`` (the file shrinks); a MatMul/Gemm (Conv) whose sparsity reaches
 the kernel break-even ``min_sparse_ratio`` becomes an ``ai.onnxopt`` ``SparseMatMul`` (``SparseConv``) node,
-which takes over a Relu that alone consumes its output (``activation="relu"``). With ``recover=true`` the
+which takes over a Relu that alone consumes its output (``activation="relu"``) and, for a SparseConv, a MaxPool
+(``maxpool_kernel_shape``: onnxruntime would surround its own MaxPool with NCHWc reorders). With ``recover=true`` the
 surviving weights are re-fitted layer by layer against the unpruned model.
 """
 
@@ -20,6 +21,7 @@ from onnxopt import io, ops
 from onnxopt.activations import input_grams
 from onnxopt.calibration import Dataset
 from onnxopt.compression import (
+    absorb_maxpool,
     absorb_relu,
     conv_geometry,
     custom_op_blocker,
@@ -206,5 +208,8 @@ class PrunePass(ir.passes.InPlacePass):
                     w.T.reshape(s), *g, value_dtype=self.value_dtype))
             else:
                 node = lower_to_custom_op(model, use, lambda w: ops.pack_sparse_matmul(w, self.value_dtype))
-            outcome[label] = node.op_type + (" + Relu" if absorb_relu(node) else "")
+            relu = absorb_relu(node)
+            pool = absorb_maxpool(node)
+            relu = relu or (pool and absorb_relu(node))  # MaxPool then Relu: the two commute
+            outcome[label] = node.op_type + (" + Relu" if relu else "") + (" + MaxPool" if pool else "")
         return outcome

@@ -99,16 +99,19 @@ def chain_model(tmp_path, sizes=(24, 64, 64, 16), gemm_last: bool = True, name: 
     return path
 
 
-def conv_model(tmp_path):
-    """x (B, 3, 12, 12) -> Conv(3->16, 3x3, pad 1) + BN -> Relu -> Conv(16->8, 3x3) -> Flatten -> Gemm -> y."""
+def conv_model(tmp_path, maxpool: bool = False):
+    """x (B, 3, 12, 12) -> Conv(3->16, 3x3, pad 1) + BN -> Relu [-> MaxPool 2x2, stride 1] -> Conv(16->8, 3x3)
+    -> Flatten -> Gemm -> y."""
+    side = 9 if maxpool else 10
     w1 = RNG.standard_normal((16, 3, 3, 3)) / 5
     w2 = RNG.standard_normal((8, 16, 3, 3)) / 12
-    wf = RNG.standard_normal((8 * 10 * 10, 10)) / 28
+    wf = RNG.standard_normal((8 * side * side, 10)) / 28
     nodes = [
         helper.make_node("Conv", ["x", "w1", "cb1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
         helper.make_node("BatchNormalization", ["c1", "g", "beta", "mean", "var"], ["n1"], name="bn1"),
         helper.make_node("Relu", ["n1"], ["r1"]),
-        helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2"),
+        *([helper.make_node("MaxPool", ["r1"], ["p1"], kernel_shape=[2, 2])] if maxpool else []),
+        helper.make_node("Conv", ["p1" if maxpool else "r1", "w2"], ["c2"], name="conv2"),
         helper.make_node("Flatten", ["c2"], ["f"]),
         helper.make_node("Gemm", ["f", "wf", "bf"], ["y"], name="fc"),
     ]

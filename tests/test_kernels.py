@@ -201,8 +201,11 @@ CONV_CASES = [
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("value_dtype", ["float32", "float16", "int8"])
-def test_sparse_conv_matches_numpy_and_onnx_conv(isa, threads, value_dtype):
-    rng = np.random.default_rng(abs(hash((value_dtype, threads, isa))) % 2**32)
+@pytest.mark.parametrize("maxpool", [False, True])
+def test_sparse_conv_matches_numpy_and_onnx_conv(isa, threads, value_dtype, maxpool):
+    """Against the numpy reference and onnxruntime's Conv (then Relu, then MaxPool with ``maxpool``:
+    windows of up to 2x3, strides equal to the window or 1x2, odd sizes leaving rows and columns out)."""
+    rng = np.random.default_rng(abs(hash((value_dtype, threads, isa, maxpool))) % 2**32)
     for i, (B, C, H, W, N, kernel, strides, pads, dilations) in enumerate(CONV_CASES):
         density = 0.0 if i == 2 else 0.3  # one weight with no nonzeros at all: bias only
         w = rng.standard_normal((N, C, *kernel)).astype(np.float32) * (rng.random((N, C, *kernel)) < density)
@@ -210,6 +213,13 @@ def test_sparse_conv_matches_numpy_and_onnx_conv(isa, threads, value_dtype):
         relu = i % 3 == 0
         if relu:
             packed.attributes["activation"] = "relu"
+        pool = {}
+        if maxpool:
+            conv_size = [ops.conv_output_size(d, a, packed.attributes) for a, d in enumerate((H, W))]
+            window = [min(2, conv_size[0]), min(3, conv_size[1])]
+            pool = {"kernel_shape": window, "strides": window if i % 2 else [1, 2]}
+            packed.attributes["maxpool_kernel_shape"] = tuple(window)
+            packed.attributes["maxpool_strides"] = tuple(pool["strides"])
         bias = rng.standard_normal(N).astype(np.float32) if i % 2 == 0 else None
         sess = _session(_model(packed, bias, x_shape=["b", C, H, W]), threads=threads)
         x = rng.standard_normal((B, C, H, W)).astype(np.float32)
@@ -217,14 +227,15 @@ def test_sparse_conv_matches_numpy_and_onnx_conv(isa, threads, value_dtype):
         what = f"{value_dtype} isa={isa} t={threads} case={i}"
         _check(y, ops.reference(packed, x, bias), what)
         dense = ops.dense_weight(packed).T.reshape(w.shape)
-        conv = helper.make_node("Conv", ["X", "W", *(["B"] if bias is not None else [])], ["Y"], kernel_shape=list(kernel),
-                                strides=list(strides), pads=list(pads), dilations=list(dilations))
+        nodes = [helper.make_node("Conv", ["X", "W", *(["B"] if bias is not None else [])], ["C"], kernel_shape=list(kernel),
+                                  strides=list(strides), pads=list(pads), dilations=list(dilations)),
+                 helper.make_node("Relu" if relu else "Identity", ["C"], ["R"]),
+                 helper.make_node("MaxPool", ["R"], ["Y"], **pool) if pool else helper.make_node("Identity", ["R"], ["Y"])]
         inits = [numpy_helper.from_array(dense, "W"), *([numpy_helper.from_array(bias, "B")] if bias is not None else [])]
-        g = helper.make_graph([conv], "c", [helper.make_tensor_value_info("X", TensorProto.FLOAT, None)],
+        g = helper.make_graph(nodes, "c", [helper.make_tensor_value_info("X", TensorProto.FLOAT, None)],
                               [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], inits)
         onnx_conv = ort.InferenceSession(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=10).SerializeToString())
-        expected = onnx_conv.run(None, {"X": x})[0].astype(np.float64)
-        _check(y, np.maximum(expected, 0) if relu else expected, what + " vs onnx Conv")
+        _check(y, onnx_conv.run(None, {"X": x})[0].astype(np.float64), what + " vs onnx Conv")
 
 
 def test_sparse_conv_bad_inputs(any_isa):
@@ -250,6 +261,10 @@ def test_sparse_conv_bad_inputs(any_isa):
     _expect_error(raw({**attrs, "K": 26}), ok, r"out of range|kernel_shape")
     _expect_error(raw({**attrs, "activation": "gelu"}), ok, r'activation must be "none" or "relu", got "gelu"')
     _expect_error(raw({**attrs, "activation": 1}), ok, "attribute activation must be a string")
+    _expect_error(raw({**attrs, "maxpool_kernel_shape": [2]}), ok, "maxpool_kernel_shape and maxpool_strides must be 2 values >= 1")
+    _expect_error(raw({**attrs, "maxpool_kernel_shape": [2, 2], "maxpool_strides": [0, 1]}), ok, "must be 2 values >= 1")
+    _expect_error(raw({**attrs, "maxpool_kernel_shape": [6, 2]}), ok, r"the conv output 5x5 is smaller than maxpool_kernel_shape")
+    assert _session(raw({**attrs, "maxpool_kernel_shape": [2, 2]})).run(None, {"X": ok})[0].shape == (1, 4, 2, 2)
     assert _session(raw(attrs)).run(None, {"X": ok})[0].shape == (1, 4, 5, 5)
     assert _session(raw(attrs)).run(None, {"X": np.zeros((0, 3, 5, 5), np.float32)})[0].shape == (0, 4, 5, 5)
     assert ops.reference(packed, np.zeros((0, 3, 5, 5), np.float32)).shape == (0, 4, 5, 5)

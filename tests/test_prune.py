@@ -211,6 +211,52 @@ def test_sparse_matmul_lowering_matches_dense(tmp_path):
     assert_runs_like(lowered, dense, feeds)
 
 
+def test_maxpool_after_a_sparse_conv_is_folded(tmp_path):
+    """A MaxPool that alone consumes a SparseConv output (after or before its Relu) becomes the op's
+    ``maxpool_*`` attributes; MaxPools with pads or ceil_mode, whose Indices are read, or after a conv
+    output that is also a graph output stay MaxPools. Outputs equal the dense pruned model's."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(7)
+    convs = {"a": {"kernel_shape": [2, 2]}, "b": {"kernel_shape": [3, 2], "strides": [1, 2]},
+             "c": {"kernel_shape": [2, 2], "pads": [0, 0, 1, 1]}, "d": {"kernel_shape": [2, 2], "ceil_mode": 1},
+             "e": {"kernel_shape": [2, 2]}, "f": {"kernel_shape": [2, 2]}}
+    nodes, outputs, inits = [], [], []
+    for name, pool in convs.items():
+        inits.append(numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), f"w{name}"))
+        nodes.append(helper.make_node("Conv", ["x", f"w{name}"], [f"c{name}"], name=f"conv_{name}", pads=[1, 1, 1, 1]))
+        pooled = [f"p{name}", *([f"i{name}"] if name == "e" else [])]
+        if name == "b":  # MaxPool first, then Relu
+            nodes += [helper.make_node("MaxPool", [f"c{name}"], pooled, **pool), helper.make_node("Relu", [f"p{name}"], [f"y{name}"])]
+        else:
+            nodes += [helper.make_node("Relu", [f"c{name}"], [f"r{name}"]), helper.make_node("MaxPool", [f"r{name}"], pooled, **pool),
+                      helper.make_node("Identity", [f"p{name}"], [f"y{name}"])]
+        outputs += [f"y{name}", *([f"i{name}"] if name == "e" else []), *([f"c{name}"] if name == "f" else [])]
+    graph = helper.make_graph(nodes, "pool", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 3, 9, 8])],
+                              [helper.make_tensor_value_info(o, TensorProto.INT64 if o[0] == "i" else TensorProto.FLOAT, ["B", 8, None, None])
+                               for o in outputs], inits)
+    path = tmp_path / "pool.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), path)
+    dense, lowered = load(path), load(path)
+    prune(dense, sparsity=0.9, sparse_op=False, min_elements=1)
+    details = prune(lowered, sparsity=0.9, min_elements=1, min_sparse_ratio=0.5).details["layers"]
+    assert {k: details[f"conv_{k}"].rsplit(", ", 1)[-1] for k in convs} == {
+        "a": "SparseConv + Relu + MaxPool", "b": "SparseConv + Relu + MaxPool", "c": "SparseConv + Relu",
+        "d": "SparseConv + Relu", "e": "SparseConv + Relu", "f": "SparseConv"}
+    by_name = {n.name: n for n in lowered.graph}
+    assert by_name["conv_b"].attributes["maxpool_kernel_shape"].value == (3, 2)
+    assert by_name["conv_b"].attributes["maxpool_strides"].value == (1, 2)
+    assert [n.op_type for n in lowered.graph].count("MaxPool") == 4
+    assert [v.name for v in lowered.graph.outputs] == outputs
+    saved = io.save(lowered, tmp_path / "lowered.onnx")
+    onnx.checker.check_model(str(saved))
+    inferred = onnx.shape_inference.infer_shapes(onnx.load(saved), strict_mode=True)  # the op schema's own inference
+    shapes = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in inferred.graph.value_info}
+    assert shapes[by_name["conv_a"].outputs[0].name] == ["B", 8, 8, 7]  # MaxPool strides default to 1
+    x = {"x": rng.standard_normal((2, 3, 9, 8)).astype(np.float32)}
+    assert_runs_like(lowered, dense, x, atol=1e-4)
+
+
 def test_sparse_conv_lowering_matches_dense(tmp_path):
     path, feeds = conv_model(tmp_path)
     dense = load(path)

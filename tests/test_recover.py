@@ -124,17 +124,22 @@ def test_conv_layers_recover(tmp_path):
     assert run(model, feeds)[0].shape == (16, 10)
 
 
-def test_sparse_conv_recovers_standalone(tmp_path):
+@pytest.mark.parametrize("maxpool", [False, True])
+def test_sparse_conv_recovers_standalone(tmp_path, maxpool):
     """Convs pruned and lowered to ``SparseConv``, then the standalone pass: re-fitted on their im2col rows,
-    pattern kept, still SparseConv."""
-    path, _ = conv_model(tmp_path)
+    pattern kept, still SparseConv (with ``maxpool``: conv1 with its Relu and MaxPool folded, re-fitted
+    toward the original conv's own output)."""
+    path, _ = conv_model(tmp_path, maxpool)
     noise = np.random.default_rng(9).standard_normal((288, 3, 13, 13))
     smooth = (noise[:, :, 1:, 1:] + noise[:, :, :-1, :-1]).astype(np.float32)
     data, feeds = Dataset.from_arrays({"x": smooth[:256]}), {"x": smooth[256:]}  # checked on held-out samples
     model = load(path)
+    if maxpool:
+        make("fuse")(model)  # BatchNorm into conv1, so that its Relu and MaxPool fold into the SparseConv
     make("prune", sparsity=0.9, op_types="Conv", min_elements=1, min_sparse_ratio=0.5)(model)
     pruned = {n.name: ops.dense_weight(packed_from_node(n)) != 0 for n in model.graph if n.op_type == "SparseConv"}
     assert set(pruned) == {"conv1", "conv2"}
+    assert ("maxpool_kernel_shape" in next(n for n in model.graph if n.name == "conv1").attributes) == maxpool
     expected = run(load(path), feeds)[0]
     error_pruned = np.abs(run(model, feeds)[0] - expected).mean()
     recovered = load(io.save(model, tmp_path / "sparse.onnx"))
@@ -145,6 +150,7 @@ def test_sparse_conv_recovers_standalone(tmp_path):
         assert layers[name]["kind"] == "sparseconv" and layers[name]["error_after"] < layers[name]["error_before"]
         node = next(n for n in recovered.graph if n.name == name)
         assert node.op_type == "SparseConv"
+        assert ("maxpool_kernel_shape" in node.attributes) == (maxpool and name == "conv1")
         np.testing.assert_array_equal(ops.dense_weight(packed_from_node(node)) != 0, mask)
     assert np.abs(run(recovered, feeds)[0] - expected).mean() < error_pruned
     # the replaced packed inputs leave the file: same initializers, same size as before the re-fit

@@ -151,6 +151,38 @@ static void conv_chunk_any(const SparseConvParams& p, int64_t co, int64_t start,
   table[regs - 1](p, co, start, acc);
 }
 
+// The output of a conv followed by a folded 2x2 stride-2 MaxPool: per pooled row, 16 sums of each of
+// the two conv rows -> scale, bias, ReLU -> vertical max -> max of even and odd lanes -> 8 outputs.
+// Reads up to 15 floats past a row's OW (the accumulator's 16 spare floats cover the last row).
+static void conv_output_pool2x2(const SparseConvParams& p, int64_t co, const float* acc) {
+  const __m256 vs = _mm256_set1_ps(p.w.scales[co]), vb = _mm256_set1_ps(p.w.bias ? p.w.bias[co] : 0.0f);
+  const __m256 zero = _mm256_setzero_ps();
+  auto activate = [&](const float* a) {
+    const __m256 v = _mm256_fmadd_ps(_mm256_loadu_ps(a), vs, vb);
+    return p.relu ? _mm256_max_ps(zero, v) : v;  // NaN stays NaN
+  };
+  auto max_nan = [](__m256 a, __m256 b) {  // max_ps returns b when either is NaN: keep a's NaNs too
+    return _mm256_blendv_ps(_mm256_max_ps(a, b), a, _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
+  };
+  for (int64_t i = 0; i < p.PH; ++i) {
+    const float* r0 = acc + 2 * i * p.Wp;
+    const float* r1 = r0 + p.Wp;
+    float* o = p.y + i * p.PW;
+    for (int64_t j = 0; j < p.PW; j += 8) {
+      const __m256 lo = max_nan(activate(r0 + 2 * j), activate(r1 + 2 * j));
+      const __m256 hi = max_nan(activate(r0 + 2 * j + 8), activate(r1 + 2 * j + 8));
+      const __m256 m = max_nan(_mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(2, 0, 2, 0)), _mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(3, 1, 3, 1)));
+      const __m256 ordered = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(m), _MM_SHUFFLE(3, 1, 2, 0)));
+      if (j + 8 <= p.PW) {
+        _mm256_storeu_ps(o + j, ordered);
+      } else {
+        const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        _mm256_maskstore_ps(o + j, _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(p.PW - j)), lanes), ordered);
+      }
+    }
+  }
+}
+
 static void sparse_conv_plane(const SparseConvParams& p, int64_t co, float* acc) {
   if (p.sh != 1 || p.sw != 1) return g_sparse_conv_plane(p, co, acc);
   const int64_t len = p.OH * p.Wp, regs = (len + 7) / 8, chunks = (regs + 13) / 14, per = (regs + chunks - 1) / chunks;
@@ -159,10 +191,12 @@ static void sparse_conv_plane(const SparseConvParams& p, int64_t co, float* acc)
       conv_chunk_any<decltype(vt)::value, decltype(it)>(p, co, 8 * r, std::min(per, regs - r), acc,
                                                         std::make_integer_sequence<int, 14>{});
   });
+  if (p.ph == 2 && p.pw == 2 && p.psh == 2 && p.psw == 2) return conv_output_pool2x2(p, co, acc);
+  if (p.ph > 0) return g_sparse_conv_output(p, co, acc, p.Wp);
   // y = acc * scale + bias (then ReLU) row by row, 8 at a time, then a scalar tail
   const float scale = p.w.scales[co], bias = p.w.bias ? p.w.bias[co] : 0.0f;
   const __m256 vs = _mm256_set1_ps(scale), vb = _mm256_set1_ps(bias), zero = _mm256_setzero_ps();
-  float* out = p.y + co * p.OH * p.OW;
+  float* out = p.y;
   for (int64_t oh = 0; oh < p.OH; ++oh) {
     const float* a = acc + oh * p.Wp;
     float* o = out + oh * p.OW;

@@ -335,9 +335,10 @@ static void sparse_conv_plane(const SparseConvParams& p, int64_t co, float* acc)
     for (int64_t start = 0; start < len; start += 256)
       conv_chunk_any<VT, IT>(p, co, start, std::min<int64_t>(256, len - start), acc, std::make_integer_sequence<int, 16>{});
   });
+  if (p.ph > 0) return g_sparse_conv_output(p, co, acc, p.Wp);
   // y = acc * scale + bias (then ReLU) row by row in (masked) registers of 16
   const __m512 vs = _mm512_set1_ps(p.w.scales[co]), vb = _mm512_set1_ps(p.w.bias ? p.w.bias[co] : 0.0f);
-  float* out = p.y + co * p.OH * p.OW;
+  float* out = p.y;
   for (int64_t oh = 0; oh < p.OH; ++oh) {
     const float* a = acc + oh * p.Wp;
     float* o = out + oh * p.OW;

@@ -97,8 +97,9 @@ struct SparseConvParams {
   int64_t Hp, Wp, OH, OW;             // padded input plane, output plane
   const int32_t* offset;              // [K]: start in xp of weight row k = (c*kh + i)*kw + j
   const float* xp;                    // [C][Hp][Wp] zero-padded image (+ kw*dw floats of slack)
-  float* y;                           // [N][OH][OW] of that image
+  float* y;                           // the output channel's plane: [OH][OW], or [PH][PW] when pooled
   bool relu = false;                  // y = max(y, 0) (attribute activation="relu")
+  int64_t ph = 0, pw = 0, psh = 1, psw = 1, PH = 0, PW = 0;  // folded MaxPool after the ReLU (ph = 0: none)
 };
 
 // ---------------------------------------------------------------- QuantMatMul

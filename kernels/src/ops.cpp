@@ -737,6 +737,7 @@ thread_local std::vector<float> tls_plane;
 struct SparseConvKernel : SparseBase {
   static constexpr const char* kName = "SparseConv";
   int64_t kh, kw, sh = 1, sw = 1, dh = 1, dw = 1, pt = 0, pl = 0, pb = 0, pr = 0;
+  int64_t ph = 0, pw = 0, psh = 1, psw = 1;  // a following MaxPool folded into the op (ph = 0: none)
   explicit SparseConvKernel(const OrtKernelInfo* info) : SparseBase(info, kName) {
     Ort::ConstKernelInfo ki(info);
     const auto kernel = Ints(ki, "kernel_shape", {});
@@ -749,6 +750,13 @@ struct SparseConvKernel : SparseBase {
     if (kh < 1 || kw < 1 || sh < 1 || sw < 1 || dh < 1 || dw < 1 || std::min({pt, pl, pb, pr}) < 0)
       Fail(kName, "kernel_shape, strides and dilations must be >= 1 and pads >= 0");
     if (K % (kh * kw) != 0) Fail(kName, "attribute K=", K, " is not channels x kernel_shape (", kh, "x", kw, ")");
+    const auto pool = Ints(ki, "maxpool_kernel_shape", {});
+    const auto pool_strides = Ints(ki, "maxpool_strides", pool);
+    if (!pool.empty()) {
+      if (pool.size() != 2 || pool_strides.size() != 2 || std::min({pool[0], pool[1], pool_strides[0], pool_strides[1]}) < 1)
+        Fail(kName, "attributes maxpool_kernel_shape and maxpool_strides must be 2 values >= 1");
+      ph = pool[0], pw = pool[1], psh = pool_strides[0], psw = pool_strides[1];
+    }
   }
   static std::vector<int64_t> Ints(const Ort::ConstKernelInfo& ki, const char* name, std::vector<int64_t> def) {
     try {
@@ -777,7 +785,15 @@ struct SparseConvKernel : SparseBase {
     if (p.OH < 1 || p.OW < 1)
       Fail(kName, "input 'X' of shape ", ShapeStr(x.shape), " is smaller than the dilated kernel");
     if (C * p.Hp * p.Wp + kw * dw >= INT32_MAX) Fail(kName, "input 'X' of shape ", ShapeStr(x.shape), " is too large");
-    auto out = ctx.GetOutput(0, {B, N, p.OH, p.OW});
+    int64_t YH = p.OH, YW = p.OW;
+    if (ph > 0) {
+      if (p.OH < ph || p.OW < pw)
+        Fail(kName, "input 'X' of shape ", ShapeStr(x.shape), ": the conv output ", p.OH, "x", p.OW,
+             " is smaller than maxpool_kernel_shape");
+      YH = (p.OH - ph) / psh + 1, YW = (p.OW - pw) / psw + 1;
+      p.ph = ph, p.pw = pw, p.psh = psh, p.psw = psw, p.PH = YH, p.PW = YW;
+    }
+    auto out = ctx.GetOutput(0, {B, N, YH, YW});
     float* y = out.GetTensorMutableData<float>();
     if (B == 0) return;
     const int64_t plane = p.Hp * p.Wp, image = C * plane + kw * dw + 16;  // slack: junk-column and whole-register reads
@@ -798,8 +814,8 @@ struct SparseConvKernel : SparseBase {
       const int64_t b = t / N, co = t % N;
       SparseConvParams q = p;
       q.xp = xp + b * image;
-      q.y = y + b * N * p.OH * p.OW;
-      tbl->sparse_conv_plane(q, co, Buf(tls_plane, (size_t)(p.OH * std::max(p.Wp, p.OW) + 8)));  // +8: whole-register chunks
+      q.y = y + (b * N + co) * YH * YW;
+      tbl->sparse_conv_plane(q, co, Buf(tls_plane, (size_t)(p.OH * std::max(p.Wp, p.OW) + 16)));  // +16: whole-register reads
     };
     Parallel(ctx, B * N, run);
   }
