@@ -9,7 +9,8 @@ parameters kept), conv2 split into 3x1 then 1x3 convs (low-rank ``conv_split``).
 ``lee_background.cor`` without padding): Wanda sparsity of all MatMuls, low-rank of the FFN layers
 (activation-aware SVD; ``ratio`` = fraction of the layer's parameters kept), structured pruning of FFN
 neurons and of attention heads, binarization of the middle FFN layers. Each point with and without ``recover``. Latency:
-batch 1, interleaved medians against fp32 with onnxopt's kernel library registered, 1 and 2 threads.
+batch 1, interleaved medians against fp32 with onnxopt's kernel library registered, 1 and 2 threads; the
+speedup ("x") is the median over the 7 rounds of each round's fp32/candidate ratio.
 
     python bench/compress.py [--quick] [--only cnn|minilm] [--points REGEX] [--minilm-snippets N --minilm-seed S]
 """
@@ -58,11 +59,14 @@ def recovery_summary(details: dict) -> str:
 
 
 def latencies(fp32_path: Path, path: Path, feed: dict, repeat: int) -> list[float]:
+    """fp32 ms, candidate ms, speedup at 1 thread, then the same at 2 (speedup: median over rounds of each
+    round's ratio, :func:`validate.interleaved_speedups`)."""
     out = []
     for threads in (1, 2):
         sessions = [runtime.session(str(fp32_path), threads=threads), runtime.session(str(path), threads=threads)]
-        out += validate.interleaved_latency_ms(sessions, feed, rounds=7, repeat=repeat)
-    return out  # fp32 1T, cand 1T, fp32 2T, cand 2T
+        medians, speedups = validate.interleaved_speedups(sessions, feed, rounds=7, repeat=repeat)
+        out += [*medians, speedups[1]]
+    return out
 
 
 def table(title: str, metric: str, rows: list[list[str]]) -> None:
@@ -99,7 +103,7 @@ def run_points(fp32_path, points, data, quality, feed, samples, repeat):
     base_quality = quality(runtime.session(str(fp32_path)))
     base = latencies(fp32_path, fp32_path, feed, repeat)
     rows.append(["fp32", "-", base_quality, f"{fp32_path.stat().st_size / 1e6:.2f}",
-                 f"{base[0]:.3f}", "1.00", f"{base[2]:.3f}", "1.00", "-", "-"])
+                 f"{base[0]:.3f}", "1.00", f"{base[3]:.3f}", "1.00", "-", "-"])
     for label, passes in points:
         for recover in (False, True):
             at_end = any(name == "recover" for name, _, _ in passes)
@@ -109,8 +113,8 @@ def run_points(fp32_path, points, data, quality, feed, samples, repeat):
             path = io.save(model, TMP / f"{label.replace(' ', '_')}_{recover}.onnx")
             lat = latencies(fp32_path, path, feed, repeat)
             rows.append([label, "yes" if recover else "no", quality(runtime.session(str(path))), f"{path.stat().st_size / 1e6:.2f}",
-                         f"{lat[1]:.3f} ({lat[0]:.3f})", f"{lat[0] / lat[1]:.2f}", f"{lat[3]:.3f} ({lat[2]:.3f})",
-                         f"{lat[2] / lat[3]:.2f}", recovery_summary(details), f"{seconds:.0f}"])
+                         f"{lat[1]:.3f} ({lat[0]:.3f})", f"{lat[2]:.2f}", f"{lat[4]:.3f} ({lat[3]:.3f})",
+                         f"{lat[5]:.2f}", recovery_summary(details), f"{seconds:.0f}"])
             print("  done", label, recover, rows[-1][2], file=sys.stderr, flush=True)
     return rows
 

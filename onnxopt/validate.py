@@ -77,22 +77,44 @@ def latency_ms(sess: ort.InferenceSession, feed: dict[str, np.ndarray], warmup: 
     return statistics.median(times)
 
 
-def interleaved_latency_ms(
-    sessions: Sequence[ort.InferenceSession], feed: dict[str, np.ndarray], rounds: int = 5, repeat: int = 10
-) -> list[float]:
-    """Medians for several sessions measured in interleaved rounds (fair on a noisy machine)."""
-    samples: list[list[float]] = [[] for _ in sessions]
+def _interleaved_rounds(
+    sessions: Sequence[ort.InferenceSession], feed: dict[str, np.ndarray], rounds: int, repeat: int
+) -> list[list[list[float]]]:
+    """Call times (ms) per session and round: every round runs each session ``repeat`` times in turn."""
+    samples: list[list[list[float]]] = [[] for _ in sessions]
     calls = [runtime.runner(sess, None, feed) for sess in sessions]
     for call in calls:
         for _ in range(2):
             call()
     for _ in range(rounds):
         for i, call in enumerate(calls):
+            times = []
             for _ in range(repeat):
                 start = time.perf_counter()
                 call()
-                samples[i].append((time.perf_counter() - start) * 1e3)
-    return [statistics.median(s) for s in samples]
+                times.append((time.perf_counter() - start) * 1e3)
+            samples[i].append(times)
+    return samples
+
+
+def interleaved_latency_ms(
+    sessions: Sequence[ort.InferenceSession], feed: dict[str, np.ndarray], rounds: int = 5, repeat: int = 10
+) -> list[float]:
+    """Medians for several sessions measured in interleaved rounds (fair on a noisy machine)."""
+    return [statistics.median(t for times in per_round for t in times) for per_round in _interleaved_rounds(sessions, feed, rounds, repeat)]
+
+
+def interleaved_speedups(
+    sessions: Sequence[ort.InferenceSession], feed: dict[str, np.ndarray], rounds: int = 7, repeat: int = 10
+) -> tuple[list[float], list[float]]:
+    """Medians (ms) of each session over all rounds, and each session's speedup over the first one: the
+    median over rounds of that round's ratio of medians. Pairing by round keeps a machine whose load
+    changes between rounds (a neighbour's phases) from mixing fast and slow times into one ratio."""
+    samples = _interleaved_rounds(sessions, feed, rounds, repeat)
+    medians = [statistics.median(t for times in per_round for t in times) for per_round in samples]
+    base = [statistics.median(times) for times in samples[0]]
+    speedups = [statistics.median(b / statistics.median(times) for b, times in zip(base, per_round)) for per_round in samples]
+    return medians, speedups
 
 
 def feeds_for(model: ir.Model, data: calibration.Dataset | None, max_batches: int = 4, batch: int = 8):
