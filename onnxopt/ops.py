@@ -30,7 +30,7 @@ Weight layouts (all arrays are C-contiguous, little-endian; padding bits/bytes a
     SparseMatMul's). ``X`` float32
     ``(B, C, H, W)``, ``Y`` ``(B, N, OH, OW)``. The weight ``(N, C, kh, kw)`` is stored as
     SparseMatMul's CSC of its GEMM view ``W[(c*kh + i)*kw + j, n]`` (``K = C*kh*kw``).
-    Optional ``maxpool_kernel_shape``, ``maxpool_strides`` (default: the kernel shape): a MaxPool
+    Optional ``maxpool_kernel_shape``, ``maxpool_strides`` (default 1, as MaxPool's): a MaxPool
     without pads or dilations (floor sizes) applied after the activation, i.e. a following MaxPool
     folded into the op (``Y`` is then the pooled ``(B, N, PH, PW)``).
 
@@ -433,7 +433,7 @@ def pooled_size(size: int, axis: int, attributes: dict) -> int:
     pool = attributes.get("maxpool_kernel_shape")
     if not pool:
         return size
-    return (size - pool[axis]) // attributes.get("maxpool_strides", pool)[axis] + 1
+    return (size - pool[axis]) // attributes.get("maxpool_strides", (1, 1))[axis] + 1
 
 
 def sparse_conv_output_size(size: int, axis: int, attributes: dict) -> int:
@@ -468,7 +468,7 @@ def _conv_reference(packed: PackedWeight, x: np.ndarray, bias: np.ndarray | None
     y = _activation(packed, y).reshape(x.shape[0], oh, ow, packed.N).transpose(0, 3, 1, 2)
     pool = a.get("maxpool_kernel_shape")
     if pool:
-        (ph, pw), (sh, sw) = pool, a.get("maxpool_strides", pool)
+        (ph, pw), (sh, sw) = pool, a.get("maxpool_strides", (1, 1))
         rows = [[y[:, :, i * sh:i * sh + ph, j * sw:j * sw + pw].max(axis=(2, 3))
                  for j in range(pooled_size(ow, 1, a))] for i in range(pooled_size(oh, 0, a))]
         y = np.array(rows).transpose(2, 3, 0, 1).reshape(x.shape[0], packed.N, len(rows), -1)
@@ -625,7 +625,7 @@ def _infer_conv(ctx, t, out, K: int, N: int) -> None:
     attributes = {"kernel_shape": kernel, "strides": ints("strides", [1, 1]), "dilations": ints("dilations", [1, 1]),
                   "pads": ints("pads", [0, 0, 0, 0]), "maxpool_kernel_shape": ints("maxpool_kernel_shape", [])}
     if attributes["maxpool_kernel_shape"]:
-        attributes["maxpool_strides"] = ints("maxpool_strides", attributes["maxpool_kernel_shape"])
+        attributes["maxpool_strides"] = ints("maxpool_strides", [1, 1])
     if len(kernel) != 2 or K % (kernel[0] * kernel[1]):
         raise RuntimeError(f"SparseConv: K={K} is not channels x kernel_shape {kernel}")
     if t is None or not t.tensor_type.HasField("shape"):
@@ -716,7 +716,7 @@ def _schemas():
         [*KN, ("kernel_shape", "(kh, kw)", True, "ints"), ("strides", "(sh, sw)", False, [1, 1]),
          ("pads", "(top, left, bottom, right)", False, [0, 0, 0, 0]), ("dilations", "(dh, dw)", False, [1, 1]),
          activation, ("maxpool_kernel_shape", "(ph, pw) of a MaxPool applied after the activation", None, None),
-         ("maxpool_strides", "(sh, sw) of that MaxPool; default: its kernel shape", None, None)],
+         ("maxpool_strides", "(sh, sw) of that MaxPool; default 1, 1 (as MaxPool's)", None, None)],
         [("TV", ["tensor(float)", "tensor(float16)", "tensor(int8)"], ""),
          ("TI", ["tensor(uint16)", "tensor(uint32)"], ""), ("TP", ["tensor(int32)"], "")],
     )

@@ -264,7 +264,8 @@ def test_sparse_conv_bad_inputs(any_isa):
     _expect_error(raw({**attrs, "maxpool_kernel_shape": [2]}), ok, "maxpool_kernel_shape and maxpool_strides must be 2 values >= 1")
     _expect_error(raw({**attrs, "maxpool_kernel_shape": [2, 2], "maxpool_strides": [0, 1]}), ok, "must be 2 values >= 1")
     _expect_error(raw({**attrs, "maxpool_kernel_shape": [6, 2]}), ok, r"the conv output 5x5 is smaller than maxpool_kernel_shape")
-    assert _session(raw({**attrs, "maxpool_kernel_shape": [2, 2]})).run(None, {"X": ok})[0].shape == (1, 4, 2, 2)
+    assert _session(raw({**attrs, "maxpool_kernel_shape": [2, 2]})).run(None, {"X": ok})[0].shape == (1, 4, 4, 4)  # strides 1
+    assert _session(raw({**attrs, "maxpool_kernel_shape": [2, 2], "maxpool_strides": [2, 2]})).run(None, {"X": ok})[0].shape == (1, 4, 2, 2)
     assert _session(raw(attrs)).run(None, {"X": ok})[0].shape == (1, 4, 5, 5)
     assert _session(raw(attrs)).run(None, {"X": np.zeros((0, 3, 5, 5), np.float32)})[0].shape == (0, 4, 5, 5)
     assert ops.reference(packed, np.zeros((0, 3, 5, 5), np.float32)).shape == (0, 4, 5, 5)

@@ -751,7 +751,7 @@ struct SparseConvKernel : SparseBase {
       Fail(kName, "kernel_shape, strides and dilations must be >= 1 and pads >= 0");
     if (K % (kh * kw) != 0) Fail(kName, "attribute K=", K, " is not channels x kernel_shape (", kh, "x", kw, ")");
     const auto pool = Ints(ki, "maxpool_kernel_shape", {});
-    const auto pool_strides = Ints(ki, "maxpool_strides", pool);
+    const auto pool_strides = Ints(ki, "maxpool_strides", {1, 1});
     if (!pool.empty()) {
       if (pool.size() != 2 || pool_strides.size() != 2 || std::min({pool[0], pool[1], pool_strides[0], pool_strides[1]}) < 1)
         Fail(kName, "attributes maxpool_kernel_shape and maxpool_strides must be 2 values >= 1");
