@@ -25,6 +25,14 @@ CLEANUP_RULES = [rule for rule in rewriter._DEFAULT_REWRITE_RULES if getattr(rul
 # Folding these would widen stored weights (e.g. int8 -> float32): the file would grow.
 _WIDENING_OPS = {"DequantizeLinear", "QuantizeLinear", "DynamicQuantizeLinear", "Cast", "CastLike"}
 
+# Models whose initializers hold at most this many bytes are cleaned up on a copy first: when that made the
+# copy bigger than the model, the model is cleaned up without constant folding, and if that still grows it,
+# without the rewrite rules too (folding a shape or a Dropout mask that only shape inference knows, or
+# onnxscript's MaterializeReshapeShape and NormalizePadFormatConv, write new constants or attributes and
+# free nothing on a model too small to have anything else to lose: up to ~94 bytes on onnx's node tests).
+# Larger models are not copied; there the output cap keeps what folding adds small.
+GROWTH_CHECK_BYTES = 1 << 26
+
 
 @register("cleanup", lossless=True)
 class CleanupPass(ir.passes.InPlacePass):
@@ -61,16 +69,30 @@ class CleanupPass(ir.passes.InPlacePass):
         return None
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        fold, rules, skipped = self.fold_constants, True, {}
+        if io.tensor_bytes(model) <= GROWTH_CHECK_BYTES:
+            size = len(io.to_bytes(model))
+            for what in ("constant folding", "rewrite rules")[0 if fold else 1:]:
+                trial = io.clone(model)
+                with no_new_annotations(trial):
+                    self._call(trial, fold, rules)
+                grown = len(io.to_bytes(trial)) - size
+                if grown <= 0:
+                    break
+                skipped[what] = f"skipped: cleanup with them made the model {grown} bytes bigger"
+                fold, rules = False, what == "constant folding"
         with no_new_annotations(model):
-            return self._call(model)
+            result = self._call(model, fold, rules)
+        self.details.update(skipped)
+        return result
 
-    def _call(self, model: ir.Model) -> ir.passes.PassResult:
+    def _call(self, model: ir.Model, fold: bool, rules: bool) -> ir.passes.PassResult:
         steps = []
         self.details = {}
         unsafe = folding_hazard(model)
-        if self.fold_constants and unsafe:
+        if fold and unsafe:
             self.details["constant folding"] = f"skipped: onnxscript's folder mishandles {unsafe}"
-        if self.fold_constants and not unsafe:
+        if fold and not unsafe:
             steps.append(
                 _constant_folding.FoldConstantsPass(
                     shape_inference=True,
@@ -81,7 +103,7 @@ class CleanupPass(ir.passes.InPlacePass):
             )
             steps.append(FoldConstantRegionsPass(FOLD_INPUT_LIMIT))
         steps += [
-            rewriter.RewritePass(CLEANUP_RULES),
+            *([rewriter.RewritePass(CLEANUP_RULES)] if rules else []),
             IdentityEliminationPass(),
             common_passes.CommonSubexpressionEliminationPass(),
             ContiguousInitializersPass(),

@@ -249,6 +249,40 @@ def test_cleanup_keeps_flatten_and_never_grows_the_cnn(tmp_path):
     assert saved.stat().st_size <= path.stat().st_size
 
 
+@pytest.mark.parametrize("case", ["shape", "reshape", "shape and dead code"])
+def test_cleanup_never_grows_a_small_model(case):
+    """Folding ``Shape`` of a statically shaped input writes a Constant and frees nothing; onnxscript's
+    MaterializeReshapeShape writes the static target of a Reshape whose shape is a graph input. Alone,
+    both make a tiny model bigger, so cleanup leaves them out and says so; with dead code to remove as well,
+    the whole cleanup shrinks the model and runs as usual."""
+    x = ir.val("x", ir.DataType.FLOAT, ir.Shape([3, 4, 5]))
+    inputs, nodes = [x], []
+    if case == "reshape":
+        target = ir.val("target", ir.DataType.INT64, ir.Shape([2]))
+        inputs.append(target)
+        nodes.append(ir.node("Reshape", [x, target]))
+        out_type, out_shape = ir.DataType.FLOAT, ir.Shape([12, 5])
+    else:
+        nodes.append(ir.node("Shape", [x]))
+        out_type, out_shape = ir.DataType.INT64, ir.Shape([3])
+    if case == "shape and dead code":
+        nodes += [ir.node("Neg", [x]), ir.node("Abs", [x])]
+    y = nodes[0].outputs[0]
+    y.name, y.type, y.shape = "y", ir.TensorType(out_type), out_shape
+    model = ir.Model(ir.Graph(inputs, [y], nodes=nodes, opset_imports={"": 17}, name="g"), ir_version=10)
+    size = len(io.to_bytes(model))
+    feed = {"x": np.ones((3, 4, 5), np.float32), **({"target": np.array([12, 5])} if case == "reshape" else {})}
+    model, report = pipeline.run_pipeline(model, ["cleanup"], numeric_check=False)  # random targets cannot reshape x
+    assert len(io.to_bytes(model)) <= size
+    details, ops = report.records[0].details, [n.op_type for n in model.graph]
+    if case == "shape and dead code":  # removing Neg and Abs pays for the folded shape: all of it is done
+        assert "constant folding" not in details and ops == ["Constant"]
+    else:
+        assert "bytes bigger" in details["constant folding" if case == "shape" else "rewrite rules"]
+        assert ops == ["Reshape" if case == "reshape" else "Shape"]
+    assert runtime.session(model).run(None, feed)[0].shape == tuple(out_shape.numpy())
+
+
 def test_fuse_reports_a_change_when_only_its_constant_folding_changed_the_graph():
     """ORT's fusion pipeline folds constants too; the pass said 'no change' while the nodes went 2 → 1 here
     (17 → 11 on a GRU exported by PyTorch)."""
