@@ -18,7 +18,9 @@ speedup ("x") is the median over the 7 rounds of each round's fp32/candidate rat
 from __future__ import annotations
 
 import argparse
+import atexit
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -35,6 +37,7 @@ from onnxopt.calibration import Dataset  # noqa: E402
 from onnxopt.filters import NodeFilter  # noqa: E402
 
 TMP = Path(tempfile.mkdtemp(prefix="onnxopt-bench-"))
+atexit.register(shutil.rmtree, TMP, ignore_errors=True)  # its models and profiles are scratch
 
 
 def compress(path: Path, passes: list[tuple[str, dict, object]], data: Dataset) -> tuple[object, dict, float]:

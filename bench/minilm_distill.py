@@ -113,7 +113,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     data = compress.minilm_calibration_dir(args.sentences, args.words)
-    feeds = [dict(np.load(f)) for f in data.files]
+    feeds = [dict(np.load(f)) for f in data.sources]
     teacher = BertModel.from_pretrained(str(minilm_package_dir())).eval()
     with torch.no_grad():
         targets = [pooled(teacher, f) for f in feeds]

@@ -11,9 +11,8 @@ from __future__ import annotations
 import contextlib
 import os
 import pathlib
-import tempfile
 import zipfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -35,10 +34,10 @@ NUMPY_DTYPE = {
 
 
 class Dataset:
-    """Samples for the model's inputs, read lazily from one ``.npz`` file or a directory of them."""
+    """Samples for the model's inputs: ``.npz`` files read lazily one at a time, or arrays in memory."""
 
-    def __init__(self, files: Sequence[pathlib.Path]):
-        self.files = list(files)
+    def __init__(self, sources: Sequence[pathlib.Path | Mapping[str, np.ndarray]]):
+        self.sources = list(sources)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Dataset:
@@ -51,29 +50,25 @@ class Dataset:
         for file in files:
             try:
                 with np.load(file) as npz:
-                    if not npz.files:
-                        raise DataError(f"data file has no arrays: {file}")
-                    if any(npz[k].ndim and npz[k].shape[0] == 0 for k in npz.files):  # scalars are fed whole
-                        raise DataError(f"data file has an empty array: {file}")
+                    _check_arrays(npz, f"data file {file}")
             except (OSError, ValueError, zipfile.BadZipFile, EOFError):
                 raise DataError(f"not a readable .npz file: {file}") from None
         return cls(files)
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> Dataset:
-        """An in-memory dataset (kept in a temporary .npz so it streams like a file)."""
-        handle = tempfile.NamedTemporaryFile(suffix=".npz", delete=False)
-        np.savez(handle, **arrays)
-        handle.close()
-        return cls([pathlib.Path(handle.name)])
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> Dataset:
+        """An in-memory dataset of one source (the arrays are not copied)."""
+        arrays = {name: np.asarray(array) for name, array in arrays.items()}
+        _check_arrays(arrays, "the in-memory data")
+        return cls([arrays])
 
     def check(self, model: ir.Model) -> None:
         """Raise DataError unless every model input has an array of compatible dtype and rank."""
-        with np.load(self.files[0]) as npz:
+        with _open(self.sources[0]) as arrays:
             for value in model.graph.inputs:
-                if value.name not in npz.files:
-                    raise DataError(f"data has no array for model input '{value.name}' (has: {', '.join(npz.files)})")
-                array = _restore_records(npz[value.name])
+                if value.name not in arrays:
+                    raise DataError(f"data has no array for model input '{value.name}' (has: {', '.join(arrays)})")
+                array = _restore_records(arrays[value.name])
                 if value.shape is not None and array.ndim != len(value.shape):
                     raise DataError(
                         f"data for input '{value.name}' has rank {array.ndim}, model expects {len(value.shape)}"
@@ -92,19 +87,19 @@ class Dataset:
         """Yield feeds of up to ``batch_size`` samples, at most ``limit`` samples in all.
 
         Where the model's inputs fix their leading dim to d, batches hold exactly d samples (the rest of a
-        file is dropped; one batch even when ``limit`` < d); where they fix it to different sizes, axis 0
-        is no batch axis and every file is fed whole (``limit`` then counts whole files' samples).
+        source is dropped; one batch even when ``limit`` < d); where they fix it to different sizes, axis 0
+        is no batch axis and every source is fed whole (``limit`` then counts whole sources' samples).
         """
         self.check(model)
         fixed = {v.shape[0] for v in model.graph.inputs if v.shape is not None and len(v.shape) and isinstance(v.shape[0], int)}
         exact = len(fixed) == 1
         step = fixed.pop() if exact else batch_size
         served = 0
-        for file in self.files:
-            with np.load(file) as npz:
-                arrays = {v.name: _cast(npz[v.name], v.dtype) for v in model.graph.inputs}
+        for source in self.sources:
+            with _open(source) as stored:
+                arrays = {v.name: _cast(stored[v.name], v.dtype) for v in model.graph.inputs}
             count = _samples(arrays.values())
-            if len(fixed) > 1:  # several fixed sizes: the file is one feed
+            if len(fixed) > 1:  # several fixed sizes: the source is one feed
                 if limit is not None and served >= limit:
                     return
                 yield arrays
@@ -125,10 +120,27 @@ class Dataset:
 
     def num_samples(self) -> int:
         total = 0
-        for file in self.files:
-            with np.load(file) as npz:
-                total += _samples(npz[k] for k in npz.files)
+        for source in self.sources:
+            with _open(source) as arrays:
+                total += _samples(arrays[k] for k in arrays)
         return total
+
+
+@contextlib.contextmanager
+def _open(source: pathlib.Path | Mapping[str, np.ndarray]) -> Iterator[Mapping[str, np.ndarray]]:
+    """The arrays of one source: an ``.npz`` file opened for the block, or an in-memory mapping."""
+    if isinstance(source, pathlib.Path):
+        with np.load(source) as npz:
+            yield npz
+    else:
+        yield source
+
+
+def _check_arrays(arrays: Mapping[str, np.ndarray], origin: str) -> None:
+    if not len(arrays):
+        raise DataError(f"{origin} has no arrays")
+    if any(arrays[k].ndim and arrays[k].shape[0] == 0 for k in arrays):  # scalars are fed whole
+        raise DataError(f"{origin} has an empty array")
 
 
 def _shape_text(shape: ir.Shape) -> str:

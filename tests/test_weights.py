@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tempfile
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -271,3 +273,14 @@ def test_unnamed_containers_get_distinct_scopes():
     w = numpy_helper.from_array(RNG.standard_normal((4, 4)).astype(np.float32), "w")
     model = _model(nodes, [_f("x", ["B", 4]), helper.make_tensor_value_info("c", TensorProto.BOOL, [])], [_f("y", ["B", 4])], [w])
     assert [u.label for u in weights.scan_weights(model).uses] == ["If#0/then_branch/fc", "If#1/then_branch/fc"]
+
+
+def test_in_memory_data_writes_no_file(tmp_path, monkeypatch):
+    """from_arrays keeps the arrays in memory (it used to leave one temporary .npz per call behind)."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    model = _model([helper.make_node("Add", ["x", "x"], ["y"])], [_f("x", ["B", 3])], [_f("y", ["B", 3])])
+    data = calibration.Dataset.from_arrays({"x": np.arange(15, dtype=np.float32).reshape(5, 3)})
+    assert [b["x"].shape[0] for b in data.batches(model, batch_size=2)] == [2, 2, 1] and data.num_samples() == 5
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(DataError, match="in-memory data has an empty array"):
+        calibration.Dataset.from_arrays({"x": np.ones((0, 3), np.float32)})
