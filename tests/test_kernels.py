@@ -238,6 +238,21 @@ def test_sparse_conv_matches_numpy_and_onnx_conv(isa, threads, value_dtype, maxp
         _check(y, onnx_conv.run(None, {"X": x})[0].astype(np.float64), what + " vs onnx Conv")
 
 
+def test_sparse_conv_pooled_2x2_every_width(isa):
+    """The folded 2x2 stride-2 MaxPool (the AVX2 level's in-register path) for pooled widths 1 to 17,
+    so every partial last register (1 to 7 outputs) is written without touching its neighbours."""
+    rng = np.random.default_rng(11)
+    for width in range(2, 36):
+        w = rng.standard_normal((3, 2, 3, 3)).astype(np.float32) * (rng.random((3, 2, 3, 3)) < 0.5)
+        packed = ops.pack_sparse_conv(w, pads=(1, 1, 1, 1))
+        packed.attributes.update(activation="relu", maxpool_kernel_shape=(2, 2), maxpool_strides=(2, 2))
+        bias = rng.standard_normal(3).astype(np.float32)
+        x = rng.standard_normal((2, 2, 5, width)).astype(np.float32)
+        y = _session(_model(packed, bias, x_shape=["b", 2, 5, width])).run(None, {"X": x})[0]
+        assert y.shape == (2, 3, 2, width // 2)
+        _check(y, ops.reference(packed, x, bias), f"isa={isa} width={width}")
+
+
 def test_sparse_conv_bad_inputs(any_isa):
     w = np.random.default_rng(3).standard_normal((4, 3, 3, 3)).astype(np.float32)
     packed = ops.pack_sparse_conv(w, pads=(1, 1, 1, 1))
