@@ -365,7 +365,7 @@ def test_subgraph_layer_named_like_a_main_layer(tmp_path, kind, how):
     model, layers = compress(path, how, data, recover=True)
     node = main_node(compressed, "fc0")
     w_c = ops.dense_weight(packed_from_node(node)) if how == "binarize" else constant_array(node.inputs[1])
-    x = np.load(data.files[0])["x"].astype(np.float64)
+    x = data.sources[0]["x"].astype(np.float64)
     target = x @ constant_array(main_node(load(path), "fc0").inputs[1])
     expected_before = np.sum((x @ w_c - target) ** 2) / np.sum(target**2)
     assert layers["fc0"]["error_before"] == pytest.approx(expected_before, rel=1e-3)
