@@ -8,7 +8,8 @@ the convolutions and the classifier), activation-aware low-rank of fc1 (``ratio`
 parameters kept), conv2 split into 3x1 then 1x3 convs (low-rank ``conv_split``). MiniLM-L6 (WordSim-353 Spearman; calibration: news snippets of
 ``lee_background.cor`` without padding): Wanda sparsity of all MatMuls, low-rank of the FFN layers
 (activation-aware SVD; ``ratio`` = fraction of the layer's parameters kept), structured pruning of FFN
-neurons and of attention heads, binarization of the middle FFN layers. Each point with and without ``recover``. Latency:
+neurons and of attention heads, binarization of the middle FFN layers, low-rank FFN allocated by layer
+(``models/recipes/minilm_lowrank25.toml``). Each point with and without ``recover``. Latency:
 batch 1, interleaved medians against fp32 with onnxopt's kernel library registered, 1 and 2 threads; the
 speedup ("x") is the median over the 7 rounds of each round's fp32/candidate ratio.
 
@@ -242,10 +243,13 @@ def bench_minilm(quick: bool, words: int, target: str, snippets: int, seed: int)
     points += [(f"attention heads {r:.0%} removed", [("prune-structured", {"ratio": r, "heads": True, "op_types": []}, None)])
                for r in (0.25, 0.5)]
     points.append(("binarize FFN layers 2-9", [("binarize", {"keep_first_last": False}, middle)]))
+    # low-rank FFN at 25 % of the parameters allocated by layer (the recipe file says how); it ends with its recover
+    recipe = pipeline.load_recipe(ROOT / "models/recipes/minilm_lowrank25.toml")
+    points.append(("low-rank FFN 0.25 by layer (minilm_lowrank25.toml)", [(s.name, s.options, s.node_filter) for s in recipe]))
     # an explicit recover pass with the chosen target (`layer` suits MiniLM, see bench/README.md); structured
     # points keep prune-structured's own recovery (it re-fits the consumers of the removed channels)
-    points = [(label, passes if passes[0][0] == "prune-structured" else [*passes, ("recover", {"target": target}, None)])
-              for label, passes in points]
+    points = [(label, passes if passes[0][0] == "prune-structured" or passes[-1][0] == "recover"
+               else [*passes, ("recover", {"target": target}, None)]) for label, passes in points]
     feed = evaluate.minilm_inputs(1, 128)
     rows = run_points(path, points, data, wordsim_with_interval(path), feed, samples, repeat=20)
     table(f"MiniLM-L6 (WordSim-353 Spearman, calibration {sentences} news snippets (seed {seed}) + {words} single words, batch 1 seq 128; low-rank ratios {ratios} = "

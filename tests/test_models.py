@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
 from pathlib import Path
 
@@ -172,3 +173,24 @@ def test_cnn_sparse90_recipe(tmp_path):
     assert nodes["SparseMatMul"].attributes["activation"].value == "relu"
     assert [n.op_type for n in graph].count("Relu") == 1 and "BatchNormalization" not in nodes  # conv1's Relu stays
     assert evaluate.mnist_accuracy(str(out)) >= 0.976
+
+
+@needs_minilm
+def test_minilm_lowrank_recipe_selects_each_ffn_once():
+    """models/recipes/minilm_lowrank25.toml names MiniLM's FFN MatMuls as models/minilm.py writes them: each
+    of the 12 (two per layer, graph order) in exactly one low-rank pass, whose ranks add up to those of
+    ratio 0.25 everywhere."""
+    from models.minilm import build_minilm_model
+    from onnxopt import pipeline
+
+    graph = build_minilm_model().graph
+    ffn = [n.name for n in graph if n.op_type == "MatMul" and n.inputs[1].const_value is not None
+           and 1536 in n.inputs[1].const_value.shape]
+    specs = pipeline.load_recipe(Path(_ROOT) / "models/recipes/minilm_lowrank25.toml")
+    assert [s.name for s in specs] == ["low-rank"] * 3 + ["recover"]
+    matched = [(n, s.options["ratio"]) for s in specs[:3] for n in ffn if re.search(s.node_filter.name_regex, n)]
+    assert sorted(n for n, _ in matched) == sorted(ffn)  # each FFN MatMul in exactly one pass
+    chosen = dict(matched)
+    rank = lambda ratio: int(ratio * 384 * 1536 / (384 + 1536))  # noqa: E731
+    assert sum(rank(r) for r in chosen.values()) == 12 * rank(0.25)
+    assert [chosen[n] for n in ffn[::2]] == [0.4, 0.25, 0.25, 0.25, 0.25, 0.1]  # by layer, in graph order
