@@ -152,7 +152,7 @@ static void conv_chunk_any(const SparseConvParams& p, int64_t co, int64_t start,
 }
 
 // Stores lanes 0..n-1 of v (n < 8) by 4-, 2- and 1-float stores: vmaskmovps, the obvious instruction,
-// is microcoded on Zen 3 and cost ~15 % of the MNIST convs' output phase.
+// is microcoded on Zen 3 and cost ~20 % of the MNIST convs' output phase.
 static inline void store_first(float* o, __m256 v, int64_t n) {
   __m128 part = _mm256_castps256_ps128(v);
   if (n >= 4) {
