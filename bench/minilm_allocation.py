@@ -30,17 +30,6 @@ from onnxopt.filters import NodeFilter  # noqa: E402
 PATH = compress.ROOT / "models/out/minilm.onnx"
 
 
-def held_out_texts(n: int, seed: int = 0) -> list[str]:
-    """``n`` snippets of 1-6 consecutive sentences of ``lee.cor`` (the calibration reads ``lee_background.cor``)."""
-    sentences = evaluate._sentences("lee.cor")  # noqa: SLF001
-    rng = np.random.default_rng(seed)
-    texts = []
-    for _ in range(n):
-        start, k = int(rng.integers(len(sentences))), int(rng.integers(1, 7))
-        texts.append(" ".join(sentences[start : start + k]))
-    return texts
-
-
 def cosine_distance(a: np.ndarray, b: np.ndarray) -> float:
     cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
     return float(np.mean(1.0 - cos))
@@ -110,7 +99,7 @@ def main() -> None:
         sys.exit("run `python -m models.minilm` first")
     ratios = [float(r) for r in args.ratios.split(",")]
     data = compress.minilm_calibration_dir(args.snippets, 0)
-    texts = held_out_texts(args.held_out)
+    texts = evaluate.news_snippets("lee.cor", args.held_out)  # the calibration reads lee_background.cor
     reference = evaluate.embed(PATH, texts)
     pairs = ffn_pairs()
     distance = np.zeros((len(pairs), len(ratios)))

@@ -167,13 +167,18 @@ def minilm_calibration(n: int = 128, seq: int = 128, seed: int = 0) -> dict[str,
     """Calibration feed from gensim's lee_background.cor (news text, not the WordSim/SimLex
     word lists): ``n`` snippets of 1–6 consecutive sentences (seeded), padded to ``seq`` so the
     attention mask has real padding. Returns {input name: int64 [n, seq]}."""
-    sents = _sentences("lee_background.cor")
+    return _tokenizer()(news_snippets("lee_background.cor", n, seed), max_length=seq, padding="max_length")
+
+
+def news_snippets(corpus: str, n: int, seed: int = 0) -> list[str]:
+    """``n`` snippets of 1–6 consecutive sentences of one of gensim's test corpora (seeded)."""
+    sents = _sentences(corpus)
     rng = np.random.default_rng(seed)
     texts = []
     for _ in range(n):
         start, k = int(rng.integers(len(sents))), int(rng.integers(1, 7))
         texts.append(" ".join(sents[start:start + k]))
-    return _tokenizer()(texts, max_length=seq, padding="max_length")
+    return texts
 
 
 def save_minilm_calibration(path: str | os.PathLike, n: int = 128, seq: int = 128) -> Path:
