@@ -184,7 +184,7 @@ def _measure_output(src, out, reference, feeds, threads, one_at_a_time: bool):
     errors = validate.compare_outputs(reference, validate.run_all(sessions[1], feeds))
     single = validate.latency_ms(sessions[0], feeds[0], warmup=2, repeat=5) / 1e3
     repeat = int(min(1000, max(10, 0.05 / max(single, 1e-6))))  # rounds of ~50 ms: sub-ms models need many runs
-    return errors, validate.interleaved_latency_ms(sessions, feeds[0], rounds=5, repeat=repeat), _session_notes(*sessions)
+    return errors, validate.interleaved_latency_ms(sessions, feeds, rounds=5, repeat=repeat), _session_notes(*sessions)
 
 
 def _session_notes(*sessions) -> list[str]:
@@ -313,7 +313,7 @@ def validate_cmd(reference_path, candidate_path, data, threads, repeat, max_abs,
     ref_sess, cand_sess = runtime.session(ref_path, threads=threads), runtime.session(cand_path, threads=threads)
     errors = validate.compare_outputs(validate.run_all(ref_sess, feeds), validate.run_all(cand_sess, feeds))
     rounds = max(1, repeat // 5)
-    lat = validate.interleaved_latency_ms([ref_sess, cand_sess], feeds[0], rounds=rounds, repeat=5)
+    lat = validate.interleaved_latency_ms([ref_sess, cand_sess], feeds, rounds=rounds, repeat=5)
     click.echo(f"{'output':<28}{'max abs':>12}{'max rel':>12}{'mean abs':>12}{'cosine':>12}")
     for e in errors:
         click.echo(f"{e.name[:27]:<28}{e.max_abs:>12.4g}{e.max_rel:>12.4g}{e.mean_abs:>12.4g}{e.cosine:>12.6f}")

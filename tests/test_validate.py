@@ -34,3 +34,16 @@ def test_speedups_pair_the_sessions_round_by_round(fake_calls):
     assert speedups == [1.0, 2.0]
     assert medians == [6000.0, 3000.0]  # ms: most rounds were slow
     assert validate.interleaved_latency_ms([0, 1], {}, rounds=7, repeat=3) == medians
+
+
+def test_several_feeds_are_taken_in_turn(monkeypatch):
+    used = []
+
+    def runner(sess, names, feed):
+        return lambda: used.append((sess, feed["i"]))
+
+    monkeypatch.setattr(validate.runtime, "runner", runner)
+    validate.interleaved_latency_ms(["a", "b"], [{"i": 0}, {"i": 1}, {"i": 2}], rounds=2, repeat=4)
+    timed = used[4:]  # after each session's two warm-up calls (feeds 0 and 1)
+    assert used[:4] == [("a", 0), ("a", 1), ("b", 0), ("b", 1)]
+    assert timed == [("a", 0), ("a", 1), ("a", 2), ("a", 0), ("b", 0), ("b", 1), ("b", 2), ("b", 0)] * 2
