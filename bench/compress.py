@@ -10,8 +10,9 @@ parameters kept), conv2 split into 3x1 then 1x3 convs (low-rank ``conv_split``).
 (activation-aware SVD; ``ratio`` = fraction of the layer's parameters kept), structured pruning of FFN
 neurons and of attention heads, binarization of the middle FFN layers, low-rank FFN allocated by layer
 (``models/recipes/minilm_lowrank25.toml``). Each point with and without ``recover``. Latency:
-batch 1, interleaved medians against fp32 with onnxopt's kernel library registered, 1 and 2 threads; the
-speedup ("x") is the median over the 7 rounds of each round's fp32/candidate ratio.
+batch 1 (the CNN over 64 different images taken in turn), interleaved medians against fp32 with onnxopt's
+kernel library registered, 1 and 2 threads; the speedup ("x") is the median over the 7 rounds of each
+round's fp32/candidate ratio.
 
     python bench/compress.py [--quick] [--only cnn|minilm] [--points REGEX] [--minilm-snippets N --minilm-seed S]
 """
