@@ -54,11 +54,12 @@ BREAK_EVEN_CACHED = 0.85
 # alone, same run: 16->32 3x3 on 14x14 0.88x at 50 %, 1.1-1.2x at 70 %, 1.4-1.6x at 90 %; 32->64 on 14x14
 # 0.89x / 1.04x / 1.30x at 60 / 70 / 80 %; 64->64 on 28x28 0.82x / 1.04x / 1.73x; 128->128 on 14x14
 # 1.06x / 1.22x / 1.65x. Inside a model a SparseConv also costs what onnxruntime's Conv fuses or hides:
-# its Relu becomes a node and the NCHWc layout around it needs reorders (~3-5 us at batch 1): MNIST
-# conv2 (18 KiB) at 80 % was no faster end to end. Small convs therefore wait for 85 %; 1-input-channel
-# convs (under 8 KiB) stay dense.
+# the NCHWc layout around it needs reorders (~3-5 us at batch 1); its Relu and MaxPool now fold into it
+# (session 14). MNIST conv2 (18 KiB) alone pruned, over 64 images (session 16, Zen 3): dense Conv 107-116 us
+# end to end; SparseConv at 70 % 106-119, at 80 % 4-7 % faster in 6 of 6 trials, at 90 % 95-106. Small convs
+# therefore wait for 80 %; 1-input-channel convs (under 8 KiB) stay dense.
 BREAK_EVEN_CONV = 0.75
-BREAK_EVEN_SMALL_CONV = 0.85
+BREAK_EVEN_SMALL_CONV = 0.8
 SMALL_CONV_BYTES = 64 << 10
 TINY_CONV_BYTES = 8 << 10
 
@@ -93,7 +94,7 @@ class PrunePass(ir.passes.InPlacePass):
         min_sparse_ratio: Layer sparsity from which a MatMul/Gemm becomes a SparseMatMul node (a Conv
             a SparseConv); below it the dense op stays, with a sparse initializer. Default: the
             kernel's measured break-even for the weight's size (MatMul: 0.6 when the dense weight
-            exceeds the cache, 0.85 when it fits, never under 64 KiB; Conv: 0.75, 0.85 under 64 KiB,
+            exceeds the cache, 0.85 when it fits, never under 64 KiB; Conv: 0.75, 0.8 under 64 KiB,
             never under 8 KiB).
         sparse_op: Emit SparseMatMul/SparseConv nodes at all (off: standard ONNX only, sparse initializers).
         value_dtype: Storage of the sparse ops' nonzero values.
