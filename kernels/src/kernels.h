@@ -63,12 +63,15 @@ struct SparseParams {
 
 // SparseMatMul, row walk for activations with many exact zeros (post-ReLU): a compressed-sparse-
 // rows copy of W with the column scales folded into the values; rows k with x[k] == 0 are skipped.
+// Each row is padded to a whole number of kStep entries with (column N, value 0), so a walk needs no
+// remainder loop; accumulators hold N + 1 floats, the last one a sink for the padding.
 struct SparseCsr {
+  static constexpr int kStep = 4;
   int64_t K, N;
   bool idx32;                 // cols are uint32 (else uint16)
-  const int32_t* row_ptr;     // [K+1]
-  const void* cols;           // [nnz] output column of each entry
-  const float* values;        // [nnz] value * scale of its column
+  const int32_t* row_ptr;     // [K+1], multiples of kStep
+  const void* cols;           // [row_ptr[K]] output column of each entry (N: padding)
+  const float* values;        // [row_ptr[K]] value * scale of its column (0: padding)
 };
 
 // SparseMatMul, panel GEMV (one input row, constant weights): the rows of W, in their own order

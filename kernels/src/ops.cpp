@@ -124,7 +124,11 @@ int64_t Ceil(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 double ZeroFraction(const float* x, int64_t n) {
   int64_t zeros = 0;
-  for (int64_t i = 0; i < n; ++i) zeros += x[i] == 0.0f;
+  for (int64_t i0 = 0; i0 < n; i0 += 1 << 20) {  // 32-bit counts keep the inner loop vectorized
+    int32_t z = 0;
+    for (int64_t i = i0, i1 = std::min(n, i0 + (1 << 20)); i < i1; ++i) z += x[i] == 0.0f;
+    zeros += z;
+  }
   return n ? (double)zeros / (double)n : 0.0;
 }
 
@@ -336,17 +340,20 @@ struct CsrCopy {
   std::vector<uint32_t> cols32;
   std::vector<float> values;
 
+  // Rows padded to whole steps of SparseCsr::kStep (see there).
   template <class IT>
   void Build(const SparseParams& p, int64_t nnz) {
     const IT* idx = static_cast<const IT*>(p.indices);
+    std::vector<int32_t> count((size_t)p.K, 0);
+    for (int64_t j = 0; j < nnz; ++j) ++count[idx[j]];
     row_ptr.assign((size_t)p.K + 1, 0);
-    for (int64_t j = 0; j < nnz; ++j) ++row_ptr[(size_t)idx[j] + 1];
-    for (int64_t k = 0; k < p.K; ++k) row_ptr[k + 1] += row_ptr[k];
-    std::vector<int32_t> fill(row_ptr.begin(), row_ptr.end() - 1);
+    for (int64_t k = 0; k < p.K; ++k) row_ptr[k + 1] = row_ptr[k] + (int32_t)Ceil(count[k], SparseCsr::kStep) * SparseCsr::kStep;
+    const size_t total = (size_t)row_ptr[p.K];
     const bool wide = p.N > 65536;
-    if (wide) cols32.resize((size_t)nnz);
-    else cols16.resize((size_t)nnz);
-    values.resize((size_t)nnz);
+    if (wide) cols32.assign(total, (uint32_t)p.N);
+    else cols16.assign(total, (uint16_t)p.N);
+    values.assign(total, 0.0f);
+    std::vector<int32_t> fill(row_ptr.begin(), row_ptr.end() - 1);
     for (int64_t n = 0; n < p.N; ++n)
       for (int64_t j = p.col_ptr[n]; j < p.col_ptr[n + 1]; ++j) {
         const int32_t at = fill[idx[j]]++;
@@ -520,6 +527,12 @@ struct SparseBase : KernelBase {
   const char* op;
   bool relu = false;  // attribute activation: "none" (default) or "relu", applied to Y
   std::atomic<bool> const_checked{false};
+  // Weights whose inputs 1-5 are all constant (or bias absent): validated on the first call, then
+  // reused (describing and checking six inputs cost ~1 us per call).
+  std::mutex cached_mu;
+  std::atomic<bool> cached_ready{false};
+  SparseParams cached{};
+  int64_t cached_nnz = 0;
   SparseBase(const OrtKernelInfo* info, const char* name) : KernelBase(info, name), op(name) {
     const std::string activation = GetString(Ort::ConstKernelInfo(info), op, "activation", "none");
     if (activation != "none" && activation != "relu") Fail(op, "attribute activation must be \"none\" or \"relu\", got \"", activation, "\"");
@@ -547,6 +560,11 @@ struct SparseBase : KernelBase {
 
   // Validates the weight inputs; fills every weight field of the returned params (M, x, y: caller).
   SparseParams Weights(const Ort::KernelContext& ctx, int64_t& nnz, bool& all_constant) {
+    if (cached_ready.load(std::memory_order_acquire)) {
+      nnz = cached_nnz;
+      all_constant = true;
+      return cached;
+    }
     In values = Input(ctx, 1), indices = Input(ctx, 2), cptr = Input(ctx, 3), scales = Input(ctx, 4);
     if (!values.present) Fail(op, "input 'values' is required");
     ValType vt;
@@ -565,7 +583,8 @@ struct SparseBase : KernelBase {
     Expect(op, indices, "indices", indices.type, {nnz});
     Expect(op, cptr, "col_ptr", ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32, {N + 1});
     Expect(op, scales, "scales", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, {N});
-    const float* bias = CheckBias(op, Input(ctx, 5), N);
+    const In bias_in = Input(ctx, 5);
+    const float* bias = CheckBias(op, bias_in, N);
     const int32_t* cp = cptr.as<int32_t>();
     const bool constant = IsConstant(2) && IsConstant(3);
     all_constant = constant && IsConstant(1) && IsConstant(4);
@@ -574,7 +593,14 @@ struct SparseBase : KernelBase {
       else CheckStructure(cp, indices.as<uint16_t>(), nnz);
       if (constant) const_checked.store(true, std::memory_order_release);
     }
-    return SparseParams{0, K, N, vt, idx32, values.data, indices.data, cp, scales.as<float>(), bias, nullptr, nullptr, nullptr};
+    const SparseParams w{0, K, N, vt, idx32, values.data, indices.data, cp, scales.as<float>(), bias, nullptr, nullptr, nullptr};
+    if (all_constant && (IsConstant(5) || !bias_in.present)) {
+      std::lock_guard<std::mutex> lk(cached_mu);
+      cached = w;
+      cached_nnz = nnz;
+      cached_ready.store(true, std::memory_order_release);
+    }
+    return w;
   }
 };
 
@@ -632,24 +658,26 @@ struct SparseKernel : SparseBase {
     return path;
   }
 
-  // y = X W by rows of W, skipping zero inputs; K split into up to 4 tasks with private sums.
+  // y = X W by rows of W, skipping zero inputs; K split into up to 4 tasks with private sums of
+  // N + 1 floats (the last one the padding's sink).
   void RowWalk(const Ort::KernelContext& ctx, const SparseParams& p, const SparseCsr& w) {
-    const int64_t M = p.M, K = p.K, N = p.N;
+    const int64_t M = p.M, K = p.K, N = p.N, ld = N + 1;
     const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(4, K / 256));
     const int64_t chunk = Ceil(K, tasks);
-    float* acc = Buf(tls_f, (size_t)(tasks * M * N));
-    std::fill(acc, acc + tasks * M * N, 0.0f);
+    float* acc = Buf(tls_f, (size_t)(tasks * M * ld));
+    std::fill(acc, acc + tasks * M * ld, 0.0f);
     auto run = [&](int64_t t) {
       const int64_t k0 = t * chunk, k1 = std::min(K, k0 + chunk);
-      for (int64_t m = 0; m < M && k0 < k1; ++m) tbl->sparse_csr_acc(w, p.x + m * K, k0, k1, acc + (t * M + m) * N);
+      for (int64_t m = 0; m < M && k0 < k1; ++m) tbl->sparse_csr_acc(w, p.x + m * K, k0, k1, acc + (t * M + m) * ld);
     };
     Parallel(ctx, tasks, run);
-    for (int64_t m = 0; m < M; ++m) {
+    for (int64_t m = 0; m < M; ++m) {  // y = bias + sum over tasks, row by row (vectorized)
       float* ym = p.y + m * N;
-      for (int64_t n = 0; n < N; ++n) {
-        float s = p.bias ? p.bias[n] : 0.0f;
-        for (int64_t t = 0; t < tasks; ++t) s += acc[(t * M + m) * N + n];
-        ym[n] = s;
+      if (p.bias) std::copy(p.bias, p.bias + N, ym);
+      else std::fill(ym, ym + N, 0.0f);
+      for (int64_t t = 0; t < tasks; ++t) {
+        const float* a = acc + (t * M + m) * ld;
+        for (int64_t n = 0; n < N; ++n) ym[n] += a[n];
       }
     }
   }
