@@ -196,6 +196,30 @@ static void conv_output_pool2x2(const SparseConvParams& p, int64_t co, const flo
   }
 }
 
+// The zero-padded input image, one plane: each row zeroed by whole registers (the last one by
+// store_first, so no write crosses into the next plane, which another task may be writing), then its
+// input copied in registers of 8, the last one overlapping the one before (rows of >= 8 floats).
+// The portable version's per-row memset/memcpy calls cost ~2 us per image on the MNIST CNN's conv2.
+static void sparse_conv_pad(const float* s, int64_t H, int64_t W, int64_t pt, int64_t pl, int64_t Hp, int64_t Wp, float* d) {
+  const __m256 zero = _mm256_setzero_ps();
+  for (int64_t h = 0; h < Hp; ++h) {
+    float* row = d + h * Wp;
+    int64_t j = 0;
+    for (; j + 8 <= Wp; j += 8) _mm256_storeu_ps(row + j, zero);
+    if (j < Wp) store_first(row + j, zero, Wp - j);
+    const int64_t sh = h - pt;
+    if (sh < 0 || sh >= H) continue;
+    const float* src = s + sh * W;
+    float* dst = row + pl;
+    if (W < 8) {
+      std::memcpy(dst, src, (size_t)W * sizeof(float));
+      continue;
+    }
+    for (j = 0; j + 8 <= W; j += 8) _mm256_storeu_ps(dst + j, _mm256_loadu_ps(src + j));
+    if (j < W) _mm256_storeu_ps(dst + W - 8, _mm256_loadu_ps(src + W - 8));
+  }
+}
+
 static void sparse_conv_plane(const SparseConvParams& p, int64_t co, float* acc) {
   if (p.sh != 1 || p.sw != 1) return g_sparse_conv_plane(p, co, acc);
   const int64_t len = p.OH * p.Wp, regs = (len + 7) / 8, chunks = (regs + 13) / 14, per = (regs + chunks - 1) / chunks;
@@ -471,7 +495,7 @@ const KernelTable* GetKernelTableAvx2() {
 #if defined(ONNXOPT_HAVE_AVX2)
   using namespace isa_avx2;
   static const KernelTable t = {"avx2", kBinaryAvx2Layout, binary_repack, binary_lut, binary_gemm, g_xnor_pack_x, xnor_gemm,
-                                g_sparse_rows<SparseGemv>, sparse_xt,   sparse_csr_acc, g_sparse_panel_input, g_sparse_panels, 0.0f, sparse_conv_plane, g_sparse_conv_pad, quant_x, quant_gemm};
+                                g_sparse_rows<SparseGemv>, sparse_xt,   sparse_csr_acc, g_sparse_panel_input, g_sparse_panels, 0.0f, sparse_conv_plane, sparse_conv_pad, quant_x, quant_gemm};
   return &t;
 #else
   return nullptr;
