@@ -33,3 +33,7 @@ class PassFailedError(OnnxoptError):
 
 class RuntimeLibraryError(OnnxoptError):
     """onnxopt's custom-op library is needed but not available."""
+
+
+class NativeRunError(OnnxoptError):
+    """The C++ latency tool (onnxopt_latency) could not run or measure the models."""

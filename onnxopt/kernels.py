@@ -15,7 +15,7 @@ import sys
 import sysconfig
 from functools import lru_cache
 
-__all__ = ["library_path", "isa_level", "available_isa", "ISA_LEVELS", "LIB_ENV", "ISA_ENV"]
+__all__ = ["library_path", "latency_tool_path", "isa_level", "available_isa", "ISA_LEVELS", "LIB_ENV", "ISA_ENV"]
 
 LIB_ENV = "ONNXOPT_KERNELS_LIB"
 ISA_ENV = "ONNXOPT_ISA"
@@ -88,6 +88,17 @@ def library_path() -> pathlib.Path:
         "`pip install -e . --no-build-isolation` (or `pip install .`) from the onnxopt source tree, "
         f"or set {LIB_ENV}. Looked in: " + ", ".join(str(d) for d in looked)
     )
+
+
+def latency_tool_path() -> pathlib.Path:
+    """Path of ``onnxopt_latency`` (kernels/tools/latency.cpp), built and installed beside the library.
+
+    Raises ``FileNotFoundError`` when the build has no such tool.
+    """
+    tool = library_path().parent / ("onnxopt_latency.exe" if sys.platform == "win32" else "onnxopt_latency")
+    if not tool.is_file():
+        raise FileNotFoundError(f"onnxopt_latency is not built beside {library_path()}; reinstall onnxopt from its source tree")
+    return tool
 
 
 @lru_cache(maxsize=None)

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import pathlib
 import statistics
+import subprocess
+import tempfile
 import time
 from collections.abc import Sequence
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from onnxopt import calibration, runtime
+from onnxopt import calibration, kernels, runtime
+from onnxopt.errors import NativeRunError, RuntimeLibraryError
 
 
 @dataclasses.dataclass
@@ -119,6 +125,71 @@ def interleaved_speedups(
     medians = [statistics.median(t for times in per_round for t in times) for per_round in samples]
     base = [statistics.median(times) for times in samples[0]]
     speedups = [statistics.median(b / statistics.median(times) for b, times in zip(base, per_round)) for per_round in samples]
+    return medians, speedups
+
+
+@dataclasses.dataclass
+class NativeTimes:
+    """What onnxopt_latency measured: per model, its median call time (ms) in each round, and the sum of
+    its outputs on the first feed (to check it ran what Python runs)."""
+
+    rounds_ms: list[list[float]]
+    output_sums: list[float]
+
+
+def native_rounds(
+    models: Sequence[str | os.PathLike], feed: Feeds, threads: int = 1, rounds: int = 7, repeat: int = 10
+) -> NativeTimes:
+    """Models timed in interleaved rounds by the C++ tool onnxopt_latency, without Python's ~8 us per
+    call; feeds are taken in turn and onnxopt's kernel library is registered, as in :func:`_interleaved_rounds`.
+
+    Raises RuntimeLibraryError when the tool or onnxruntime's shared library is missing, NativeRunError
+    when the tool fails (its one-line message)."""
+    try:
+        tool = kernels.latency_tool_path()
+    except FileNotFoundError as exc:
+        raise RuntimeLibraryError(str(exc)) from None
+    found = sorted(pathlib.Path(ort.__file__).parent.glob("capi/libonnxruntime.so*"))
+    if not found:
+        raise RuntimeLibraryError(f"onnxruntime's shared library is not in {pathlib.Path(ort.__file__).parent / 'capi'}")
+    feeds = [feed] if isinstance(feed, dict) else list(feed)
+    with tempfile.TemporaryDirectory(prefix="onnxopt-latency-") as tmp:
+        lines = [f"threads {threads}", f"rounds {rounds}", f"repeat {repeat}", f"custom_ops {runtime.kernel_library()}"]
+        lines += [f"model {pathlib.Path(m).resolve()}" for m in models]
+        for i, f in enumerate(feeds):
+            lines.append("feed")
+            for j, (name, array) in enumerate(f.items()):
+                array = np.ascontiguousarray(array)
+                data = pathlib.Path(tmp) / f"{i}_{j}.bin"
+                array.tofile(data)
+                dims = " ".join(str(d) for d in array.shape)
+                lines.append(f"input {name} {onnx.helper.np_dtype_to_tensor_dtype(array.dtype)} {array.ndim} {dims} {data}".replace("  ", " "))
+        spec = pathlib.Path(tmp) / "spec.txt"
+        spec.write_text("\n".join(lines) + "\n")
+        done = subprocess.run([str(tool), str(found[-1]), str(spec)], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        message = done.stderr.strip().splitlines()
+        raise NativeRunError(message[-1] if message else f"onnxopt_latency exited with status {done.returncode}")
+    per_model: list[list[float]] = [[] for _ in models]
+    sums = [0.0] * len(models)
+    for line in done.stdout.splitlines():
+        words = line.split()
+        if words[0] == "round":
+            for m, us in enumerate(words[2:]):
+                per_model[m].append(float(us) / 1e3)
+        elif words[0] == "check":
+            sums[int(words[1])] = float(words[2])
+    return NativeTimes(per_model, sums)
+
+
+def native_speedups(
+    models: Sequence[str | os.PathLike], feed: Feeds, threads: int = 1, rounds: int = 7, repeat: int = 10
+) -> tuple[list[float], list[float]]:
+    """:func:`interleaved_speedups` measured by onnxopt_latency (:func:`native_rounds`): median ms of each
+    model over the rounds, and the median over rounds of each round's ratio to the first model."""
+    per_model = native_rounds(models, feed, threads, rounds, repeat).rounds_ms
+    medians = [statistics.median(times) for times in per_model]
+    speedups = [statistics.median(b / t for b, t in zip(per_model[0], times)) for times in per_model]
     return medians, speedups
 
 
