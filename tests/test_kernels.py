@@ -128,7 +128,8 @@ def test_sparse_row_walk_on_zero_rich_inputs(isa, threads, value_dtype):
     """Small-M inputs with many exact zeros (post-ReLU) take the row walk over a CSR copy of the
     weight; inputs with few zeros, and then the same session again, keep the column path."""
     rng = np.random.default_rng(abs(hash((value_dtype, threads, isa))) % 2**32)
-    for K, N in ((1, 7), (65, 16), (1000, 7), (40, 70000)):  # N > 65536: uint32 columns in the copy
+    # the copy holds uint16 byte offsets up to N = 16383 (its padding's sink at 4 * 16383), uint32 columns above
+    for K, N in ((1, 7), (65, 16), (1000, 7), (20, 16383), (20, 16384), (40, 70000)):
         w = _weight("sparse", rng, K, N)
         packed = ops.pack_sparse_matmul(w, value_dtype)
         bias = rng.standard_normal(N).astype(np.float32)

@@ -65,10 +65,13 @@ struct SparseParams {
 // rows copy of W with the column scales folded into the values; rows k with x[k] == 0 are skipped.
 // Each row is padded to a whole number of kStep entries with (column N, value 0), so a walk needs no
 // remainder loop; accumulators hold N + 1 floats, the last one a sink for the padding.
+// Columns are stored as uint16 byte offsets (4 x column) when N < kMaxOffsetN, which saves the walk the
+// scaling of each index; as uint32 columns otherwise.
 struct SparseCsr {
   static constexpr int kStep = 4;
+  static constexpr int64_t kMaxOffsetN = 16383;
   int64_t K, N;
-  bool idx32;                 // cols are uint32 (else uint16)
+  bool idx32;                 // cols are uint32 columns (else uint16 byte offsets)
   const int32_t* row_ptr;     // [K+1], multiples of kStep
   const void* cols;           // [row_ptr[K]] output column of each entry (N: padding)
   const float* values;        // [row_ptr[K]] value * scale of its column (0: padding)

@@ -349,21 +349,21 @@ struct CsrCopy {
     row_ptr.assign((size_t)p.K + 1, 0);
     for (int64_t k = 0; k < p.K; ++k) row_ptr[k + 1] = row_ptr[k] + (int32_t)Ceil(count[k], SparseCsr::kStep) * SparseCsr::kStep;
     const size_t total = (size_t)row_ptr[p.K];
-    const bool wide = p.N > 65536;
+    const bool wide = p.N > SparseCsr::kMaxOffsetN;
     if (wide) cols32.assign(total, (uint32_t)p.N);
-    else cols16.assign(total, (uint16_t)p.N);
+    else cols16.assign(total, (uint16_t)(4 * p.N));
     values.assign(total, 0.0f);
     std::vector<int32_t> fill(row_ptr.begin(), row_ptr.end() - 1);
     for (int64_t n = 0; n < p.N; ++n)
       for (int64_t j = p.col_ptr[n]; j < p.col_ptr[n + 1]; ++j) {
         const int32_t at = fill[idx[j]]++;
         if (wide) cols32[at] = (uint32_t)n;
-        else cols16[at] = (uint16_t)n;
+        else cols16[at] = (uint16_t)(4 * n);
         values[at] = ValueAt(p.vt, p.values, j) * p.scales[n];
       }
   }
   SparseCsr View(const SparseParams& p) const {
-    const bool wide = p.N > 65536;
+    const bool wide = p.N > SparseCsr::kMaxOffsetN;
     return {p.K, p.N, wide, row_ptr.data(), wide ? (const void*)cols32.data() : (const void*)cols16.data(),
             values.data()};
   }
