@@ -12,7 +12,8 @@ neurons and of attention heads, binarization of the middle FFN layers, low-rank 
 (``models/recipes/minilm_lowrank25.toml``). Each point with and without ``recover``. Latency:
 batch 1 (the CNN over 64 different images taken in turn), interleaved medians against fp32 with onnxopt's
 kernel library registered, 1 and 2 threads; the speedup ("x") is the median over the 7 rounds of each
-round's fp32/candidate ratio.
+round's fp32/candidate ratio. Timed twice: from Python (InferenceSession.run, ~8 us per call on this
+machine) and from C++ ("C++" columns: onnxopt_latency, what a C++ deployment pays).
 
     python bench/compress.py [--quick] [--only cnn|minilm] [--points REGEX] [--minilm-snippets N --minilm-seed S]
 """
@@ -36,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 from models import build, evaluate  # noqa: E402
 from onnxopt import io, pipeline, registry, runtime, validate  # noqa: E402
 from onnxopt.calibration import Dataset  # noqa: E402
+from onnxopt.errors import RuntimeLibraryError  # noqa: E402
 from onnxopt.filters import NodeFilter  # noqa: E402
 
 TMP = Path(tempfile.mkdtemp(prefix="onnxopt-bench-"))
@@ -65,17 +67,24 @@ def recovery_summary(details: dict) -> str:
 
 def latencies(fp32_path: Path, path: Path, feed: validate.Feeds, repeat: int) -> list[float]:
     """fp32 ms, candidate ms, speedup at 1 thread, then the same at 2 (speedup: median over rounds of each
-    round's ratio, :func:`validate.interleaved_speedups`)."""
+    round's ratio, :func:`validate.interleaved_speedups`), then the speedups at 1 and 2 threads timed from
+    C++ (:func:`validate.native_speedups`; NaN without the tool)."""
     out = []
     for threads in (1, 2):
         sessions = [runtime.session(str(fp32_path), threads=threads), runtime.session(str(path), threads=threads)]
         medians, speedups = validate.interleaved_speedups(sessions, feed, rounds=7, repeat=repeat)
         out += [*medians, speedups[1]]
+    for threads in (1, 2):
+        try:
+            out.append(validate.native_speedups([fp32_path, path], feed, threads=threads, rounds=7, repeat=repeat)[1][1])
+        except RuntimeLibraryError:
+            out.append(float("nan"))
     return out
 
 
 def table(title: str, metric: str, rows: list[list[str]]) -> None:
-    header = ["config", "recover", metric, "size MB", "ms 1T (fp32)", "x 1T", "ms 2T (fp32)", "x 2T", "layer err before→after", "s"]
+    header = ["config", "recover", metric, "size MB", "ms 1T (fp32)", "x 1T", "ms 2T (fp32)", "x 2T", "x 1T C++", "x 2T C++",
+              "layer err before→after", "s"]
     print(f"\n### {title}\n")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
@@ -108,7 +117,7 @@ def run_points(fp32_path, points, data, quality, feed, samples, repeat):
     base_quality = quality(runtime.session(str(fp32_path)))
     base = latencies(fp32_path, fp32_path, feed, repeat)
     rows.append(["fp32", "-", base_quality, f"{fp32_path.stat().st_size / 1e6:.2f}",
-                 f"{base[0]:.3f}", "1.00", f"{base[3]:.3f}", "1.00", "-", "-"])
+                 f"{base[0]:.3f}", "1.00", f"{base[3]:.3f}", "1.00", "1.00", "1.00", "-", "-"])
     for label, passes in points:
         for recover in (False, True):
             at_end = any(name == "recover" for name, _, _ in passes)
@@ -119,7 +128,7 @@ def run_points(fp32_path, points, data, quality, feed, samples, repeat):
             lat = latencies(fp32_path, path, feed, repeat)
             rows.append([label, "yes" if recover else "no", quality(runtime.session(str(path))), f"{path.stat().st_size / 1e6:.2f}",
                          f"{lat[1]:.3f} ({lat[0]:.3f})", f"{lat[2]:.2f}", f"{lat[4]:.3f} ({lat[3]:.3f})",
-                         f"{lat[5]:.2f}", recovery_summary(details), f"{seconds:.0f}"])
+                         f"{lat[5]:.2f}", f"{lat[6]:.2f}", f"{lat[7]:.2f}", recovery_summary(details), f"{seconds:.0f}"])
             print("  done", label, recover, rows[-1][2], file=sys.stderr, flush=True)
     return rows
 
