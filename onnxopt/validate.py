@@ -162,8 +162,8 @@ def native_rounds(
                 array = np.ascontiguousarray(array)
                 data = pathlib.Path(tmp) / f"{i}_{j}.bin"
                 array.tofile(data)
-                dims = " ".join(str(d) for d in array.shape)
-                lines.append(f"input {name} {onnx.helper.np_dtype_to_tensor_dtype(array.dtype)} {array.ndim} {dims} {data}".replace("  ", " "))
+                element_type = onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
+                lines.append(" ".join(["input", name, str(element_type), str(array.ndim), *map(str, array.shape), str(data)]))
         spec = pathlib.Path(tmp) / "spec.txt"
         spec.write_text("\n".join(lines) + "\n")
         done = subprocess.run([str(tool), str(found[-1]), str(spec)], capture_output=True, text=True, check=False)

@@ -596,9 +596,11 @@ struct SparseBase : KernelBase {
     const SparseParams w{0, K, N, vt, idx32, values.data, indices.data, cp, scales.as<float>(), bias, nullptr, nullptr, nullptr};
     if (all_constant && (IsConstant(5) || !bias_in.present)) {
       std::lock_guard<std::mutex> lk(cached_mu);
-      cached = w;
-      cached_nnz = nnz;
-      cached_ready.store(true, std::memory_order_release);
+      if (!cached_ready.load(std::memory_order_relaxed)) {  // once: readers may already be using it
+        cached = w;
+        cached_nnz = nnz;
+        cached_ready.store(true, std::memory_order_release);
+      }
     }
     return w;
   }
