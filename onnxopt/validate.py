@@ -123,9 +123,12 @@ def interleaved_speedups(
     changes between rounds (a neighbour's phases) from mixing fast and slow times into one ratio."""
     samples = _interleaved_rounds(sessions, feed, rounds, repeat)
     medians = [statistics.median(t for times in per_round for t in times) for per_round in samples]
-    base = [statistics.median(times) for times in samples[0]]
-    speedups = [statistics.median(b / statistics.median(times) for b, times in zip(base, per_round)) for per_round in samples]
-    return medians, speedups
+    return medians, _paired_speedups([[statistics.median(times) for times in per_round] for per_round in samples])
+
+
+def _paired_speedups(round_medians: list[list[float]]) -> list[float]:
+    """Per model, the median over rounds of the first model's median in that round over its own."""
+    return [statistics.median(b / t for b, t in zip(round_medians[0], own)) for own in round_medians]
 
 
 @dataclasses.dataclass
@@ -188,9 +191,7 @@ def native_speedups(
     """:func:`interleaved_speedups` measured by onnxopt_latency (:func:`native_rounds`): median ms of each
     model over the rounds, and the median over rounds of each round's ratio to the first model."""
     per_model = native_rounds(models, feed, threads, rounds, repeat).rounds_ms
-    medians = [statistics.median(times) for times in per_model]
-    speedups = [statistics.median(b / t for b, t in zip(per_model[0], times)) for times in per_model]
-    return medians, speedups
+    return [statistics.median(times) for times in per_model], _paired_speedups(per_model)
 
 
 def feeds_for(model: ir.Model, data: calibration.Dataset | None, max_batches: int = 4, batch: int = 8):
