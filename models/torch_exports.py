@@ -7,6 +7,9 @@ Kᵀ, weights computed by ``Slice``/``Concat`` subgraphs. Each model is written 
 
 - ``bert_tiny``: a randomized 2-layer HF BERT, hidden 32, 4 heads of 8, FFN 64, vocab 64; inputs
   ``input_ids``, ``attention_mask``, ``token_type_ids`` int64, output ``last_hidden_state``.
+- ``gpt2_tiny``: a randomized 2-layer HF GPT-2, hidden 32, 4 heads of 8, vocab 64: Q, K and V from one
+  fused ``c_attn`` (a ``Gemm`` on the rows flattened to 2-D, then ``Split``), projections as ``Gemm``;
+  inputs ``input_ids``, ``attention_mask`` int64, output ``last_hidden_state``.
 - ``lstm_tiny``: ``nn.LSTM(8, 48, batch_first=True)`` then ``nn.Linear(48, 4)`` on the last step; input
   ``x`` float32 (batch, seq, 8), output ``logits``. Its 48×48 gate blocks exceed the per-node folding
   limit of ``cleanup``: the dynamo export's gate-reordering Slices fold only as a region.
@@ -48,6 +51,7 @@ def build() -> None:
     torch.manual_seed(0)
     names = ("input_ids", "attention_mask", "token_type_ids")
     _export("bert_tiny", _bert(), feeds(), names, ["last_hidden_state"])
+    _export("gpt2_tiny", _gpt2(), feeds(), names[:2], ["last_hidden_state"])
 
     class Recurrent(torch.nn.Module):
         def __init__(self):
@@ -83,6 +87,27 @@ def _bert():
     return Encoder().eval()
 
 
+def _gpt2():
+    import torch
+    from transformers import GPT2Config, GPT2Model
+
+    config = GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=32, vocab_size=VOCAB, bos_token_id=0, eos_token_id=0)
+    gpt2 = GPT2Model(config).eval()
+    with torch.no_grad():  # as for BERT: no zero biases, no identity LayerNorms
+        for parameter in gpt2.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+
+    class Decoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gpt2 = gpt2
+
+        def forward(self, input_ids, attention_mask):
+            return self.gpt2(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    return Decoder().eval()
+
+
 def _export(name: str, model, example: dict[str, np.ndarray], inputs, outputs) -> None:
     """Write ``<name>_ts.onnx`` and ``<name>_dy.onnx`` with batch and sequence (axes 0, 1) dynamic."""
     import torch
@@ -99,7 +124,7 @@ def _export(name: str, model, example: dict[str, np.ndarray], inputs, outputs) -
             proto = onnx.load(path)  # the dynamo exporter writes external data: save as one file
             for node in proto.graph.node:  # the dynamo exporter's stack traces: 70 % of the file
                 del node.metadata_props[:]
-            out = save_model(proto, PKG_DIR / f"{name}_{tag}.onnx", smoke_feed=example)
+            out = save_model(proto, PKG_DIR / f"{name}_{tag}.onnx", smoke_feed={n: example[n] for n in inputs})
             print(f"wrote {out} ({out.stat().st_size} bytes)")
 
 

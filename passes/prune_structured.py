@@ -10,10 +10,14 @@ that hard-code the width: only standard ONNX ops remain.
 
 Attention heads (``heads=true``): the MiniLM/BERT pattern ``x@Wq+bq → Reshape(0,0,H,d) → Transpose`` (and
 K, V) ``→ MatMul → scale/mask → Softmax → MatMul V → Transpose → Reshape(0,0,H·d) → @Wo`` loses whole
-heads: Q/K/V columns, biases, Wo rows and the Reshape head counts are sliced. PyTorch exports of it are
-followed too: Reshape targets built at run time (a head count of -1 or read with ``Shape`` needs no
-change), SDPA's NaN guard after Softmax and its Kᵀ as Reshape-Transpose-Reshape; a mask built at run
-time must broadcast over heads by symbolic shape inference.
+heads: Q/K/V columns, biases, Wo rows and the Reshape head counts are sliced. GPT-2's fused projection
+(one ``x@Wqkv+b`` then ``Split`` into Q, K, V) loses the head's columns in each third, and the Split
+sizes follow; projections may be ``Gemm`` on the rows flattened to 2-D, as HF's ``Conv1D`` exports.
+PyTorch exports of it are followed too: Reshape targets built at run time (a head count of -1 or read
+with ``Shape`` needs no change; reads of the batch and sequence lengths are left alone), SDPA's NaN
+guard after Softmax and its Kᵀ as Reshape-Transpose-Reshape, one-input ``Concat`` (no past keys),
+``Cast`` and inference ``Dropout``; a mask built at run time must broadcast over heads by symbolic
+shape inference.
 
 A group whose channels reach a graph output, a residual ``Add``/``Concat`` with another tensor, a shared
 weight, a subgraph, or any op that cannot be sliced is refused with a message and left as is.
@@ -97,6 +101,7 @@ class ChannelGroup:
     region: dict[ir.Value, Layout] = dataclasses.field(default_factory=dict)
     unshaped: list[ir.Value] = dataclasses.field(default_factory=list)  # shapes forgotten after slicing
     unit: str = "channels"
+    segments: int = 1  # producer columns and constants hold this many equal parts (fused Q/K/V), sliced alike
 
 
 # --------------------------------------------------------------------------- tracing a channel group
@@ -297,6 +302,16 @@ def _scalar_input(node: ir.Node) -> int | None:
     return None
 
 
+def _passes_through(node: ir.Node) -> bool:
+    """Whether ``node`` hands its only data input on elementwise: heads sliced before it are sliced after."""
+    if node.op_type == "Dropout":
+        training = node.inputs[2] if len(node.inputs) > 2 else None
+        flag = constant_tensor(training) if training is not None else None
+        return (training is None or (flag is not None and not flag.numpy().any())) and not (
+            len(node.outputs) > 1 and (node.outputs[1].uses() or node.outputs[1].is_graph_output()))
+    return node.op_type in ("Identity", "Cast") or (node.op_type == "Concat" and len(node.inputs) == 1)
+
+
 def _skip_scalar_ops(value: ir.Value, values: list[ir.Value]) -> ir.Value:
     """Walk back through Mul/Div by scalar constants (attention scaling)."""
     while (node := value.producer()) is not None and node.op_type in ("Mul", "Div") and _scalar_input(node) == 1:
@@ -449,10 +464,12 @@ class HeadGroup:
     reshapes: list[tuple[ir.Node, tuple[int | None, int], int]]  # (Reshape, head count's place, per head)
     output: WeightUse
     values: list[ir.Value]
+    segments: int = 1  # 3: one fused Q/K/V projection
 
     def as_channel_group(self) -> ChannelGroup:
         """The same slicing expressed per head: units of ``head_dim`` channels."""
-        group = ChannelGroup(self.label, self.heads, [(u, self.head_dim) for u in self.projections])
+        group = ChannelGroup(self.label, self.heads, [(u, self.head_dim) for u in self.projections],
+                             segments=self.segments)
         group.constants = [(node, index, -1, self.head_dim) for node, index in self.biases]
         group.reshapes = self.reshapes
         group.consumers = [Consumer(self.output, self.head_dim)]
@@ -462,8 +479,9 @@ class HeadGroup:
 
 
 # Axis labels of the tensors of an attention block: b batch, q queries, k keys, h heads, d head_dim,
-# w = h·d, n = b·h, e the model width. Pruning changes h, w and n only.
-HEAD_LABELS = "hwn"
+# w = h·d, n = b·h, t = 3·w (fused Q/K/V), m = b·q (rows flattened for a Gemm), e the model width.
+# Pruning changes h, w, n and t only.
+HEAD_LABELS = "hwnt"
 
 
 class _HeadTrace:
@@ -480,14 +498,23 @@ class _HeadTrace:
         self.labels[value] = labels
         return value
 
+    def through(self, value: ir.Value) -> ir.Value:
+        """Back through nodes that pass ``value`` on unchanged per head (:func:`_passes_through`): past-key
+        ``Concat`` of one input, ``Cast``, inference ``Dropout``; the tensor before them, same labels."""
+        while (node := value.producer()) is not None and _passes_through(node):
+            _only_use(value, self.values)
+            value = self.note(node.inputs[0], self.labels[value]) if value in self.labels else node.inputs[0]
+        return value
+
     def producer(self, value: ir.Value, op_type: str, labels: str) -> ir.Node:
         """The ``op_type`` node producing ``value``; its input is labelled ``labels``."""
-        node = _producer(value, op_type, self.values)
+        node = _producer(self.through(value), op_type, self.values)
         self.note(node.inputs[0], labels)
         return node
 
     def transpose(self, value: ir.Value, perm: list[int], name: str) -> ir.Value:
         """The input of the Transpose ``perm`` producing ``value`` (labelled by undoing the perm)."""
+        value = self.through(value)
         node = _producer(value, "Transpose", self.values)
         if _perm(node) != perm:
             raise Refused(f"{name} Transpose perm {_perm(node)} is not {perm}")
@@ -530,7 +557,8 @@ class _HeadTrace:
         """Check every traced Reshape target against the labels of its output; the constant head counts
         to rewrite, as (Reshape, place, units per head)."""
         same = {"q": "qk", "k": "qk"} if self.self_attention else {}
-        counts = {"h": (heads, 1), "w": (heads * head_dim, head_dim), "d": (head_dim, None)}
+        counts = {"h": (heads, 1), "w": (heads * head_dim, head_dim), "t": (3 * heads * head_dim, 3 * head_dim),
+                  "d": (head_dim, None)}
         updates = []
         for node, entries, labels in self.reshapes:
             for i, (entry, wanted) in enumerate(zip(entries, labels)):
@@ -552,16 +580,20 @@ class _HeadTrace:
 
 
 _LABEL_NAMES = {"b": "batch", "q": "query length", "k": "key length", "h": "head count", "d": "head size",
-                "w": "heads × head size", "n": "batch × heads", "e": "model width"}
+                "w": "heads × head size", "n": "batch × heads", "e": "model width", "t": "3 × heads × head size",
+                "m": "batch × sequence"}
 
 
 def _looks_like_attention_output(use: WeightUse) -> bool:
-    """``use`` reads Reshape(Transpose(...)): the way attention merges its heads before the output projection."""
+    """``use`` reads Reshape(Transpose(...)), maybe through a second Reshape to 2-D: the way attention
+    merges its heads before the output projection."""
     merge = use.activation.producer() if use.activation is not None else None
     if merge is None or merge.op_type != "Reshape":
         return False
-    transpose = merge.inputs[0].producer()
-    return transpose is not None and transpose.op_type == "Transpose"
+    before = merge.inputs[0].producer()
+    if before is not None and before.op_type == "Reshape":
+        before = before.inputs[0].producer()
+    return before is not None and before.op_type == "Transpose"
 
 
 def _scores_input(add: ir.Node, model: ir.Model) -> int:
@@ -586,12 +618,22 @@ def _scores_input(add: ir.Node, model: ir.Model) -> int:
 def trace_heads(output: WeightUse, model: ir.Model) -> HeadGroup:
     """Match the attention pattern ending at output projection ``output``; :class:`Refused` otherwise."""
     trace = _HeadTrace()
-    context = trace.transpose(trace.reshape(output.activation, "bqw", "bqhd"), [0, 2, 1, 3], "context")
+    merged, labels = output.activation, "bqw"
+    if output.node.op_type == "Gemm":  # rows flattened to (b·q, w), from (b, q, w) or straight from the heads
+        if output.node.attributes.get_int("transA", 0):
+            raise Refused(f"output projection '{output.node.name}' transposes its input")
+        reshape = merged.producer()
+        source = reshape.inputs[0].producer() if reshape is not None and reshape.inputs else None
+        labels = "bqw" if source is not None and source.op_type == "Reshape" else "bqhd"
+        merged = trace.reshape(merged, "mw", labels)
+    if labels == "bqw":
+        merged = trace.reshape(merged, "bqw", "bqhd")
+    context = trace.transpose(merged, [0, 2, 1, 3], "context")
     if (node := context.producer()) is not None and node.op_type == "Reshape":  # the TorchScript SDPA export
         context = trace.reshape(context, "bhqd", "bhqd")
     attend = trace.producer(context, "MatMul", "bhqk")
     trace.note(attend.inputs[1], "bhkd")
-    softmax = _softmax(attend.inputs[0], trace.values)
+    softmax = _softmax(trace.through(attend.inputs[0]), trace.values)
     if softmax.attributes.get_int("axis", -1) not in (-1, 3):
         raise Refused("Softmax is not over the key axis")
     scores = trace.note(softmax.inputs[0], "bhqk")
@@ -610,36 +652,89 @@ def trace_heads(output: WeightUse, model: ir.Model) -> HeadGroup:
     split_values = {"q": (trace.transpose(query, [0, 2, 1, 3], "q"), "q"),
                     "k": (trace.key_transposed(key), "k"),
                     "v": (trace.transpose(attend.inputs[1], [0, 2, 1, 3], "v"), "k")}
-    projections, biases, head_dims = [], [], set()
+    branches, head_dims = [], set()
     for name, (value, length) in split_values.items():
-        value = trace.reshape(value, f"b{length}hd", f"b{length}w")
+        branches.append(trace.reshape(value, f"b{length}hd", f"b{length}w"))
         head_dims.add(_head_dim(trace.reshapes[-1][1], name))
-        if (add := value.producer()) is not None and add.op_type == "Add":
-            bias_index = 1 if constant_tensor(add.inputs[1]) is not None else 0
-            _producer(value, "Add", trace.values)
-            biases.append((add, bias_index))
-            value = trace.note(add.inputs[1 - bias_index], f"b{length}w")
-        matmul = trace.producer(value, "MatMul", f"b{length}e")
-        use = WeightUse(matmul, 1)
-        if constant_tensor(use.value) is None or use.shared or use.array().ndim != 2:
-            raise Refused(f"{name} projection '{matmul.name}' has no unshared constant 2-D weight")
-        projections.append(use)
-    trace.self_attention = projections[0].activation is projections[1].activation
     if len(head_dims) != 1:
         raise Refused("Q/K/V split into different head shapes")
     head_dim = head_dims.pop()
-    width = _out_columns(projections[0])
-    if width % head_dim or any(_out_columns(u) != width for u in projections):
+    split = branches[0].producer()
+    if split is not None and split.op_type == "Split":  # GPT-2: one projection, then Split
+        projections, biases, split_updates = _fused_projection(trace, split, branches, head_dim)
+        segments = 3
+    else:
+        projections, biases, split_updates = [], [], []
+        for name, value in zip(split_values, branches):
+            projection, bias = _projection(trace, value, trace.labels[value], name)
+            projections.append(projection)
+            biases += bias
+        segments = 1
+    trace.self_attention = segments == 3 or projections[0].activation is projections[1].activation
+    width = _out_columns(projections[0]) // segments
+    if width % head_dim or width * segments != _out_columns(projections[0]) or any(
+            _out_columns(u) != width for u in projections[1:]):
         raise Refused(f"projection widths are not equal multiples of head_dim {head_dim}")
-    if any(constant_tensor(node.inputs[index]) is None or constant_tensor(node.inputs[index]).size != width
+    if any(constant_tensor(node.inputs[index]) is None or constant_tensor(node.inputs[index]).size != segments * width
            for node, index in biases):
         raise Refused("a Q/K/V bias is not a per-channel constant")
     if output.shared or _in_rows(output) != width:
         raise Refused(f"output projection weight is shared or does not match heads × head_dim = {width}")
     heads = width // head_dim
-    updates = trace.check_entries(heads, head_dim)
+    updates = trace.check_entries(heads, head_dim) + split_updates
     _check_shape_readers(trace)
-    return HeadGroup(output.label, heads, head_dim, projections, biases, updates, output, trace.values)
+    return HeadGroup(output.label, heads, head_dim, projections, biases, updates, output, trace.values, segments)
+
+
+def _projection(trace: _HeadTrace, value: ir.Value, labels: str, name: str) -> tuple[WeightUse, list[tuple[ir.Node, int]]]:
+    """The projection (``MatMul``, or ``Gemm`` on rows flattened by a Reshape) producing ``value``
+    (labelled ``labels``), through a bias ``Add``; its weight use and bias slots."""
+    biases = []
+    value = trace.through(value)
+    if (add := value.producer()) is not None and add.op_type == "Add":
+        bias_index = 1 if constant_tensor(add.inputs[1]) is not None else 0
+        _producer(value, "Add", trace.values)
+        biases.append((add, bias_index))
+        value = trace.through(trace.note(add.inputs[1 - bias_index], labels))
+    if (reshape := value.producer()) is not None and reshape.op_type == "Reshape":
+        labels = "m" + labels[-1]
+        value = trace.through(trace.reshape(value, trace.labels[value], labels))
+    node = value.producer()
+    op_type = "Gemm" if node is not None and node.op_type == "Gemm" else "MatMul"
+    node = trace.producer(value, op_type, labels[:-1] + "e")
+    if op_type == "Gemm":
+        if node.attributes.get_int("transA", 0):
+            raise Refused(f"{name} projection '{node.name}' transposes its input")
+        if len(node.inputs) > 2 and node.inputs[2] is not None:
+            biases.append((node, 2))
+    use = WeightUse(node, 1)
+    if constant_tensor(use.value) is None or use.shared or use.array().ndim != 2:
+        raise Refused(f"{name} projection '{node.name}' has no unshared constant 2-D weight")
+    return use, biases
+
+
+def _fused_projection(trace: _HeadTrace, split: ir.Node, branches: list[ir.Value], head_dim: int) -> tuple[
+        list[WeightUse], list[tuple[ir.Node, int]], list[tuple[ir.Node, tuple[int | None, int], int]]]:
+    """Q, K and V as the three outputs of one ``Split`` of a fused projection's last axis (GPT-2's
+    ``c_attn``): the projection, its bias slots, and the Split sizes to rewrite as (Split, place, per head)."""
+    if list(split.outputs) != branches:
+        raise Refused(f"Q, K and V are not the outputs of Split '{split.name}' in that order")
+    if split.attributes.get_int("axis", 0) not in (-1, 2):
+        raise Refused(f"Split '{split.name}' does not split the last axis of (batch, sequence, 3 × width)")
+    for value in branches:
+        _only_use(value, trace.values)
+    updates = []
+    if "split" in split.attributes:
+        raise Refused(f"Split '{split.name}' holds its sizes as an attribute (opset < 13): not rewritten")
+    if len(split.inputs) > 1 and split.inputs[1] is not None:
+        sizes = constant_tensor(split.inputs[1])
+        if sizes is None or len(set(sizes.numpy().reshape(-1).tolist())) != 1:
+            raise Refused(f"Split '{split.name}' sizes are not three equal constants")
+        updates = [(split, (None, i), head_dim) for i in range(3)]
+    fused = trace.note(split.inputs[0], "bqt")
+    _only_use(fused, trace.values)
+    projection, biases = _projection(trace, fused, "bqt", "fused Q/K/V")
+    return [projection], biases, updates
 
 
 def _head_dim(target: list[Entry], name: str) -> int:
@@ -649,9 +744,20 @@ def _head_dim(target: list[Entry], name: str) -> int:
     return target[-1].constant
 
 
+def _reads_no_head_axis(node: ir.Node, trace: _HeadTrace) -> bool:
+    """Whether ``node`` (a reader of a block tensor's ``Shape``) is a ``Gather``/``Slice`` picking only axes
+    that keep their size (batch, sequence lengths, head size), as GPT-2 reads (b, q) to restore the rows
+    after a 2-D Gemm."""
+    if node.op_type not in ("Gather", "Slice"):
+        return False
+    entries = _dimension_reads(node.outputs[0], {v: len(labels) for v, labels in trace.labels.items()})
+    labels = None if entries is None or any(e.tensor is None for e in entries) else [trace._entry_label(e) for e in entries]
+    return labels is not None and all(label is not None and label not in HEAD_LABELS + "?" for label in labels)
+
+
 def _check_shape_readers(trace: _HeadTrace) -> None:
-    """A ``Shape`` of a block tensor may only feed the Reshape targets checked: elsewhere its head count
-    would change under a node that expects the old one."""
+    """A ``Shape`` of a block tensor may only feed the Reshape targets checked, or read axes pruning leaves
+    alone: elsewhere its head count would change under a node that expects the old one."""
     checked = {node.inputs[1] for node, _, _ in trace.reshapes}
     for value in trace.values:
         stack = [shape.outputs[0] for shape, _ in value.uses() if shape.op_type == "Shape"]
@@ -659,8 +765,8 @@ def _check_shape_readers(trace: _HeadTrace) -> None:
             piece = stack.pop()
             if piece in checked:
                 continue
-            readers = [node for node, _ in piece.uses()]
-            if piece.is_graph_output() or not readers or any(
+            readers = [node for node, _ in piece.uses() if not _reads_no_head_axis(node, trace)]
+            if piece.is_graph_output() or not piece.uses() or any(
                     node.op_type not in ("Gather", "Slice", "Unsqueeze", "Squeeze", "Concat", "Cast", "Identity")
                     for node in readers):
                 raise Refused(f"the shape of '{value.name}' is read outside the attention pattern")
@@ -670,9 +776,11 @@ def _check_shape_readers(trace: _HeadTrace) -> None:
 # --------------------------------------------------------------------------- slicing
 
 
-def _unit_index(keep: np.ndarray, per: int) -> np.ndarray:
-    """Entries kept when each kept unit spans ``per`` consecutive entries."""
-    return (keep[:, None] * per + np.arange(per)).reshape(-1)
+def _unit_index(keep: np.ndarray, per: int, segments: int = 1, units: int = 0) -> np.ndarray:
+    """Entries kept when each kept unit spans ``per`` consecutive entries, in each of ``segments`` equal
+    parts of ``units`` units."""
+    entries = (keep[:, None] * per + np.arange(per)).reshape(-1)
+    return np.concatenate([s * units * per + entries for s in range(segments)])
 
 
 def _slice_input(node: ir.Node, index: int, axis: int, entries: np.ndarray, suffix: str) -> None:
@@ -687,12 +795,12 @@ def apply_group(group: ChannelGroup, keep: np.ndarray) -> dict[ir.Node, np.ndarr
     """
     kept_outputs = {}
     for use, per in group.producers:
-        entries = _unit_index(keep, per)
+        entries = _unit_index(keep, per, group.segments, group.channels)
         transposed = use.node.op_type == "Conv" or (use.node.op_type == "Gemm" and use.node.attributes.get_int("transB", 0))
         _slice_input(use.node, use.index, 0 if transposed else 1, entries, "pruned")
         kept_outputs[use.node] = entries
     for node, index, axis, per in group.constants:
-        _slice_input(node, index, axis, _unit_index(keep, per), "pruned")
+        _slice_input(node, index, axis, _unit_index(keep, per, group.segments, group.channels), "pruned")
     for consumer in group.consumers:
         use, entries = consumer.use, _unit_index(keep, consumer.group)
         transposed = use.node.op_type == "Gemm" and use.node.attributes.get_int("transB", 0)
@@ -702,8 +810,8 @@ def apply_group(group: ChannelGroup, keep: np.ndarray) -> dict[ir.Node, np.ndarr
         _set_target_entry(node, where, len(keep) * per)
     for value, layout in group.region.items():
         _resize(value, layout.axis, group.channels, len(keep))
-    for value in group.unshaped:
-        value.shape = None
+    for value in group.unshaped:  # sizes forgotten, the rank kept (tracing a pruned export again needs it)
+        value.shape = None if value.shape is None else ir.Shape([None] * len(value.shape))
     return kept_outputs
 
 
@@ -742,10 +850,12 @@ def _kept_count(channels: int, ratio: float, min_channels: int, round_to: int) -
     return min(channels, math.ceil(keep / round_to) * round_to)
 
 
-def _unit_norms(matrix: np.ndarray, per: int, axis: int, order: int) -> np.ndarray:
-    """Norm of each block of ``per`` consecutive entries along ``axis`` of ``matrix`` (other axes summed)."""
+def _unit_norms(matrix: np.ndarray, per: int, axis: int, order: int, segments: int = 1) -> np.ndarray:
+    """Norm of each block of ``per`` consecutive entries along ``axis`` of ``matrix`` (other axes summed),
+    a unit's blocks in all ``segments`` equal parts of the axis together."""
     moved = np.moveaxis(np.abs(matrix.astype(np.float64)), axis, 0)
-    blocks = moved.reshape(-1, per, *moved.shape[1:]).reshape(moved.shape[0] // per, -1)
+    units = moved.shape[0] // (per * segments)
+    blocks = moved.reshape(segments, units, -1).swapaxes(0, 1).reshape(units, -1)
     return blocks.sum(axis=1) if order == 1 else np.sqrt((blocks**2).sum(axis=1))
 
 
@@ -756,9 +866,8 @@ def _consumer_row_norms(consumer: Consumer, order: int) -> np.ndarray:
     return _unit_norms(use.matrix(), consumer.group, 0, order)
 
 
-NO_BLOCK = ("none found: a block is traced back from an output projection MatMul that reads "
-            "Reshape(Transpose(context)), with separate Q, K and V MatMuls; fused QKV projections (GPT-2's c_attn) "
-            "and Gemm projections are not traced")
+NO_BLOCK = ("none found: a block is traced back from an output projection MatMul or Gemm that reads "
+            "Reshape(Transpose(context)), to separate Q, K and V projections or one fused projection and a Split")
 
 
 @register("prune-structured", lossless=False)
@@ -854,7 +963,7 @@ class PruneStructuredPass(ir.passes.InPlacePass):
         groups, refused, claimed = [], {}, set()
         if self.heads:
             for use in uses:
-                if use.node.op_type != "MatMul":
+                if use.node.op_type not in ("MatMul", "Gemm"):
                     continue
                 try:
                     head_group = trace_heads(use, model)
@@ -886,7 +995,7 @@ class PruneStructuredPass(ir.passes.InPlacePass):
             return sum(np.sqrt(_block_sums(sums, group.channels)) * _consumer_row_norms(consumer, 2)
                        for sums, consumer in zip(activation, group.consumers))
         order = 1 if self.importance == "l1" else 2
-        score = sum(_unit_norms(u.matrix(), per, 1, order) ** order for u, per in group.producers)
+        score = sum(_unit_norms(u.matrix(), per, 1, order, group.segments) ** order for u, per in group.producers)
         if group.unit == "heads":  # the output projection's rows count too
             score = score + sum(_consumer_row_norms(c, order) ** order for c in group.consumers)
         return score ** (1 / order)

@@ -509,7 +509,7 @@ def test_residual_with_an_unpruned_branch_is_refused(kind):
 
 # PyTorch's exporters: head counts are -1 or run-time Shape reads, SDPA adds a NaN guard after Softmax,
 # TorchScript a no-op Reshape of the context, dynamo a Reshape-Transpose-Reshape for Kᵀ (models/torch_exports.py).
-TORCH_EXPORTS = ["bert_tiny_ts.onnx", "bert_tiny_dy.onnx"]
+TORCH_EXPORTS = ["bert_tiny_ts.onnx", "bert_tiny_dy.onnx", "gpt2_tiny_ts.onnx", "gpt2_tiny_dy.onnx"]
 
 
 def _head_groups(model):
@@ -518,7 +518,7 @@ def _head_groups(model):
 
     groups = []
     for node in list(model.graph):
-        if node.op_type == "MatMul" and node.inputs[1].const_value is not None:
+        if node.op_type in ("MatMul", "Gemm") and node.inputs[1].const_value is not None:
             try:
                 groups.append(trace_heads(WeightUse(node, 1), model))
             except Exception:  # noqa: BLE001 - not an output projection
@@ -527,13 +527,16 @@ def _head_groups(model):
 
 
 def _kill_head(model, head: int) -> None:
-    """Zero one head of every attention block: Q/K/V columns and biases, output projection rows."""
+    """Zero one head of every attention block: Q/K/V columns and biases (in each third of a fused
+    projection), output projection rows."""
     for group in _head_groups(model):
         dead = np.arange(head * group.head_dim, (head + 1) * group.head_dim)
+        width = group.heads * group.head_dim
+        fused = np.concatenate([s * width + dead for s in range(group.segments)])
         for use in group.projections:
-            _zero(model, use.value.name, dead, 1)
+            _zero(model, use.value.name, fused, 1)
         for node, index in group.biases:
-            _zero(model, node.inputs[index].name, dead, 0)
+            _zero(model, node.inputs[index].name, fused, 0)
         _zero(model, group.output.value.name, dead, 0)
 
 
@@ -557,11 +560,41 @@ def test_heads_of_pytorch_exports_are_removed_exactly(name, cleanup):
     details = prune(model, ratio=0.25, heads=True, op_types="")
     assert details["refused"] == {}
     assert list(details["layers"].values()) == ["heads 4 -> 3, importance removed 0.0000 (l2)"] * 2
-    for group in _head_groups(model):
-        assert [u.matrix().shape for u in group.projections] == [(32, 24)] * 3
+    groups = _head_groups(model)  # traced again in the pruned model
+    assert len(groups) == 2
+    for group in groups:
+        assert [u.matrix().shape for u in group.projections] == [(32, 24 * group.segments)] * (3 // group.segments)
         assert group.output.matrix().shape == (24, 32) and group.heads == 3
     for feeds, reference in zip(_torch_feeds(), expected):
         np.testing.assert_allclose(run(model, feeds)[0], reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gpt2_tiny_ts.onnx", "gpt2_tiny_dy.onnx"])
+def test_fused_qkv_heads_by_activation_with_recovery(name):
+    """GPT-2: both exporters give the same head choice; recovery re-fits each 2-D Gemm output projection."""
+    from models.torch_exports import feeds
+
+    batches = [feeds(batch=4, seq=9, seed=s) for s in range(4)]
+    data = Dataset.from_arrays({k: np.concatenate([b[k] for b in batches]) for k in ("input_ids", "attention_mask")})
+    model = load(MODELS / name)
+    details = prune(model, data=data, ratio=0.5, heads=True, op_types="", importance="activation", recover=True)
+    assert [v.split(",")[0] for v in details["layers"].values()] == ["heads 4 -> 2"] * 2
+    assert all(r["applied"] and r["error_after"] < r["error_before"] and r["inputs"] == 17 for r in details["recover"].values())
+    groups = _head_groups(model)
+    assert [(g.segments, g.projections[0].matrix().shape) for g in groups] == [(3, (32, 48))] * 2
+    assert run(model, _torch_feeds()[1])[0].shape == (3, 11, 32)
+
+
+def test_fused_qkv_read_out_of_order_is_refused():
+    """Q and K swapped at the Split: not GPT-2's layout, so the block is left alone with the reason."""
+    proto = onnx.load(MODELS / "gpt2_tiny_dy.onnx")
+    split = next(n for n in proto.graph.node if n.op_type == "Split")
+    for node in proto.graph.node:
+        node.input[:] = [{split.output[0]: split.output[1], split.output[1]: split.output[0]}.get(i, i) for i in node.input]
+    model = ir.serde.deserialize_model(proto)
+    details = prune(model, ratio=0.25, heads=True, op_types="")
+    assert details["refused"] == {"node_addmm_1 (heads)": f"Q, K and V are not the outputs of Split '{split.name}' in that order"}
+    assert list(details["layers"]) == ["node_addmm_5"]
 
 
 def _dynamo_with_constant_head_count() -> ir.Model:
