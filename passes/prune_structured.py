@@ -2,11 +2,12 @@
 
 A *channel group* is a producer layer (MatMul/Gemm/Conv with a constant weight) and every tensor its
 output channels flow into: per-channel bias ``Add``/``Mul`` constants, BatchNormalization, elementwise
-activations (GELU's Erf chain included), pooling, ``Flatten``/``Reshape`` to 2-D, up to the layers that
-contract over the channels (the next MatMul/Gemm's input rows, the next Conv's input channels; after an
-NCHW flatten, each channel is a block of H·W consecutive rows). Removing a channel slices the producer's
-output columns, every per-channel constant and the consumers' input rows, and updates Reshape constants
-that hard-code the width: only standard ONNX ops remain.
+activations (GELU's Erf and tanh chains included), pooling, ``Flatten``/``Reshape`` to 2-D, Reshapes that
+regroup the rows and keep the channels last (HF ``Conv1D``'s (b·q, C) ↔ (b, q, C) around a 2-D Gemm), up
+to the layers that contract over the channels (the next MatMul/Gemm's input rows, the next Conv's input
+channels; after an NCHW flatten, each channel is a block of H·W consecutive rows). Removing a channel
+slices the producer's output columns, every per-channel constant and the consumers' input rows, and
+updates Reshape constants that hard-code the width: only standard ONNX ops remain.
 
 Attention heads (``heads=true``): the MiniLM/BERT pattern ``x@Wq+bq → Reshape(0,0,H,d) → Transpose`` (and
 K, V) ``→ MatMul → scale/mask → Softmax → MatMul V → Transpose → Reshape(0,0,H·d) → @Wo`` loses whole
@@ -205,6 +206,8 @@ def _visit(group: ChannelGroup, node: ir.Node, hits: list[int], graph: ir.Graph)
         out = Layout(-1, 2, flat=layout.rank > 2)
     elif op == "Reshape" and hits == [0]:
         out = _flatten_reshape(group, node, layout)
+    elif op == "Shape" and hits == [0]:
+        _check_shape_reads(group, node, layout)
     elif op in ("MatMul", "Gemm", "Conv") and hits == [0]:
         _add_consumer(group, node, layout)
     else:
@@ -231,6 +234,8 @@ def _flatten_reshape(group: ChannelGroup, node: ir.Node, layout: Layout) -> Layo
         and (node.attributes.get_int("allowzero", 0) == 0 or 0 not in target)  # allowzero: a 0 stays 0
         and ((target[0] == 0 and (target[1] == -1 or target[1] > 0)) or (target[0] == -1 and target[1] == rest))
     )
+    if not flattening and (rows := _rows_reshape(group, node, layout)) is not None:
+        return rows
     if not flattening:
         out_shape = node.outputs[0].shape
         rank = len(target) if target is not None else (out_shape.rank() if out_shape is not None else 0)
@@ -242,6 +247,66 @@ def _flatten_reshape(group: ChannelGroup, node: ir.Node, layout: Layout) -> Layo
             raise Refused(f"Reshape '{node.name}' width {target[1]} is not a multiple of {group.channels} channels")
         group.reshapes.append((node, (None, 1), target[1] // group.channels))
     return Layout(-1, 2, flat=True)
+
+
+def _rows_reshape(group: ChannelGroup, node: ir.Node, layout: Layout) -> Layout | None:
+    """A Reshape that regroups the rows of channels-last data and keeps the channels as its last axis, e.g.
+    (b·q, C) ↔ (b, q, C) around a 2-D Gemm (HF GPT-2's ``Conv1D``): the output layout, None when not one.
+
+    The last target entry must be the channel count (a constant, rewritten) or a read of a channel axis;
+    the others constants or reads of other axes. Each ``-1`` keeps its value: the channels change the
+    element count and the last entry alike.
+    """
+    if layout.axis != -1 or layout.flat:
+        return None
+    try:
+        entries = _target(node, {v: found.rank for v, found in group.region.items() if found.rank is not None})
+    except Refused:
+        return None
+
+    def reads_channels(entry: Entry) -> bool:
+        found = group.region.get(entry.tensor)
+        rank = found.rank if found is not None else None
+        return found is not None and rank is not None and entry.axis == rank + found.axis
+
+    def other_axis(entry: Entry) -> bool:
+        if entry.tensor is None:
+            return entry.constant is not None
+        found = group.region.get(entry.tensor)
+        return found is None or (found.rank is not None and not found.flat and entry.axis != found.rank + found.axis)
+
+    *others, last = entries or [Entry()]
+    if not entries or not all(other_axis(e) for e in others):
+        return None
+    if last.tensor is None and last.constant == group.channels and last.where is not None:
+        group.reshapes.append((node, last.where, 1))
+    elif last.tensor is None or not reads_channels(last):
+        return None
+    return Layout(-1, len(entries))
+
+
+def _check_shape_reads(group: ChannelGroup, shape: ir.Node, layout: Layout) -> None:
+    """A ``Shape`` of channel data may feed targets of Reshapes of the channel data (checked when they are
+    visited), or read other axes only: anywhere else the channel count it reads would change under a
+    node that expects the old one."""
+    data = shape.inputs[0]
+    ranks = {data: layout.rank} if layout.rank is not None else {}
+    channel_axis = layout.rank + layout.axis if layout.rank is not None and not layout.flat else None
+    stack = [shape.outputs[0]]
+    while stack:
+        piece = stack.pop()
+        if piece.is_graph_output():
+            raise Refused(f"the shape of '{data.name}' reaches the graph output")
+        for reader, index in piece.uses():
+            if reader.op_type in ("Gather", "Slice") and channel_axis is not None:
+                entries = _dimension_reads(reader.outputs[0], ranks)
+                if entries is not None and all(e.tensor is not data or e.axis != channel_axis for e in entries):
+                    continue  # batch or sequence lengths: unchanged
+            if reader.op_type == "Reshape" and index == 1 and reader.inputs[0] in group.region:
+                continue
+            if reader.op_type not in ("Gather", "Slice", "Unsqueeze", "Squeeze", "Concat", "Cast", "Identity"):
+                raise Refused(f"the shape of '{data.name}' is read by {reader.op_type} '{reader.name}'")
+            stack.append(reader.outputs[0])
 
 
 def _add_consumer(group: ChannelGroup, node: ir.Node, layout: Layout) -> None:

@@ -380,17 +380,36 @@ def _w(*shape) -> np.ndarray:
     [
         ("mm", [-1, 8], True, None), ("mm", [0, -1], True, None), ("mm", [0, 8], True, None),
         ("mm", [5, -1], True, "not a proven"), ("mm", [-1, 4], True, "not a proven"),
-        ("mm", [-1, 8], False, "not a proven"),  # no static shape: -1 may not be the batch
+        ("mm", [-1, 8], False, None),  # no static shape, but the channels stay last: rows regrouped, as in GPT-2
+        ("mm", [-1, 2, 4], True, "not a proven"),  # the channels split
         ("conv", [-1, 144], True, None), ("conv", [0, -1], False, None), ("conv", [0, 144], False, None),
         ("conv", [5, -1], True, "not a proven"), ("conv", [-1, 36], True, "not a proven"),
         ("conv", [0, 4, 36], True, "not a proven"),
     ],
 )
 def test_reshape_after_the_pruned_layer(kind, shape, infer, reason):
-    """-1 and 0 change meaning when channels disappear: only a proven (batch, C·rest) flatten is followed."""
+    """-1 and 0 change meaning when channels disappear: only a proven (batch, C·rest) flatten, or a regroup of
+    the rows that keeps the channels last, is followed."""
     rows = shape[-1] if shape[-1] > 0 else WIDTH[kind] * (36 if kind == "conv" else 1)
     nodes = [mk("Reshape", ["r", "shape"], ["f"]), mk("MatMul", ["f", "w2"], ["y"], name="fc2")]
     _check_pattern(kind, _pattern(kind, nodes, {"shape": shape, "w2": _w(rows, 3)}, infer=infer), reason)
+
+
+@pytest.mark.parametrize(("reads", "reason"), [
+    ([mk("Shape", ["r"], ["s"])], None),  # the whole run-time shape: the channel count is read where it is
+    ([mk("Shape", ["r"], ["s0"]), mk("Slice", ["s0", "zero", "one"], ["b"]), mk("Concat", ["b", "eight"], ["s"], axis=0)],
+     None),  # the batch read, the width a constant: rewritten
+    ([mk("Shape", ["r"], ["s"]), mk("ConstantOfShape", ["s"], ["ones"], value=helper.make_tensor("v", 1, [1], [1.0])),
+      mk("Mul", ["ones", "f0"], ["scaled"])], "is read by ConstantOfShape"),  # the width read for another tensor
+])
+def test_reshape_to_a_shape_read_at_run_time(reads, reason):
+    """HF Conv1D's Reshape back to the input's shape: ``Shape`` of the channel data may feed the targets of
+    Reshapes of it (checked as reshapes) and read other axes; any other reader refuses the group."""
+    nodes = [*reads, mk("Reshape", ["r", "s"], ["f0"]), *([mk("Identity", ["f0"], ["f"])] if reason is None else
+                                                          [mk("Identity", ["scaled"], ["f"])]),
+             mk("MatMul", ["f", "w2"], ["y"], name="fc2")]
+    inits = {"w2": _w(8, 3), "zero": [0], "one": [1], "eight": [8]}
+    _check_pattern("mm", _pattern("mm", nodes, inits), reason)
 
 
 @pytest.mark.parametrize(("kind", "shape"), [("conv", [-1, 144]), ("mm", [-1, 8])])
@@ -583,6 +602,31 @@ def test_fused_qkv_heads_by_activation_with_recovery(name):
     groups = _head_groups(model)
     assert [(g.segments, g.projections[0].matrix().shape) for g in groups] == [(3, (32, 48))] * 2
     assert run(model, _torch_feeds()[1])[0].shape == (3, 11, 32)
+
+
+@pytest.mark.parametrize("cleanup", [False, True])
+@pytest.mark.parametrize("name", ["gpt2_tiny_ts.onnx", "gpt2_tiny_dy.onnx"])
+def test_gpt2_ffn_channels_through_2d_gemms_are_removed_exactly(name, cleanup):
+    """c_fc (Gemm on rows flattened to 2-D) → Reshape to (b, q, 128) → tanh GELU → Reshape to 2-D → c_proj:
+    the Reshapes keep the channels last (a constant 128 rewritten, a run-time read followed)."""
+    model = load(MODELS / name)
+    if cleanup:
+        registry.get("cleanup").create()(model)
+    dead = RNG.choice(128, 32, replace=False)
+    fcs = [n for n in model.graph if n.op_type == "Gemm" and n.inputs[1].const_value.shape[1] == 128]
+    projections = [n for n in model.graph if n.op_type == "Gemm" and n.inputs[1].const_value.shape[0] == 128]
+    assert len(fcs) == len(projections) == 2
+    for fc, projection in zip(fcs, projections):
+        _zero(model, fc.inputs[1].name, dead, 1)
+        _zero(model, fc.inputs[2].name, dead, 0)  # GELU(0) = 0: the dead channels add nothing to c_proj
+        _zero(model, projection.inputs[1].name, dead, 0)
+    expected = [run(model, feeds)[0] for feeds in _torch_feeds()]
+    details = prune(model, ratio=0.25, op_types="Gemm")
+    assert {fc.name: details["layers"].get(fc.name) for fc in fcs} == {
+        fc.name: "channels 128 -> 96, importance removed 0.0000 (l2)" for fc in fcs}
+    assert all(fc.inputs[1].const_value.shape == (32, 96) for fc in fcs)
+    for feeds, reference in zip(_torch_feeds(), expected):
+        np.testing.assert_allclose(run(model, feeds)[0], reference, rtol=1e-5, atol=1e-5)
 
 
 def test_fused_qkv_read_out_of_order_is_refused():
