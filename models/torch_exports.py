@@ -64,16 +64,23 @@ def build() -> None:
     _export("lstm_tiny", Recurrent().eval(), lstm_feeds(), ("x",), ["logits"])
 
 
+def _randomized(model):
+    """``model`` with noise on every parameter: HF's init zeroes the biases and makes LayerNorm the identity."""
+    import torch
+
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    return model
+
+
 def _bert():
     import torch
     from transformers import BertConfig, BertModel
 
     config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                         vocab_size=VOCAB, max_position_embeddings=32)
-    bert = BertModel(config, add_pooling_layer=False).eval()
-    with torch.no_grad():  # HF's init zeroes the biases and makes LayerNorm the identity
-        for parameter in bert.parameters():
-            parameter.add_(torch.randn_like(parameter) * 0.05)
+    bert = _randomized(BertModel(config, add_pooling_layer=False).eval())
 
     class Encoder(torch.nn.Module):
         def __init__(self):
@@ -92,10 +99,7 @@ def _gpt2():
     from transformers import GPT2Config, GPT2Model
 
     config = GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=32, vocab_size=VOCAB, bos_token_id=0, eos_token_id=0)
-    gpt2 = GPT2Model(config).eval()
-    with torch.no_grad():  # as for BERT: no zero biases, no identity LayerNorms
-        for parameter in gpt2.parameters():
-            parameter.add_(torch.randn_like(parameter) * 0.05)
+    gpt2 = _randomized(GPT2Model(config).eval())
 
     class Decoder(torch.nn.Module):
         def __init__(self):
