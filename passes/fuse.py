@@ -64,6 +64,31 @@ def cleanup_as_ort_optimizer():
         ort_fusions_core.optimize = original
 
 
+def rows_reshape_after_heads(model: ir.Model) -> str | None:
+    """The name of a Reshape of attention heads (after their Transpose) to other than 3-D, e.g. GPT-2's
+    (b·s, D) rows for its 2-D ``Conv1D`` Gemm; None if there is none. onnxscript's MultiHeadAttention rules
+    (mha1/mha2) take that Reshape as the (B, S, D) output without checking it: the fused node would
+    hand the Gemm a 3-D input."""
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        source = node.inputs[0].producer() if node.op_type == "Reshape" and node.inputs[0] is not None else None
+        if source is not None and source.op_type == "Transpose" and list(source.attributes.get_ints("perm", [])) == [0, 2, 1, 3]:
+            shape = node.outputs[0].shape
+            if shape is None or len(shape) != 3:
+                return node.name or node.outputs[0].name
+    return None
+
+
+@contextlib.contextmanager
+def without_mha_rules():
+    """Run onnxscript's ORT fusions without its MultiHeadAttention rules (SDPA still becomes MHA)."""
+    saved = ort_fusions_core.fuse_mha1, ort_fusions_core.fuse_mha2
+    ort_fusions_core.fuse_mha1 = ort_fusions_core.fuse_mha2 = lambda model, **_: 0
+    try:
+        yield
+    finally:
+        ort_fusions_core.fuse_mha1, ort_fusions_core.fuse_mha2 = saved
+
+
 @register("fuse", lossless=True)
 class FusePass(ir.passes.InPlacePass):
     """Fold BatchNorm into Conv/Gemm, fuse LayerNorm, GELU and attention patterns.
@@ -107,12 +132,16 @@ class FusePass(ir.passes.InPlacePass):
         if self.layer_norm and model.opset_imports.get("", 0) >= 17:
             counts["layer_norm"] = LAYER_NORM_RULES.apply_to_model(model)
         hazard = folding_hazard(model) if self.target == "ort" else None
+        rows_reshape = rows_reshape_after_heads(model) if self.target == "ort" and not hazard else None
         if self.target == "ort" and not hazard:
-            with cleanup_as_ort_optimizer():
+            with cleanup_as_ort_optimizer(), without_mha_rules() if rows_reshape else contextlib.nullcontext():
                 _, fused = ort_fusions.optimize_for_ort(model)
             counts.update({k: v for k, v in fused.items() if v})
         restore_layer_names(model, names)
         self.details = {k: v for k, v in counts.items() if v}
+        if rows_reshape:
+            self.details["mha rules"] = (f"skipped: onnxscript's would turn Reshape '{rows_reshape}' of the heads "
+                                         "to rows into a 3-D output")
         if hazard:
             self.details["ort fusions"] = f"skipped: onnxscript's constant folder mishandles {hazard}"
         folded = nodes_before != sum(1 for _ in ir.traversal.RecursiveGraphIterator(model.graph))  # cleanup between the ORT fusions

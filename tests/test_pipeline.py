@@ -296,6 +296,24 @@ def test_fuse_reports_a_change_when_only_its_constant_folding_changed_the_graph(
     assert report.records[0].nodes == (2, 1) and report.records[0].changed
 
 
+@pytest.mark.parametrize(("name", "mha"), [("gpt2_tiny_dy", False), ("bert_tiny_dy", True)])
+def test_fuse_keeps_the_rows_reshape_of_gpt2_attention(name, mha):
+    """onnxscript's MultiHeadAttention rule took GPT-2's Reshape of the heads to 2-D rows (for its Conv1D
+    Gemm) as a (B, S, D) output: the fused model's Gemm got a 3-D input and onnxruntime refused it. Such a
+    model is fused without those rules (its SDPA still becomes MultiHeadAttention); BERT keeps them."""
+    from models.torch_exports import feeds
+
+    model = io.load(MODELS / f"{name}.onnx")
+    wanted = {i.name for i in model.graph.inputs}
+    feed = {k: v for k, v in feeds().items() if k in wanted}
+    expected = runtime.session(model).run(None, feed)[0]
+    fuse = registry.get("fuse").create()
+    fuse(model)
+    assert ("mha2" in fuse.details) == mha and ("mha rules" in fuse.details) != mha
+    assert any(node.op_type in ("MultiHeadAttention", "Attention") for node in model.graph)
+    np.testing.assert_allclose(runtime.session(model).run(None, feed)[0], expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("passes", [["cleanup"], ["fuse"], ["fuse:target=onnx"]])
 def test_lossless_passes_never_materialize_a_broadcast_constant(tmp_path, passes):
     """y = x + Expand(0.5, [1000, 256]): fuse's ORT fusions ran onnxscript's optimizer, whose folder stores
