@@ -147,7 +147,7 @@ def optimize(model_path, output, pass_specs, recipe, data, report, on_error, che
             if not (_from_onnxruntime(exc) or isinstance(exc, RuntimeError)):
                 raise
             raise OnnxoptError(f"the optimized model fails in onnxruntime, {out} not written: {_first_line(exc)}") from exc
-        size_in, size_out = _file_size(src), _file_size(staged)
+        size_in, size_out = io.file_size(src), io.file_size(staged)
         _publish(staged, out)
     if report:  # only for a written model: a failed run leaves no file behind
         _write_report(rep, pathlib.Path(report))
@@ -216,11 +216,6 @@ def _publish(staged: pathlib.Path, out: pathlib.Path) -> None:
     os.replace(staged, out)
 
 
-def _file_size(path: pathlib.Path) -> int:
-    data = path.with_name(path.name + ".data")
-    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
-
-
 REPORT_FORMATS = {".json": pipeline.Report.to_json, ".md": pipeline.Report.to_markdown}
 
 
@@ -243,7 +238,7 @@ def inspect(model_path, as_json, kernels):
     st = stats.model_stats(model)
     info = {
         "file": str(src),
-        "file_bytes": _file_size(src),
+        "file_bytes": io.file_size(src),
         "ir_version": model.ir_version,
         "opsets": dict(model.opset_imports),
         "custom_domains": sorted(d for d in model.opset_imports if d not in ("", "ai.onnx", "ai.onnx.ml")),
@@ -319,7 +314,7 @@ def validate_cmd(reference_path, candidate_path, data, threads, repeat, max_abs,
         click.echo(f"{e.name[:27]:<28}{e.max_abs:>12.4g}{e.max_rel:>12.4g}{e.mean_abs:>12.4g}{e.cosine:>12.6f}")
     click.echo(f"latency ms (median, threads={threads or 'default'}): reference {lat[0]:.3f}, candidate {lat[1]:.3f}, "
                f"ratio {lat[1] / lat[0]:.3f}")
-    click.echo(f"file size: reference {stats.human_bytes(_file_size(ref_path))}, candidate {stats.human_bytes(_file_size(cand_path))}")
+    click.echo(f"file size: reference {stats.human_bytes(io.file_size(ref_path))}, candidate {stats.human_bytes(io.file_size(cand_path))}")
     failed = [e.name for e in errors if (max_abs is not None and e.max_abs > max_abs)
               or (max_rel is not None and e.max_rel > max_rel) or (min_cosine is not None and e.cosine < min_cosine)]
     for note in _session_notes(ref_sess, cand_sess):

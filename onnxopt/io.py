@@ -268,11 +268,27 @@ def _output_ir_version(model: ir.Model) -> int:
     return max(min(model.ir_version or MAX_IR_VERSION, MAX_IR_VERSION), 4)
 
 
+def file_size(path: str | os.PathLike) -> int:
+    """Bytes a model takes on disk: its file and every external data file its tensors name, whatever
+    those files are called (not only onnxopt's ``<name>.data``)."""
+    path = pathlib.Path(path)
+    proto = onnx.load(str(path), load_external_data=False)
+    locations = {_location(tensor) for tensor in _all_initializer_protos(proto.graph)} - {None}
+    return path.stat().st_size + sum((path.parent / name).stat().st_size for name in locations
+                                     if (path.parent / name).is_file())
+
+
+def _location(tensor: onnx.TensorProto) -> str | None:
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return None
+    return next((e.value for e in tensor.external_data if e.key == "location"), None)
+
+
 def _check_external_files(graph: onnx.GraphProto, base: pathlib.Path) -> None:
     for tensor in _all_initializer_protos(graph):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
-        location = next((e.value for e in tensor.external_data if e.key == "location"), None)
+        location = _location(tensor)
         if location is None or not (base / location).is_file():
             raise ModelLoadError(f"external data file for tensor '{tensor.name}' not found: {base / str(location)}")
 
@@ -294,6 +310,7 @@ def _all_initializer_protos(graph: onnx.GraphProto):
         yield from g.initializer
         for sparse in g.sparse_initializer:
             yield sparse.values
+            yield sparse.indices
 
 
 def _densify_sparse_initializers(graph: onnx.GraphProto) -> list[str]:

@@ -321,6 +321,21 @@ def test_inspect_counts_external_tensors(tmp_path, mlp_path):
     assert info["bytes_by_op"]["(unused)"] == 64 * 64 * 4
 
 
+def test_sizes_count_external_data_of_any_name(tmp_path, mlp_path):
+    """A model exported with its weights in 'weights.bin' (not onnxopt's '<name>.data'): the before/after
+    table once compared 1 KB of graph with the optimized model's graph and weights."""
+    proto = onnx.load(str(mlp_path))
+    path = tmp_path / "exported.onnx"
+    onnx.save(proto, str(path), save_as_external_data=True, location="weights.bin", size_threshold=0)
+    total = path.stat().st_size + (tmp_path / "weights.bin").stat().st_size
+    assert json.loads(invoke("inspect", path, "--json").stdout)["file_bytes"] == total
+    out = tmp_path / "out.onnx"
+    result = invoke("optimize", path, "-o", out, "-p", "cleanup", "--external-data", "--no-numeric-check")
+    assert result.exit_code == 0, result.output
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith("file size")]
+    assert 0.5 < float(line.split()[-1]) < 1.5, line
+
+
 def _perturbed(mlp_path: pathlib.Path, tmp: pathlib.Path, scale: float) -> pathlib.Path:
     proto = onnx.load(str(mlp_path))
     w1 = onnx.numpy_helper.to_array(proto.graph.initializer[0]) * scale
