@@ -292,21 +292,13 @@ def _check_shape_reads(group: ChannelGroup, shape: ir.Node, layout: Layout) -> N
     data = shape.inputs[0]
     ranks = {data: layout.rank} if layout.rank is not None else {}
     channel_axis = layout.rank + layout.axis if layout.rank is not None and not layout.flat else None
-    stack = [shape.outputs[0]]
-    while stack:
-        piece = stack.pop()
-        if piece.is_graph_output():
-            raise Refused(f"the shape of '{data.name}' reaches the graph output")
-        for reader, index in piece.uses():
-            if reader.op_type in ("Gather", "Slice") and channel_axis is not None:
-                entries = _dimension_reads(reader.outputs[0], ranks)
-                if entries is not None and all(e.tensor is not data or e.axis != channel_axis for e in entries):
-                    continue  # batch or sequence lengths: unchanged
-            if reader.op_type == "Reshape" and index == 1 and reader.inputs[0] in group.region:
-                continue
-            if reader.op_type not in ("Gather", "Slice", "Unsqueeze", "Squeeze", "Concat", "Cast", "Identity"):
-                raise Refused(f"the shape of '{data.name}' is read by {reader.op_type} '{reader.name}'")
-            stack.append(reader.outputs[0])
+
+    def ends(reader: ir.Node, index: int) -> bool:
+        return (_reads_only(reader, ranks, lambda e: channel_axis is not None and e.axis != channel_axis)
+                or (reader.op_type == "Reshape" and index == 1 and reader.inputs[0] in group.region))
+
+    if (escape := _shape_escape(shape.outputs[0], ends)) is not None:
+        raise Refused(f"the shape of '{data.name}' is read by {escape}")
 
 
 def _add_consumer(group: ChannelGroup, node: ir.Node, layout: Layout) -> None:
@@ -809,33 +801,53 @@ def _head_dim(target: list[Entry], name: str) -> int:
     return target[-1].constant
 
 
-def _reads_no_head_axis(node: ir.Node, trace: _HeadTrace) -> bool:
-    """Whether ``node`` (a reader of a block tensor's ``Shape``) is a ``Gather``/``Slice`` picking only axes
-    that keep their size (batch, sequence lengths, head size), as GPT-2 reads (b, q) to restore the rows
-    after a 2-D Gemm."""
-    if node.op_type not in ("Gather", "Slice"):
+SHAPE_ARITHMETIC = ("Gather", "Slice", "Unsqueeze", "Squeeze", "Concat", "Cast", "Identity")
+
+
+def _reads_only(reader: ir.Node, ranks: dict[ir.Value, int], unchanged) -> bool:
+    """Whether ``reader`` (of a ``Shape`` output) is a ``Gather``/``Slice`` picking only dimensions that
+    ``unchanged(entry)`` says pruning leaves alone (e.g. GPT-2 reads (b, q) to restore the rows after a 2-D Gemm)."""
+    if reader.op_type not in ("Gather", "Slice"):
         return False
-    entries = _dimension_reads(node.outputs[0], {v: len(labels) for v, labels in trace.labels.items()})
-    labels = None if entries is None or any(e.tensor is None for e in entries) else [trace._entry_label(e) for e in entries]
-    return labels is not None and all(label is not None and label not in HEAD_LABELS + "?" for label in labels)
+    entries = _dimension_reads(reader.outputs[0], ranks)
+    return entries is not None and all(e.tensor is not None and unchanged(e) for e in entries)
+
+
+def _shape_escape(shape: ir.Value, ends) -> str | None:
+    """Follow a ``Shape`` output through shape arithmetic until every path reaches a reader that
+    ``ends(reader, input index)`` accepts; where a path escapes instead (another reader, the graph output,
+    a dead end), None if none does."""
+    stack = [shape]
+    while stack:
+        piece = stack.pop()
+        if piece.is_graph_output() or not piece.uses():
+            return "the graph output" if piece.is_graph_output() else f"nothing ('{piece.name}' is unused)"
+        for reader, index in piece.uses():
+            if ends(reader, index):
+                continue
+            if reader.op_type not in SHAPE_ARITHMETIC:
+                return f"{reader.op_type} '{reader.name}'"
+            stack.append(reader.outputs[0])
+    return None
 
 
 def _check_shape_readers(trace: _HeadTrace) -> None:
     """A ``Shape`` of a block tensor may only feed the Reshape targets checked, or read axes pruning leaves
     alone: elsewhere its head count would change under a node that expects the old one."""
     checked = {node.inputs[1] for node, _, _ in trace.reshapes}
+    ranks = {v: len(labels) for v, labels in trace.labels.items()}
+
+    def unchanged(entry: Entry) -> bool:  # batch, sequence lengths, head size
+        label = trace._entry_label(entry)
+        return label is not None and label not in HEAD_LABELS + "?"
+
+    def ends(reader: ir.Node, index: int) -> bool:
+        return reader.inputs[index] in checked or _reads_only(reader, ranks, unchanged)
+
     for value in trace.values:
-        stack = [shape.outputs[0] for shape, _ in value.uses() if shape.op_type == "Shape"]
-        while stack:
-            piece = stack.pop()
-            if piece in checked:
-                continue
-            readers = [node for node, _ in piece.uses() if not _reads_no_head_axis(node, trace)]
-            if piece.is_graph_output() or not piece.uses() or any(
-                    node.op_type not in ("Gather", "Slice", "Unsqueeze", "Squeeze", "Concat", "Cast", "Identity")
-                    for node in readers):
+        for shape, _ in value.uses():
+            if shape.op_type == "Shape" and _shape_escape(shape.outputs[0], ends) is not None:
                 raise Refused(f"the shape of '{value.name}' is read outside the attention pattern")
-            stack.extend(node.outputs[0] for node in readers)
 
 
 # --------------------------------------------------------------------------- slicing
