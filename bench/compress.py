@@ -65,16 +65,16 @@ def recovery_summary(details: dict) -> str:
     return f"{before:.3f}→{after:.3f} ({reduced}/{len(layers)} reduced)"
 
 
-def latencies(fp32_path: Path, path: Path, feed: validate.Feeds, repeat: int) -> list[float]:
+def latencies(fp32_path: Path, path: Path, feed: validate.Feeds, repeat: int, native: bool = True) -> list[float]:
     """fp32 ms, candidate ms, speedup at 1 thread, then the same at 2 (speedup: median over rounds of each
     round's ratio, :func:`validate.interleaved_speedups`), then the speedups at 1 and 2 threads timed from
-    C++ (:func:`validate.native_speedups`; NaN without the tool)."""
+    C++ (:func:`validate.native_speedups`; NaN without the tool; not timed when ``native`` is false)."""
     out = []
     for threads in (1, 2):
         sessions = [runtime.session(str(fp32_path), threads=threads), runtime.session(str(path), threads=threads)]
         medians, speedups = validate.interleaved_speedups(sessions, feed, rounds=7, repeat=repeat)
         out += [*medians, speedups[1]]
-    for threads in (1, 2):
+    for threads in (1, 2) if native else ():
         try:
             out.append(validate.native_speedups([fp32_path, path], feed, threads=threads, rounds=7, repeat=repeat)[1][1])
         except RuntimeLibraryError:
@@ -115,7 +115,7 @@ def run_points(fp32_path, points, data, quality, feed, samples, repeat):
     points = [point for point in points if POINTS.search(point[0])]
     rows = []
     base_quality = quality(runtime.session(str(fp32_path)))
-    base = latencies(fp32_path, fp32_path, feed, repeat)
+    base = latencies(fp32_path, fp32_path, feed, repeat, native=False)  # its ratios are 1 by definition
     rows.append(["fp32", "-", base_quality, f"{fp32_path.stat().st_size / 1e6:.2f}",
                  f"{base[0]:.3f}", "1.00", f"{base[3]:.3f}", "1.00", "1.00", "1.00", "-", "-"])
     for label, passes in points:
