@@ -22,27 +22,36 @@ from onnxopt.weights import WeightUse
 
 @dataclasses.dataclass
 class Gram:
-    """Running ``XᵀX`` (float64) and ``XᵀY`` of row vectors; ``Y`` optional."""
+    """Running ``XᵀX`` (float64) and ``XᵀY`` of row vectors (``Y`` optional), and how many rows hold each
+    feature nonzero."""
 
     xtx: np.ndarray
     xty: np.ndarray | None = None
     rows: int = 0
+    nonzero: np.ndarray | None = None
 
     @classmethod
     def empty(cls, k: int, n: int | None = None) -> Gram:
-        return cls(np.zeros((k, k)), None if n is None else np.zeros((k, n)))
+        return cls(np.zeros((k, k)), None if n is None else np.zeros((k, n)), nonzero=np.zeros(k, np.int64))
 
     def update(self, x: np.ndarray, y: np.ndarray | None = None) -> None:
         x = x.reshape(-1, x.shape[-1]).astype(np.float64)
         self.xtx += x.T @ x
         if y is not None:
             self.xty += x.T @ y.reshape(-1, y.shape[-1]).astype(np.float64)
+        if self.nonzero is not None:
+            self.nonzero += np.count_nonzero(x, axis=0)
         self.rows += x.shape[0]
 
     @property
     def column_norms(self) -> np.ndarray:
         """``‖X_k‖₂`` per input feature (Wanda's activation norm)."""
         return np.sqrt(np.maximum(np.diag(self.xtx), 0.0))
+
+    @property
+    def nonzero_rates(self) -> np.ndarray:
+        """Fraction of the rows in which each feature is nonzero."""
+        return self.nonzero / max(self.rows, 1)
 
     def hessian(self, damping: float = 0.01) -> np.ndarray:
         """``XᵀX / rows`` with ``damping × mean diagonal`` added, positive definite for Cholesky."""

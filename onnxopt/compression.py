@@ -28,11 +28,18 @@ from onnxopt.weights import WeightUse, constant_array, constant_tensor, drop_if_
 # --------------------------------------------------------------------------- importance and masks
 
 
-def importance(matrix: np.ndarray, column_norms: np.ndarray | None = None) -> np.ndarray:
-    """Score of each weight of a (K, N) matrix: |W|, times ‖X_k‖ when activation norms are given (Wanda)."""
+def importance(
+    matrix: np.ndarray, column_norms: np.ndarray | None = None, work_rates: np.ndarray | None = None
+) -> np.ndarray:
+    """Score of each weight of a (K, N) matrix: |W|, times ‖X_k‖ when activation norms are given (Wanda),
+    divided by ``work_rates[k]`` when given: the fraction of inputs in which row k's weights cost work (a
+    row that never does scores 0)."""
     scores = np.abs(matrix.astype(np.float64))
     if column_norms is not None:
         scores *= column_norms[:, None]
+    if work_rates is not None:
+        rates = work_rates[:, None]
+        scores = np.divide(scores, rates, out=np.zeros_like(scores), where=rates > 0)
     return scores
 
 

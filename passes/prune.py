@@ -1,6 +1,8 @@
 """``prune``: unstructured (or N:M) pruning of MatMul/Gemm/Conv weights.
 
-Importance is |W| (magnitude) or |W|·‖X_k‖ from calibration data (``method=wanda``). The target sparsity
+Importance is |W| (magnitude), |W|·‖X_k‖ from calibration data (``method=wanda``), or that per unit of
+the sparse kernel's work (``method=activity``: SparseMatMul's row walk skips zero inputs, so a weight whose
+input is rarely nonzero costs little to keep). The target sparsity
 applies per layer, per output column, or with one global threshold over all layers. A pruned weight is
 written as an ONNX ``sparse_initializer`` (the file shrinks); a MatMul/Gemm (Conv) whose sparsity reaches
 the kernel break-even ``min_sparse_ratio`` becomes an ``ai.onnxopt`` ``SparseMatMul`` (``SparseConv``) node,
@@ -83,7 +85,11 @@ class PrunePass(ir.passes.InPlacePass):
 
     Args:
         sparsity: Fraction of weights set to zero (ignored when ``pattern`` is given).
-        method: ``magnitude`` ranks by |W|; ``wanda`` by |W|·‖X_k‖ over calibration data.
+        method: ``magnitude`` ranks by |W|; ``wanda`` by |W|·‖X_k‖ over calibration data; ``activity``
+            by |W|·‖X_k‖ / r_k, r_k the fraction of calibration rows with x_k nonzero, for MatMul/Gemm
+            layers after a Relu (Conv layers: Wanda, as SparseConv visits every input). MNIST fc1 at
+            90.5 %, against magnitude: 16 % fewer weights walked per image, 7-10 % faster end to end,
+            recovered layer error 0.036 -> 0.013 (``models/recipes/cnn_mnist_sparse90.toml``).
         scope: ``layer`` prunes each layer to ``sparsity``; ``column`` each output column (Wanda's
             grouping); ``global`` uses one threshold over all selected layers.
         pattern: N:M structured sparsity such as ``2:4`` (keep N of every M consecutive input weights).
@@ -105,7 +111,7 @@ class PrunePass(ir.passes.InPlacePass):
     def __init__(
         self,
         sparsity: float = 0.5,
-        method: Literal["magnitude", "wanda"] = "magnitude",
+        method: Literal["magnitude", "wanda", "activity"] = "magnitude",
         scope: Literal["layer", "column", "global"] = "layer",
         pattern: str | None = None,
         op_types: list[str] = ["MatMul", "Gemm", "Conv"],  # noqa: B006 - read only
@@ -148,13 +154,11 @@ class PrunePass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         scan = scan_weights(model, self.op_types, self.node_filter, self.min_elements)
-        if self.method == "wanda" or self.recover:
-            require_data(self.data, "prune with method=wanda or recover=true")
+        if self.method != "magnitude" or self.recover:
+            require_data(self.data, f"prune with method={self.method} or recover=true")
         name_layers(scan.uses)
         original = io.clone(model) if self.recover else None
-        norms = {}
-        if self.method == "wanda":
-            norms = {name: gram.column_norms for name, gram in input_grams(model, scan.uses, self.data, self.samples).items()}
+        grams = input_grams(model, scan.uses, self.data, self.samples) if self.method != "magnitude" else {}
         groups, layers = [], {}
         for group in group_by_weight(scan.uses):
             others = other_readers(group[0], [use.node for use in group])
@@ -163,7 +167,7 @@ class PrunePass(ir.passes.InPlacePass):
             else:
                 groups.append(group)
         uses = [use for group in groups for use in group]
-        scores = [sum(importance(u.matrix(), norms.get(u.activation.name)) for u in group) for group in groups]
+        scores = [sum(self._importance(use, grams) for use in group) for group in groups]
         global_masks = global_keep_masks(scores, self.sparsity) if self.scope == "global" and not self.nm else None
         for index, (group, score) in enumerate(zip(groups, scores)):
             if self.nm:
@@ -176,7 +180,7 @@ class PrunePass(ir.passes.InPlacePass):
             new = replace_weight(group, group[0].from_matrix(pruned), "pruned")
             stored = "sparse_initializer" if mark_sparse_storage(new) else "dense initializer"
             for use in group:
-                note = "" if self.method != "wanda" or use.activation.name in norms else " (magnitude: not observable)"
+                note = "" if self.method == "magnitude" or use.activation.name in grams else " (magnitude: not observable)"
                 layers[use.label] = f"sparsity {sparsity(pruned):.3f}{note}, {stored}"
         if self.recover:
             self.details["recover"] = recover_layers(original, model, self.data, {u.node.name for u in uses}, self.samples)
@@ -186,6 +190,13 @@ class PrunePass(ir.passes.InPlacePass):
         self.details.update(layers=layers, skipped=dict(scan.skipped))
         name_uniquely(model)  # a subgraph's new initializers may reuse an outer graph's names
         return ir.passes.PassResult(model, bool(uses))
+
+    def _importance(self, use: WeightUse, grams: dict) -> np.ndarray:
+        gram = grams.get(use.activation.name) if use.activation is not None else None
+        if gram is None:
+            return importance(use.matrix())
+        rates = gram.nonzero_rates if self.method == "activity" and use.node.op_type != "Conv" else None
+        return importance(use.matrix(), gram.column_norms, rates)
 
     def _lower(self, model: ir.Model, uses: list[WeightUse]) -> dict[str, str]:
         """SparseMatMul for layers at or above the break-even; why not for the others."""

@@ -104,7 +104,7 @@ class GramLayer:
     @property
     def gram(self) -> Gram:
         first, second = self.halves
-        return Gram(first.xtx + second.xtx, first.xty + second.xty, first.rows + second.rows)
+        return Gram(first.xtx + second.xtx, first.xty + second.xty, first.rows + second.rows, first.nonzero + second.nonzero)
 
     @property
     def yty(self) -> float:

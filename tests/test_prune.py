@@ -307,6 +307,39 @@ def test_wanda_uses_activations_and_needs_data(tmp_path):
     assert np.mean(w[:8] != 0) > 0.95 and np.mean(w[8:] != 0) < 0.4
 
 
+def test_activity_keeps_weights_on_rarely_active_inputs(tmp_path):
+    """method=activity divides Wanda's score by how often the input is nonzero (SparseMatMul skips zero
+    inputs): at equal ‖X_k‖, rows of rarely active inputs are kept, and the row walk visits fewer weights."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((400, 32)).astype(np.float32)
+    x[:, :16] *= np.sqrt(10) * (rng.random((400, 16)) < 0.1)  # active in 10 % of rows, same ‖X_k‖ on average
+    data = Dataset.from_arrays({"x": x})
+    masks = {}
+    for method in ("wanda", "activity"):
+        model = load(chain_model(tmp_path, (32, 64, 10)))
+        prune(model, data, sparsity=0.5, method=method, sparse_op=False, min_elements=1)
+        masks[method] = weights_by_node(model)["fc0"] != 0
+    rates = np.mean(x != 0, axis=0)
+    walked = {method: float(rates @ mask.sum(axis=1)) for method, mask in masks.items()}
+    assert masks["activity"][:16].mean() > 0.8 and masks["activity"][16:].mean() < 0.2
+    assert masks["activity"].mean() == masks["wanda"].mean() == 0.5
+    assert walked["activity"] < 0.5 * walked["wanda"]
+
+
+def test_activity_ranks_convs_like_wanda(tmp_path):
+    """SparseConv visits every input, so a Conv's activity score is Wanda's."""
+    path, feeds = conv_model(tmp_path)
+    feeds["x"][:, 0] *= np.random.default_rng(4).random(feeds["x"][:, 0].shape) < 0.2  # channel 0 mostly zero
+    data = Dataset.from_arrays(feeds)
+    weights = {}
+    for method in ("wanda", "activity"):
+        model = load(path)
+        prune(model, data, sparsity=0.6, method=method, op_types="Conv", sparse_op=False, min_elements=1)
+        weights[method] = weights_by_node(model)
+    for name, w in weights["wanda"].items():
+        np.testing.assert_array_equal(weights["activity"][name] != 0, w != 0)
+
+
 def test_bad_options():
     for options in ({"sparsity": "1.5"}, {"pattern": "4:2"}, {"op_types": "Gather"}, {"scope": "row"}):
         with pytest.raises(PassOptionError):

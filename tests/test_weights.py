@@ -146,12 +146,14 @@ def test_input_grams_match_numpy_and_stream():
     model = _model([helper.make_node("MatMul", ["x", "w"], ["y"])], [_f("x", ["B", 3, 6])], [_f("y", ["B", 3, 4])],
                    [numpy_helper.from_array(w, "w")])
     x = RNG.standard_normal((10, 3, 6)).astype(np.float32)
+    x[x < -0.5] = 0.0
     data = calibration.Dataset.from_arrays({"x": x})
     grams = activations.input_grams(model, weights.scan_weights(model).uses, data, limit=None, batch_size=3)
     rows = x.reshape(-1, 6).astype(np.float64)
     np.testing.assert_allclose(grams["x"].xtx, rows.T @ rows, rtol=1e-6)
     assert grams["x"].rows == 30
     np.testing.assert_allclose(grams["x"].column_norms, np.linalg.norm(rows, axis=0), rtol=1e-6)
+    np.testing.assert_array_equal(grams["x"].nonzero_rates, np.mean(rows != 0, axis=0))
 
 
 def test_input_grams_count_an_input_read_by_several_layers_once():
