@@ -81,7 +81,7 @@ def sparse_break_even(k: int, n: int, conv: bool = False) -> float:
 
 @register("prune", lossless=False)
 class PrunePass(ir.passes.InPlacePass):
-    """Prune MatMul/Gemm/Conv weights to a target sparsity (magnitude, Wanda or N:M).
+    """Prune MatMul/Gemm/Conv weights to a target sparsity (magnitude, Wanda, activity or N:M).
 
     Args:
         sparsity: Fraction of weights set to zero (ignored when ``pattern`` is given).
