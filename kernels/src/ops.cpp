@@ -333,12 +333,14 @@ float ValueAt(ValType vt, const void* values, int64_t j) {
   }
 }
 
-// Row-major copy of a constant CSC weight, scales folded in (SparseCsr views it).
+// Row-major copy of a constant CSC weight, scales folded in, fp16 values kept as such when unscaled
+// (SparseCsr views it).
 struct CsrCopy {
   std::vector<int32_t> row_ptr;
   std::vector<uint16_t> cols16;
   std::vector<uint32_t> cols32;
   std::vector<float> values;
+  std::vector<uint16_t> halves;  // the fp16 values instead, when their column scales are all 1
 
   // Rows padded to whole steps of SparseCsr::kStep (see there).
   template <class IT>
@@ -352,20 +354,23 @@ struct CsrCopy {
     const bool wide = p.N > SparseCsr::kMaxOffsetN;
     if (wide) cols32.assign(total, (uint32_t)p.N);
     else cols16.assign(total, (uint16_t)(4 * p.N));
-    values.assign(total, 0.0f);
+    const bool half = p.vt == ValType::F16 && std::all_of(p.scales, p.scales + p.N, [](float s) { return s == 1.0f; });
+    if (half) halves.assign(total, 0);
+    else values.assign(total, 0.0f);
     std::vector<int32_t> fill(row_ptr.begin(), row_ptr.end() - 1);
     for (int64_t n = 0; n < p.N; ++n)
       for (int64_t j = p.col_ptr[n]; j < p.col_ptr[n + 1]; ++j) {
         const int32_t at = fill[idx[j]]++;
         if (wide) cols32[at] = (uint32_t)n;
         else cols16[at] = (uint16_t)(4 * n);
-        values[at] = ValueAt(p.vt, p.values, j) * p.scales[n];
+        if (half) halves[at] = static_cast<const uint16_t*>(p.values)[j];
+        else values[at] = ValueAt(p.vt, p.values, j) * p.scales[n];
       }
   }
   SparseCsr View(const SparseParams& p) const {
-    const bool wide = p.N > SparseCsr::kMaxOffsetN;
-    return {p.K, p.N, wide, row_ptr.data(), wide ? (const void*)cols32.data() : (const void*)cols16.data(),
-            values.data()};
+    const bool wide = p.N > SparseCsr::kMaxOffsetN, half = !halves.empty();
+    return {p.K, p.N, wide, half, row_ptr.data(), wide ? (const void*)cols32.data() : (const void*)cols16.data(),
+            half ? (const void*)halves.data() : (const void*)values.data()};
   }
 };
 
