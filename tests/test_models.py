@@ -169,7 +169,8 @@ def test_cnn_sparse90_recipe(tmp_path):
     if isinstance(result.exception, RuntimeLibraryError):
         pytest.skip("onnxopt kernel library not built")
     assert result.exit_code == 0, result.output
-    graph = list(io.load(out).graph)
+    model = io.load(out)
+    graph = list(model.graph)
     nodes = {n.op_type: n for n in graph}
     assert nodes["SparseConv"].attributes["activation"].value == "relu"
     assert nodes["SparseMatMul"].attributes["activation"].value == "relu"
@@ -177,7 +178,7 @@ def test_cnn_sparse90_recipe(tmp_path):
     assert evaluate.mnist_accuracy(str(out)) >= 0.976
     kept = [np.count_nonzero(ops.dense_weight(packed_from_node(n))) for n in graph if n.domain == "ai.onnxopt"]
     layers = ("MatMul", "Gemm", "Conv")
-    kept += [np.count_nonzero(u.matrix()) for u in scan_weights(io.load(out), layers).uses]  # conv1, fc2 (dense ops)
+    kept += [np.count_nonzero(u.matrix()) for u in scan_weights(model, layers).uses]  # conv1, fc2 (dense ops)
     total = sum(np.size(u.matrix()) for u in scan_weights(io.load(PKG_DIR / "cnn_mnist.onnx"), layers).uses)
     assert 1 - sum(kept) / total >= 0.9
 
