@@ -815,8 +815,8 @@ def _reads_only(reader: ir.Node, ranks: dict[ir.Value, int], unchanged) -> bool:
 
 def _shape_escape(shape: ir.Value, ends) -> str | None:
     """Follow a ``Shape`` output through shape arithmetic until every path reaches a reader that
-    ``ends(reader, input index)`` accepts; where a path escapes instead (another reader, the graph output,
-    a dead end), None if none does."""
+    ``ends(reader, input index)`` accepts. Returns where a path escapes instead (another reader, the graph
+    output, a dead end), or None if none does."""
     stack = [shape]
     while stack:
         piece = stack.pop()
