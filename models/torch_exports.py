@@ -10,11 +10,16 @@ Kᵀ, weights computed by ``Slice``/``Concat`` subgraphs. Each model is written 
 - ``gpt2_tiny``: a randomized 2-layer HF GPT-2, hidden 32, 4 heads of 8, vocab 64: Q, K and V from one
   fused ``c_attn`` (a ``Gemm`` on the rows flattened to 2-D, then ``Split``), projections as ``Gemm``;
   inputs ``input_ids``, ``attention_mask`` int64, output ``last_hidden_state``.
+- ``gpt2_cache_tiny``: the same architecture (its own random weights) run one step with a KV cache:
+  inputs ``input_ids`` (batch, seq), ``attention_mask`` (batch, past + seq) int64 and ``past_key_<i>``,
+  ``past_value_<i>`` (batch, 4 heads, past, 8) float32 for layers i = 0, 1; outputs ``last_hidden_state``
+  and ``present_key_<i>``, ``present_value_<i>``, each the cache input concatenated with the step's keys
+  or values along the sequence axis.
 - ``lstm_tiny``: ``nn.LSTM(8, 48, batch_first=True)`` then ``nn.Linear(48, 4)`` on the last step; input
   ``x`` float32 (batch, seq, 8), output ``logits``. Its 48×48 gate blocks exceed the per-node folding
   limit of ``cleanup``: the dynamo export's gate-reordering Slices fold only as a region.
 
-    python -m models.torch_exports       # needs torch and transformers (build time only)
+    python -m models.torch_exports [NAME...]   # needs torch and transformers (build time only)
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import onnx
 from models._onnx import PKG_DIR, save_model
 
 VOCAB = 64
+CACHE_HEADS = 4
 
 
 def feeds(batch: int = 2, seq: int = 7, seed: int = 0) -> dict[str, np.ndarray]:
@@ -40,20 +46,43 @@ def feeds(batch: int = 2, seq: int = 7, seed: int = 0) -> dict[str, np.ndarray]:
             "token_type_ids": np.zeros((batch, seq), np.int64)}
 
 
+def cache_feeds(batch: int = 2, seq: int = 3, past: int = 5, seed: int = 0) -> dict[str, np.ndarray]:
+    """One decoding step of ``gpt2_cache_tiny``: new tokens, a mask over past and new, random caches."""
+    rng = np.random.default_rng(seed)
+    mask = np.ones((batch, past + seq), np.int64)
+    mask[0, :2] = 0  # a left-padded first row
+    caches = {f"past_{kind}_{layer}": rng.standard_normal((batch, CACHE_HEADS, past, 8)).astype(np.float32)
+              for layer in range(2) for kind in ("key", "value")}
+    return {"input_ids": rng.integers(0, VOCAB, (batch, seq)).astype(np.int64), "attention_mask": mask, **caches}
+
+
 def lstm_feeds(batch: int = 2, seq: int = 5, seed: int = 0) -> dict[str, np.ndarray]:
     return {"x": np.random.default_rng(seed).standard_normal((batch, seq, 8)).astype(np.float32)}
 
 
-def build() -> None:
+def build(only: tuple[str, ...] = ()) -> None:
+    """Export every model, or those named in ``only`` (models added later seed their own generator, so
+    the earlier ones keep their weights)."""
     import torch
 
     warnings.filterwarnings("ignore")
+    wanted = lambda name: not only or name in only  # noqa: E731
     torch.manual_seed(0)
     names = ("input_ids", "attention_mask", "token_type_ids")
-    _export("bert_tiny", _bert(), feeds(), names, ["last_hidden_state"])
-    state = torch.random.get_rng_state()  # gpt2_tiny came later: its own seed, the other models' draws unchanged
-    torch.manual_seed(0)
-    _export("gpt2_tiny", _gpt2(), feeds(), names[:2], ["last_hidden_state"])
+    bert = _bert()
+    if wanted("bert_tiny"):
+        _export("bert_tiny", bert, feeds(), names, ["last_hidden_state"])
+    state = torch.random.get_rng_state()
+    if wanted("gpt2_tiny"):
+        torch.manual_seed(0)
+        _export("gpt2_tiny", _gpt2(), feeds(), names[:2], ["last_hidden_state"])
+    if wanted("gpt2_cache_tiny"):
+        torch.manual_seed(1)
+        caches = [f"past_{kind}_{layer}" for layer in range(2) for kind in ("key", "value")]
+        axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "total"},
+                **{name: {0: "batch", 2: "past"} for name in caches}}
+        _export("gpt2_cache_tiny", _gpt2_step(), cache_feeds(), ["input_ids", "attention_mask", *caches],
+                ["last_hidden_state", *(name.replace("past", "present") for name in caches)], axes)
     torch.random.set_rng_state(state)
 
     class Recurrent(torch.nn.Module):
@@ -64,7 +93,9 @@ def build() -> None:
         def forward(self, x):
             return self.head(self.lstm(x)[0][:, -1])
 
-    _export("lstm_tiny", Recurrent().eval(), lstm_feeds(), ("x",), ["logits"])
+    recurrent = Recurrent().eval()
+    if wanted("lstm_tiny"):
+        _export("lstm_tiny", recurrent, lstm_feeds(), ("x",), ["logits"])
 
 
 def _randomized(model):
@@ -97,12 +128,18 @@ def _bert():
     return Encoder().eval()
 
 
+def _gpt2_config():
+    from transformers import GPT2Config
+
+    return GPT2Config(n_embd=32, n_layer=2, n_head=CACHE_HEADS, n_positions=32, vocab_size=VOCAB, bos_token_id=0,
+                      eos_token_id=0)
+
+
 def _gpt2():
     import torch
-    from transformers import GPT2Config, GPT2Model
+    from transformers import GPT2Model
 
-    config = GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=32, vocab_size=VOCAB, bos_token_id=0, eos_token_id=0)
-    gpt2 = _randomized(GPT2Model(config).eval())
+    gpt2 = _randomized(GPT2Model(_gpt2_config()).eval())
 
     class Decoder(torch.nn.Module):
         def __init__(self):
@@ -115,16 +152,43 @@ def _gpt2():
     return Decoder().eval()
 
 
-def _export(name: str, model, example: dict[str, np.ndarray], inputs, outputs) -> None:
-    """Write ``<name>_ts.onnx`` and ``<name>_dy.onnx`` with batch and sequence (axes 0, 1) dynamic."""
+def _gpt2_step():
+    """GPT-2 run one step on a cache given as tensors, returning the updated cache as tensors."""
+    import torch
+    from transformers import GPT2Model
+    from transformers.cache_utils import DynamicCache
+
+    config = _gpt2_config()
+    gpt2 = _randomized(GPT2Model(config).eval())
+
+    class Step(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gpt2 = gpt2
+
+        def forward(self, input_ids, attention_mask, past_key_0, past_value_0, past_key_1, past_value_1):
+            cache = DynamicCache(config=config)
+            cache.update(past_key_0, past_value_0, 0)
+            cache.update(past_key_1, past_value_1, 1)
+            out = self.gpt2(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
+            return (out.last_hidden_state, *(t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)))
+
+    return Step().eval()
+
+
+def _export(name: str, model, example: dict[str, np.ndarray], inputs, outputs,
+            axes: dict[str, dict[int, str]] | None = None) -> None:
+    """Write ``<name>_ts.onnx`` and ``<name>_dy.onnx`` with the named ``axes`` of each input dynamic (by
+    default batch and sequence, axes 0 and 1)."""
     import torch
 
     args = tuple(torch.from_numpy(example[n]) for n in inputs)
-    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq", max=32)
+    axes = axes or {n: {0: "batch", 1: "seq"} for n in inputs}
+    dims = {d: torch.export.Dim(d, **({} if d == "batch" else {"max": 32})) for a in axes.values() for d in a.values()}
     with tempfile.TemporaryDirectory() as tmp:
         for tag, options in (
-            ("ts", dict(dynamo=False, opset_version=17, dynamic_axes={n: {0: "batch", 1: "seq"} for n in inputs})),
-            ("dy", dict(dynamo=True, dynamic_shapes={n: {0: batch, 1: seq} for n in inputs})),
+            ("ts", dict(dynamo=False, opset_version=17, dynamic_axes=axes)),
+            ("dy", dict(dynamo=True, dynamic_shapes={n: {i: dims[d] for i, d in a.items()} for n, a in axes.items()})),
         ):
             path = os.path.join(tmp, f"{tag}.onnx")
             torch.onnx.export(model, args, path, input_names=list(inputs), output_names=outputs, **options)
@@ -136,4 +200,6 @@ def _export(name: str, model, example: dict[str, np.ndarray], inputs, outputs) -
 
 
 if __name__ == "__main__":
-    build()
+    import sys
+
+    build(tuple(sys.argv[1:]))

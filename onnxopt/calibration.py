@@ -18,6 +18,7 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
+from onnxopt import signature
 from onnxopt.errors import DataError
 
 NUMPY_DTYPE = {
@@ -63,12 +64,14 @@ class Dataset:
         return cls([arrays])
 
     def check(self, model: ir.Model) -> None:
-        """Raise DataError unless every model input has an array of compatible dtype and rank."""
+        """Raise DataError unless every model input has an array of compatible dtype and rank (inputs a
+        pass cut down may have the original's size: :mod:`onnxopt.signature`)."""
+        kept = signature.kept_entries(model)
         with _open(self.sources[0]) as arrays:
             for value in model.graph.inputs:
                 if value.name not in arrays:
                     raise DataError(f"data has no array for model input '{value.name}' (has: {', '.join(arrays)})")
-                array = _restore_records(arrays[value.name])
+                array = signature.fit({value.name: _restore_records(arrays[value.name])}, kept)[value.name]
                 if value.shape is not None and array.ndim != len(value.shape):
                     raise DataError(
                         f"data for input '{value.name}' has rank {array.ndim}, model expects {len(value.shape)}"
@@ -91,13 +94,14 @@ class Dataset:
         is no batch axis and every source is fed whole (``limit`` then counts whole sources' samples).
         """
         self.check(model)
+        kept = signature.kept_entries(model)
         fixed = {v.shape[0] for v in model.graph.inputs if v.shape is not None and len(v.shape) and isinstance(v.shape[0], int)}
         exact = len(fixed) == 1
         step = fixed.pop() if exact else batch_size
         served = 0
         for source in self.sources:
             with _open(source) as stored:
-                arrays = {v.name: _cast(stored[v.name], v.dtype) for v in model.graph.inputs}
+                arrays = signature.fit({v.name: _cast(stored[v.name], v.dtype) for v in model.graph.inputs}, kept)
             count = _samples(arrays.values())
             if len(fixed) > 1:  # several fixed sizes: the source is one feed
                 if limit is not None and served >= limit:

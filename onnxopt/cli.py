@@ -17,7 +17,7 @@ import sys
 import tempfile
 
 import click
-from onnxopt import calibration, io, pipeline, registry, runtime, stats, validate
+from onnxopt import calibration, io, pipeline, registry, runtime, signature, stats, validate
 from onnxopt.errors import OnnxoptError
 
 EXIT_THRESHOLD, EXIT_USAGE = 1, 2
@@ -177,11 +177,11 @@ def _measure_output(src, out, reference, feeds, threads, one_at_a_time: bool):
             lat.append(validate.latency_ms(sess, feeds[0], warmup=1, repeat=5))
             notes += _session_notes(sess)
             if path is out:
-                errors = validate.compare_outputs(reference, validate.run_all(sess, feeds))
+                errors = validate.compare_outputs(reference, validate.run_all(sess, feeds), signature.kept_entries(sess))
             del sess
         return errors, lat, notes
     sessions = [runtime.session(src, threads=threads), runtime.session(out, threads=threads)]
-    errors = validate.compare_outputs(reference, validate.run_all(sessions[1], feeds))
+    errors = validate.compare_outputs(reference, validate.run_all(sessions[1], feeds), signature.kept_entries(sessions[1]))
     single = validate.latency_ms(sessions[0], feeds[0], warmup=2, repeat=5) / 1e3
     repeat = int(min(1000, max(10, 0.05 / max(single, 1e-6))))  # rounds of ~50 ms: sub-ms models need many runs
     return errors, validate.interleaved_latency_ms(sessions, feeds, rounds=5, repeat=repeat), _session_notes(*sessions)
@@ -306,7 +306,8 @@ def validate_cmd(reference_path, candidate_path, data, threads, repeat, max_abs,
     dataset = _load_data(data)
     feeds = validate.feeds_for(ref_model, dataset)
     ref_sess, cand_sess = runtime.session(ref_path, threads=threads), runtime.session(cand_path, threads=threads)
-    errors = validate.compare_outputs(validate.run_all(ref_sess, feeds), validate.run_all(cand_sess, feeds))
+    errors = validate.compare_outputs(validate.run_all(ref_sess, feeds), validate.run_all(cand_sess, feeds),
+                                      signature.kept_entries(cand_sess))
     rounds = max(1, repeat // 5)
     lat = validate.interleaved_latency_ms([ref_sess, cand_sess], feeds, rounds=rounds, repeat=5)
     click.echo(f"{'output':<28}{'max abs':>12}{'max rel':>12}{'mean abs':>12}{'cosine':>12}")

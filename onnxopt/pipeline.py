@@ -19,7 +19,7 @@ from typing import Any, Literal
 import onnx
 import onnx_ir as ir
 
-from onnxopt import calibration, io, registry, stats, validate
+from onnxopt import calibration, io, registry, signature, stats, validate
 from onnxopt.errors import OnnxoptError, PassFailedError, PassOptionError
 from onnxopt.filters import NodeFilter
 from onnxopt.weights import name_layers, scan_weights
@@ -209,7 +209,7 @@ def run_pipeline(
         elif not lossless and reference is None and any(wants_reference):
             name_layers(scan_weights(model, ("MatMul", "Gemm", "Conv")).uses)  # recover matches layers by name
             reference = io.clone(model)
-        before = stats.model_stats(model)
+        before, kept_before = stats.model_stats(model), signature.kept_entries(model)
         snapshot = io.clone(model) if (numeric_check or on_error == "skip") else None
         start = time.perf_counter()
         status, message, errors, changed = "ok", "", [], True
@@ -220,7 +220,8 @@ def run_pipeline(
                 structural_check(model)
             if numeric_check:
                 outputs = _outputs(model, feeds, report.notes)
-                errors = validate.compare_outputs(previous_outputs, outputs)
+                kept = signature.kept_entries(model)
+                errors = validate.compare_outputs(previous_outputs, outputs, signature.since(kept_before, kept))
                 bad = [e for e in errors if not e.within(rtol, atol)]
                 if lossless and bad:
                     where = validate.first_divergence(snapshot, model, feeds[0], rtol, atol)
@@ -229,7 +230,7 @@ def run_pipeline(
                         + (f"; first diverging value: '{where}'" if where else "")
                     )
                 previous_outputs = outputs
-                input_errors = validate.compare_outputs(input_outputs, outputs)
+                input_errors = validate.compare_outputs(input_outputs, outputs, kept)
         except OnnxoptError:
             raise
         except Exception as exc:  # a broken pass result: roll back or stop

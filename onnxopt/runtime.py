@@ -16,7 +16,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 from onnx_ir.passes.common import ShapeInferencePass
 
-from onnxopt import io
+from onnxopt import io, signature
 from onnxopt.errors import ModelLoadError, RuntimeLibraryError
 from onnxopt.weights import name_uniquely
 
@@ -97,7 +97,9 @@ def run(sess: ort.InferenceSession, names: list[str] | None, feed: dict[str, np.
 def runner(sess: ort.InferenceSession, names: list[str] | None, feed: dict[str, np.ndarray]) -> Callable[[], list[np.ndarray]]:
     """:func:`run` as a call without arguments, its way chosen once (for timing loops). Float arrays are
     cast to the float type the session's input has (a model whose inputs became float16 or bfloat16 is
-    checked with the float32 data of the original)."""
+    checked with the float32 data of the original), and inputs a pass cut down are cut alike (a KV cache
+    that lost heads: :mod:`onnxopt.signature`)."""
+    feed = signature.fit(feed, _kept_entries(sess))
     feed = {**feed, **_float_casts(sess, feed)}
     outputs = [o for o in sess.get_outputs() if names is None or o.name in names]
     plain = not any(isinstance(a, np.ndarray) and a.dtype.type.__module__ == "ml_dtypes" for a in feed.values())
@@ -106,6 +108,12 @@ def runner(sess: ort.InferenceSession, names: list[str] | None, feed: dict[str, 
     values = {k: _ort_value(a) for k, a in feed.items()}
     wanted = names or [o.name for o in outputs]
     return lambda: [_array(v) for v in sess.run_with_ort_values(wanted, values)]
+
+
+def _kept_entries(sess: ort.InferenceSession) -> dict[str, signature.Kept]:
+    if not hasattr(sess, "onnxopt_kept"):
+        sess.onnxopt_kept = signature.kept_entries(sess)
+    return sess.onnxopt_kept
 
 
 _ELEMENT_TYPES = {f"tensor({name.lower()})": number for name, number in onnx.TensorProto.DataType.items() if number}

@@ -9,14 +9,14 @@ import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from onnxopt import calibration, kernels, runtime
+from onnxopt import calibration, kernels, runtime, signature
 from onnxopt.errors import NativeRunError, RuntimeLibraryError
 
 
@@ -66,7 +66,10 @@ def run_all(sess: ort.InferenceSession, feeds: Sequence[dict[str, np.ndarray]]) 
     return {n: (np.concatenate(a) if a[0].ndim and len(a) > 1 else a[0]) for n, a in collected.items()}
 
 
-def compare_outputs(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) -> list[OutputError]:
+def compare_outputs(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray],
+                    kept: Mapping[str, signature.Kept] | None = None) -> list[OutputError]:
+    """Errors of the outputs both have; ``kept``: the candidate's cut-down outputs (the reference's are cut alike)."""
+    reference = signature.fit(reference, kept or {})
     return [compare(reference[name], candidate[name], name) for name in reference if name in candidate]
 
 

@@ -18,7 +18,9 @@ PyTorch exports of it are followed too: Reshape targets built at run time (a hea
 with ``Shape`` needs no change; reads of the batch and sequence lengths are left alone), SDPA's NaN
 guard after Softmax and its Kᵀ as Reshape-Transpose-Reshape, one-input ``Concat`` (no past keys),
 ``Cast`` and inference ``Dropout``; a mask built at run time must broadcast over heads by symbolic
-shape inference.
+shape inference. With ``kv_cache=true``, keys and values appended to past-cache graph inputs
+(``Concat(past, new)`` along the key axis, the result maybe a ``present`` graph output) lose the pruned
+heads in the cache inputs and outputs too; the kept indices are recorded in the model (:mod:`onnxopt.signature`).
 
 A group whose channels reach a graph output, a residual ``Add``/``Concat`` with another tensor, a shared
 weight, a subgraph, or any op that cannot be sliced is refused with a message and left as is.
@@ -33,7 +35,7 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt import io
+from onnxopt import io, signature
 from onnxopt.activations import layer_input_rows
 from onnxopt.calibration import Dataset, capture, capture_many
 from onnxopt.compression import gemm_alpha, solve_masked
@@ -101,6 +103,7 @@ class ChannelGroup:
     reshapes: list[tuple[ir.Node, tuple[int | None, int], int]] = dataclasses.field(default_factory=list)  # (node, where, per)
     region: dict[ir.Value, Layout] = dataclasses.field(default_factory=dict)
     unshaped: list[ir.Value] = dataclasses.field(default_factory=list)  # shapes forgotten after slicing
+    cut_io: list[tuple[ir.Value, int]] = dataclasses.field(default_factory=list)  # (graph input or output, axis)
     unit: str = "channels"
     segments: int = 1  # producer columns and constants hold this many equal parts (fused Q/K/V), sliced alike
 
@@ -522,6 +525,7 @@ class HeadGroup:
     output: WeightUse
     values: list[ir.Value]
     segments: int = 1  # 3: one fused Q/K/V projection
+    caches: list[tuple[ir.Value, str]] = dataclasses.field(default_factory=list)  # KV cache inputs/outputs, labels
 
     def as_channel_group(self) -> ChannelGroup:
         """The same slicing expressed per head: units of ``head_dim`` channels."""
@@ -530,7 +534,10 @@ class HeadGroup:
         group.constants = [(node, index, -1, self.head_dim) for node, index in self.biases]
         group.reshapes = self.reshapes
         group.consumers = [Consumer(self.output, self.head_dim)]
-        group.unshaped = self.values
+        cached = {value for value, _ in self.caches}
+        group.unshaped = [v for v in self.values if v not in cached]
+        group.region = {v: Layout(labels.index("h") - len(labels), len(labels)) for v, labels in self.caches}
+        group.cut_io = [(v, labels.index("h")) for v, labels in self.caches]
         group.unit = "heads"
         return group
 
@@ -545,11 +552,13 @@ class _HeadTrace:
     """Walks one attention block back from its output projection, labelling each tensor's axes, and
     checks that every Reshape target still gives its labelled shape once heads are gone."""
 
-    def __init__(self):
+    def __init__(self, kv_cache: bool = False):
         self.values: list[ir.Value] = []
         self.labels: dict[ir.Value, str] = {}
         self.reshapes: list[tuple[ir.Node, list[Entry], str]] = []  # (Reshape, its target, labels of its output)
         self.self_attention = False  # queries and keys come from one tensor: q and k are the same length
+        self.kv_cache = kv_cache  # cache inputs (and outputs) may lose heads with the block
+        self.caches: list[ir.Value] = []
 
     def note(self, value: ir.Value, labels: str) -> ir.Value:
         self.labels[value] = labels
@@ -557,11 +566,50 @@ class _HeadTrace:
 
     def through(self, value: ir.Value) -> ir.Value:
         """Back through nodes that pass ``value`` on unchanged per head (:func:`_passes_through`): past-key
-        ``Concat`` of one input, ``Cast``, inference ``Dropout``; the tensor before them, same labels."""
-        while (node := value.producer()) is not None and _passes_through(node):
-            _only_use(value, self.values)
-            value = self.note(node.inputs[0], self.labels[value]) if value in self.labels else node.inputs[0]
+        ``Concat`` of one input, ``Cast``, inference ``Dropout``; the tensor before them, same labels. Also
+        back through the ``Concat`` that appends this step's keys or values to a KV cache (:meth:`cache_concat`)."""
+        while (node := value.producer()) is not None:
+            if _passes_through(node):
+                _only_use(value, self.values)
+                value = self.note(node.inputs[0], self.labels[value]) if value in self.labels else node.inputs[0]
+            elif node.op_type == "Concat" and len(node.inputs) == 2 and value in self.labels:
+                value = self.cache_concat(node, value)
+            else:
+                break
         return value
+
+    def cache_concat(self, concat: ir.Node, value: ir.Value) -> ir.Value:
+        """The step's keys or values, which ``concat`` appends along the key axis to a cache that is a graph
+        input (maybe through nodes that pass it on); ``value`` may be a graph output (the updated cache).
+        Both lose the pruned heads, so only with ``kv_cache``."""
+        labels = self.labels[value]
+        axis = concat.attributes.get_int("axis", 0)
+        if not -len(labels) <= axis < len(labels) or labels[axis] != "k":
+            raise Refused(f"Concat '{concat.name}' joins the heads' tensors along another axis than the keys")
+        chains = []
+        for start in concat.inputs:
+            chain = [start]
+            while (node := chain[-1].producer()) is not None and _passes_through(node):
+                chain.append(node.inputs[0])
+            chains.append(chain)
+        past = [i for i, chain in enumerate(chains) if chain[-1].is_graph_input()]
+        if len(past) != 1:
+            raise Refused(f"Concat '{concat.name}' appends to the keys or values a tensor that is no cache input")
+        cache = chains[past[0]][-1]
+        if not self.kv_cache:
+            raise Refused(f"keys or values are appended to the cache input '{cache.name}': kv_cache=true prunes "
+                          "the cache's heads too (the model's cache inputs and outputs change)")
+        if len([node for node, _ in value.uses() if node.op_type != "Shape"]) != 1:
+            raise Refused(f"'{value.name}' is read outside the attention pattern")
+        self.values.append(value)
+        for link in chains[past[0]]:
+            if link.is_graph_output():
+                raise Refused(f"the cache input '{link.name}' is also a graph output")
+            self.values.append(self.note(link, labels))
+            if len([node for node, _ in link.uses() if node.op_type != "Shape"]) != 1:
+                raise Refused(f"'{link.name}' is read outside the attention pattern")
+        self.caches += [cache] + ([value] if value.is_graph_output() else [])
+        return self.note(concat.inputs[1 - past[0]], labels)
 
     def producer(self, value: ir.Value, op_type: str, labels: str) -> ir.Node:
         """The ``op_type`` node producing ``value``; its input is labelled ``labels``."""
@@ -672,9 +720,10 @@ def _scores_input(add: ir.Node, model: ir.Model) -> int:
     return 0
 
 
-def trace_heads(output: WeightUse, model: ir.Model) -> HeadGroup:
-    """Match the attention pattern ending at output projection ``output``; :class:`Refused` otherwise."""
-    trace = _HeadTrace()
+def trace_heads(output: WeightUse, model: ir.Model, kv_cache: bool = False) -> HeadGroup:
+    """Match the attention pattern ending at output projection ``output``; :class:`Refused` otherwise.
+    ``kv_cache``: keys and values may extend cache inputs, which then lose the pruned heads too."""
+    trace = _HeadTrace(kv_cache)
     merged, labels = output.activation, "bqw"
     if output.node.op_type == "Gemm":  # rows flattened to (b·q, w), from (b, q, w) or straight from the heads
         if output.node.attributes.get_int("transA", 0):
@@ -740,7 +789,8 @@ def trace_heads(output: WeightUse, model: ir.Model) -> HeadGroup:
     heads = width // head_dim
     updates = trace.check_entries(heads, head_dim) + split_updates
     _check_shape_readers(trace)
-    return HeadGroup(output.label, heads, head_dim, projections, biases, updates, output, trace.values, segments)
+    return HeadGroup(output.label, heads, head_dim, projections, biases, updates, output, trace.values, segments,
+                     [(v, trace.labels[v]) for v in trace.caches])
 
 
 def _projection(trace: _HeadTrace, value: ir.Value, labels: str, name: str) -> tuple[WeightUse, list[tuple[ir.Node, int]]]:
@@ -846,7 +896,12 @@ def _check_shape_readers(trace: _HeadTrace) -> None:
 
     for value in trace.values:
         for shape, _ in value.uses():
-            if shape.op_type == "Shape" and _shape_escape(shape.outputs[0], ends) is not None:
+            if shape.op_type != "Shape":
+                continue
+            read = _dimension_reads(shape.outputs[0], ranks)  # Shape(start, end) of batch or lengths only
+            if read is not None and all(unchanged(e) for e in read):
+                continue
+            if _shape_escape(shape.outputs[0], ends) is not None:
                 raise Refused(f"the shape of '{value.name}' is read outside the attention pattern")
 
 
@@ -956,6 +1011,9 @@ class PruneStructuredPass(ir.passes.InPlacePass):
         op_types: Producer layers whose output channels are pruned (MatMul, Gemm, Conv); ``op_types=``
             (empty) prunes none, e.g. heads only.
         heads: Also remove whole attention heads (Q/K/V columns, Wo rows, Reshape head counts).
+        kv_cache: Also prune heads whose keys and values extend a KV cache given as graph inputs (a
+            decoder exported with past keys and values): the cache inputs and the updated-cache outputs
+            then hold the kept heads only. What was kept is recorded in the model (:mod:`onnxopt.signature`).
         importance: ``l1``/``l2``: norm of the producer's output column (Q/K/V/Wo weights of a head);
             ``activation``: Σ over consumers of ‖X_c‖·‖W_next rows of c‖ from calibration data.
         min_channels: Never keep fewer channels than this in a group.
@@ -972,6 +1030,7 @@ class PruneStructuredPass(ir.passes.InPlacePass):
         ratio: float = 0.25,
         op_types: list[str] = ["MatMul", "Gemm", "Conv"],  # noqa: B006 - read only
         heads: bool = False,
+        kv_cache: bool = False,
         importance: Literal["l1", "l2", "activation"] = "l2",
         min_channels: int = 1,
         round_to: int = 1,
@@ -992,6 +1051,7 @@ class PruneStructuredPass(ir.passes.InPlacePass):
         self.ratio = ratio
         self.op_types = tuple(op_types)
         self.heads = heads
+        self.kv_cache = kv_cache
         self.importance = importance
         self.min_channels = min_channels
         self.round_to = round_to
@@ -1011,7 +1071,7 @@ class PruneStructuredPass(ir.passes.InPlacePass):
         groups, refused = self._groups(model, scan.uses)
         original = io.clone(model) if self.recover else None
         norms = self._activation_norms(model, groups) if self.importance == "activation" else {}
-        layers, kept_outputs, params_before = {}, {}, model_stats(model).parameters
+        layers, kept_outputs, cut_io, params_before = {}, {}, {}, model_stats(model).parameters
         for group in groups:
             unit = group.unit
             kept = self._kept(group)
@@ -1024,12 +1084,17 @@ class PruneStructuredPass(ir.passes.InPlacePass):
             how = self.importance if group.label in norms or self.importance != "activation" else "l2: not observable"
             kept_outputs.update(apply_group(group, keep))
             layers[group.label] = f"{unit} {group.channels} -> {kept}, importance removed {removed:.4f} ({how})"
+            for value, axis in group.cut_io:
+                signature.record_kept(model, value.name, axis, group.channels, keep)
+                cut_io[value.name] = f"{unit} {group.channels} -> {kept} on axis {axis}"
         params_after = model_stats(model).parameters
         self.details.update(layers=layers, refused=refused, skipped=dict(scan.skipped),
                             parameters=f"{params_before} -> {params_after}")
         if self.heads:
             blocks = sum(g.unit == "heads" for g in groups) + sum(k.endswith(" (heads)") for k in refused)
             self.details["attention blocks"] = blocks or NO_BLOCK
+        if cut_io:
+            self.details["model inputs and outputs cut"] = cut_io
         changed = params_after != params_before
         if self.recover and changed:
             self.details["recover"] = self._recover(original, model, groups, kept_outputs)
@@ -1043,7 +1108,7 @@ class PruneStructuredPass(ir.passes.InPlacePass):
                 if use.node.op_type not in ("MatMul", "Gemm"):
                     continue
                 try:
-                    head_group = trace_heads(use, model)
+                    head_group = trace_heads(use, model, self.kv_cache)
                 except Refused as exc:
                     if _looks_like_attention_output(use):  # else: not an output projection, nothing to say
                         refused[f"{use.label} (heads)"] = str(exc)

@@ -531,7 +531,7 @@ def test_residual_with_an_unpruned_branch_is_refused(kind):
 TORCH_EXPORTS = ["bert_tiny_ts.onnx", "bert_tiny_dy.onnx", "gpt2_tiny_ts.onnx", "gpt2_tiny_dy.onnx"]
 
 
-def _head_groups(model):
+def _head_groups(model, kv_cache=False):
     from onnxopt.passes.prune_structured import trace_heads
     from onnxopt.weights import WeightUse
 
@@ -539,7 +539,7 @@ def _head_groups(model):
     for node in list(model.graph):
         if node.op_type in ("MatMul", "Gemm") and node.inputs[1].const_value is not None:
             try:
-                groups.append(trace_heads(WeightUse(node, 1), model))
+                groups.append(trace_heads(WeightUse(node, 1), model, kv_cache))
             except Exception:  # noqa: BLE001 - not an output projection
                 pass
     return groups
@@ -548,7 +548,7 @@ def _head_groups(model):
 def _kill_head(model, head: int) -> None:
     """Zero one head of every attention block: Q/K/V columns and biases (in each third of a fused
     projection), output projection rows."""
-    for group in _head_groups(model):
+    for group in _head_groups(model, kv_cache=True):
         dead = np.arange(head * group.head_dim, (head + 1) * group.head_dim)
         width = group.heads * group.head_dim
         fused = np.concatenate([s * width + dead for s in range(group.segments)])
@@ -627,6 +627,105 @@ def test_gpt2_ffn_channels_through_2d_gemms_are_removed_exactly(name, cleanup):
     assert all(fc.inputs[1].const_value.shape == (32, 96) for fc in fcs)
     for feeds, reference in zip(_torch_feeds(), expected):
         np.testing.assert_allclose(run(model, feeds)[0], reference, rtol=1e-5, atol=1e-5)
+
+
+CACHE_EXPORTS = ["gpt2_cache_tiny_ts.onnx", "gpt2_cache_tiny_dy.onnx"]
+CACHES = [f"{kind}_{what}_{layer}" for kind in ("past", "present") for layer in (0, 1) for what in ("key", "value")]
+
+
+def _cache_feeds():
+    from models.torch_exports import cache_feeds
+
+    return [cache_feeds(), cache_feeds(batch=3, seq=1, past=7, seed=1), cache_feeds(seq=4, past=0, seed=2)]
+
+
+@pytest.mark.parametrize("name", CACHE_EXPORTS)
+def test_heads_leave_the_kv_cache_with_kv_cache_true(name):
+    """A decoder step with past keys and values: the cache inputs and the updated-cache outputs lose the
+    pruned head too; the model records what it kept, and onnxopt's runner cuts the original's caches alike."""
+    from onnxopt import runtime, signature
+
+    model = load(MODELS / name)
+    _kill_head(model, 1)
+    feeds = _cache_feeds()
+    expected = [run(model, f) for f in feeds]
+    details = prune(model, ratio=0.25, heads=True, kv_cache=True, op_types="")
+    assert details["refused"] == {}
+    assert list(details["layers"].values()) == ["heads 4 -> 3, importance removed 0.0000 (l2)"] * 2
+    assert details["model inputs and outputs cut"] == {n: "heads 4 -> 3 on axis 1" for n in CACHES}
+    assert signature.kept_entries(model) == {n: signature.Kept(1, 4, (0, 2, 3)) for n in CACHES}
+    assert [v.shape[1] for v in model.graph.inputs[2:]] == [3] * 4
+    assert [v.shape[1] for v in model.graph.outputs[1:]] == [3] * 4
+    for f, reference in zip(feeds, expected):
+        cut = {k: np.delete(v, 1, axis=1) if k.startswith("past") else v for k, v in f.items()}
+        got = run(model, cut)  # the model itself, fed the cut caches
+        np.testing.assert_allclose(got[0], reference[0], rtol=1e-5, atol=1e-5)
+        for out, ref in zip(got[1:], reference[1:]):
+            np.testing.assert_allclose(out, np.delete(ref, 1, axis=1), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(runtime.run(runtime.session(model), None, f)[0], reference[0], rtol=1e-5, atol=1e-5)
+    assert _head_groups(model) == []  # traced again: refused without kv_cache, 3 heads with it
+    assert [g.heads for g in _head_groups(model, kv_cache=True)] == [3, 3]
+
+
+@pytest.mark.parametrize("name", CACHE_EXPORTS)
+def test_heads_extending_a_kv_cache_are_refused_by_default(name):
+    model = load(MODELS / name)
+    details = prune(model, ratio=0.25, heads=True, op_types="")
+    assert details["layers"] == {}
+    assert sorted(details["refused"].values()) == [
+        f"keys or values are appended to the cache input 'past_key_{i}': kv_cache=true prunes the cache's heads too "
+        "(the model's cache inputs and outputs change)" for i in (0, 1)]
+
+
+def test_kv_cache_heads_by_activation_with_recovery_on_the_original_caches():
+    """Calibration data holds the original's 4-head caches; recovery runs the pruned model on them, cut."""
+    from models.torch_exports import cache_feeds
+
+    batches = [cache_feeds(batch=4, seq=5, past=3, seed=s) for s in range(4)]
+    data = Dataset.from_arrays({k: np.concatenate([b[k] for b in batches]) for k in batches[0]})
+    model = load(MODELS / "gpt2_cache_tiny_ts.onnx")
+    details = prune(model, data=data, ratio=0.5, heads=True, kv_cache=True, op_types="", importance="activation",
+                    recover=True)
+    assert [v.split(",")[0] for v in details["layers"].values()] == ["heads 4 -> 2"] * 2
+    assert all(r["applied"] and r["error_after"] < r["error_before"] for r in details["recover"].values())
+    data.check(model)  # the original's caches still fit the pruned model
+    assert next(data.batches(model))["past_key_0"].shape == (8, 2, 3, 8)
+
+
+def test_two_kv_cache_prunings_in_a_pipeline_compare_each_step_and_the_original():
+    """4 -> 3 -> 2 heads: each step's outputs are compared with the step before (its 3-head caches cut
+    again) and with the original (the recorded indices are the original's)."""
+    from onnxopt import signature
+
+    model = load(MODELS / "gpt2_cache_tiny_ts.onnx")
+    data = Dataset.from_arrays(_cache_feeds()[0])
+    spec = "prune-structured:heads=true,kv_cache=true,op_types=,ratio={}"
+    model, report = pipeline.run_pipeline(model, [spec.format(0.25), spec.format(0.34)], data)
+    assert [r.status for r in report.records] == ["ok", "ok"]
+    assert all({e.name for e in r.errors} == {"last_hidden_state", *CACHES[4:]} for r in report.records)
+    kept = signature.kept_entries(model)["past_key_0"]
+    assert len(kept.indices) == 2 and kept.of == 4
+    assert {e.name for e in report.records[1].input_errors} == {"last_hidden_state", *CACHES[4:]}
+
+
+def test_cli_prunes_kv_cache_heads_and_validates_against_the_original(tmp_path):
+    from click.testing import CliRunner
+
+    from onnxopt.cli import main
+
+    from models.torch_exports import cache_feeds
+
+    out, data = tmp_path / "pruned.onnx", tmp_path / "steps.npz"
+    np.savez(data, **cache_feeds(batch=4))  # the original's caches: 4 heads
+    src = MODELS / "gpt2_cache_tiny_dy.onnx"
+    result = CliRunner().invoke(main, ["optimize", str(src), "-o", str(out), "--data", str(data), "-p",
+                                       "prune-structured:heads=true,kv_cache=true,op_types=,ratio=0.5"])
+    assert result.exit_code == 0, result.output
+    assert "rolled back" not in result.output
+    assert [i.shape[1] for i in load(out).graph.inputs[2:]] == [2] * 4
+    result = CliRunner().invoke(main, ["validate", str(src), str(out), "--data", str(data)])
+    assert result.exit_code == 0, result.output
+    assert "present_key_0" in result.output
 
 
 def test_fused_qkv_read_out_of_order_is_refused():
