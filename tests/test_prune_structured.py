@@ -639,13 +639,16 @@ def _cache_feeds():
     return [cache_feeds(), cache_feeds(batch=3, seq=1, past=7, seed=1), cache_feeds(seq=4, past=0, seed=2)]
 
 
+@pytest.mark.parametrize("cleanup", [False, True])
 @pytest.mark.parametrize("name", CACHE_EXPORTS)
-def test_heads_leave_the_kv_cache_with_kv_cache_true(name):
+def test_heads_leave_the_kv_cache_with_kv_cache_true(name, cleanup):
     """A decoder step with past keys and values: the cache inputs and the updated-cache outputs lose the
     pruned head too; the model records what it kept, and onnxopt's runner cuts the original's caches alike."""
     from onnxopt import runtime, signature
 
     model = load(MODELS / name)
+    if cleanup:
+        registry.get("cleanup").create()(model)
     _kill_head(model, 1)
     feeds = _cache_feeds()
     expected = [run(model, f) for f in feeds]
