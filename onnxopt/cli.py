@@ -125,7 +125,7 @@ def optimize(model_path, output, pass_specs, recipe, data, report, on_error, che
         dataset.check(model)
     before = stats.model_stats(model)
     feeds = validate.feeds_for(model, dataset, max_batches=1, batch=1)
-    reference = validate.run_all(runtime.session(src), feeds)
+    reference = validate.reference_outputs(runtime.session(src), feeds, dataset is None, f"IN ({src.name})")
 
     def progress(record: pipeline.PassRecord) -> None:
         cosine = f"  cosine vs IN {min(e.cosine for e in record.input_errors):.6f}" if record.input_errors else ""
@@ -306,8 +306,8 @@ def validate_cmd(reference_path, candidate_path, data, threads, repeat, max_abs,
     dataset = _load_data(data)
     feeds = validate.feeds_for(ref_model, dataset)
     ref_sess, cand_sess = runtime.session(ref_path, threads=threads), runtime.session(cand_path, threads=threads)
-    errors = validate.compare_outputs(validate.run_all(ref_sess, feeds), validate.run_all(cand_sess, feeds),
-                                      signature.kept_entries(cand_sess))
+    reference = validate.reference_outputs(ref_sess, feeds, dataset is None, f"REF ({ref_path.name})")
+    errors = validate.compare_outputs(reference, validate.run_all(cand_sess, feeds), signature.kept_entries(cand_sess))
     rounds = max(1, repeat // 5)
     lat = validate.interleaved_latency_ms([ref_sess, cand_sess], feeds, rounds=rounds, repeat=5)
     click.echo(f"{'output':<28}{'max abs':>12}{'max rel':>12}{'mean abs':>12}{'cosine':>12}")

@@ -198,7 +198,7 @@ def run_pipeline(
             check = False
             report.notes.append(f"structural checks off: the input model already fails them ({exc})")
     feeds = validate.feeds_for(model, data) if numeric_check else []
-    previous_outputs = _outputs(model, feeds, report.notes) if numeric_check else {}
+    previous_outputs = _outputs(model, feeds, report.notes, data is None) if numeric_check else {}
     input_outputs, input_errors = previous_outputs, []
     # the model before the first other lossy pass: what a `recover` given no reference re-fits toward
     wants_reference = [hasattr(i, "pipeline_original") and not i.reference and i.original is None for _, i, _ in instances]
@@ -259,12 +259,15 @@ def run_pipeline(
     return model, report
 
 
-def _outputs(model: ir.Model, feeds, notes: list[str] | None = None) -> dict:
-    """The model's outputs on ``feeds``; what the session ran differently (``onnxopt_note``) goes to ``notes``."""
+def _outputs(model: ir.Model, feeds, notes: list[str] | None = None, synthesized: bool | None = None) -> dict:
+    """The model's outputs on ``feeds``; what the session ran differently (``onnxopt_note``) goes to ``notes``.
+    ``synthesized`` (True or False): the input model, which must run on the feeds (else DataError)."""
     from onnxopt import runtime
 
     sess = runtime.session(model)
     note = getattr(sess, "onnxopt_note", None)
     if note and notes is not None and note not in notes:
         notes.append(note)
+    if synthesized is not None:
+        return validate.reference_outputs(sess, feeds, synthesized)
     return validate.run_all(sess, feeds)

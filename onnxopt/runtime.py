@@ -46,7 +46,7 @@ def session(
         options.inter_op_num_threads = 1
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # errors reach the caller as exceptions: no second copy on stderr
     with contextlib.ExitStack() as stack:
         if isinstance(model, ir.Model):
             domains = set(model.opset_imports)

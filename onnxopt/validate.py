@@ -17,7 +17,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from onnxopt import calibration, kernels, runtime, signature
-from onnxopt.errors import NativeRunError, RuntimeLibraryError
+from onnxopt.errors import DataError, NativeRunError, RuntimeLibraryError
 
 
 @dataclasses.dataclass
@@ -195,6 +195,23 @@ def native_speedups(
     model over the rounds, and the median over rounds of each round's ratio to the first model."""
     per_model = native_rounds(models, feed, threads, rounds, repeat).rounds_ms
     return [statistics.median(times) for times in per_model], _paired_speedups(per_model)
+
+
+SYNTHESIZED = "synthesized inputs (give real ones: --data, or data= in Python)"
+
+
+def reference_outputs(sess: ort.InferenceSession, feeds: Sequence[dict[str, np.ndarray]], synthesized: bool,
+                      what: str = "the input model") -> dict[str, np.ndarray]:
+    """:func:`run_all` on the model the others are compared with; DataError when onnxruntime fails on
+    the feeds (they are the user's data, or synthesized)."""
+    try:
+        return run_all(sess, feeds)
+    except Exception as exc:
+        if not type(exc).__module__.startswith("onnxruntime"):
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0]
+        on = SYNTHESIZED if synthesized else "the given data"
+        raise DataError(f"{what} fails in onnxruntime on {on}: {type(exc).__name__}: {first}") from exc
 
 
 def feeds_for(model: ir.Model, data: calibration.Dataset | None, max_batches: int = 4, batch: int = 8):

@@ -15,7 +15,8 @@ import onnx_ir as ir
 import pytest
 from click.testing import CliRunner
 
-from onnxopt import cli, io, runtime
+from onnxopt import cli, io, pipeline, runtime
+from onnxopt.errors import DataError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 X = np.random.default_rng(4).standard_normal((5, 8)).astype(np.float32)
@@ -237,6 +238,18 @@ def test_bad_data(tmp_path, mlp_path, make_data, expected):
     before = _digest(mlp_path)
     assert_usage_error(invoke("optimize", mlp_path, "-o", out, "-p", "cleanup", "--data", data), out, expected)
     assert _digest(mlp_path) == before
+
+
+def test_a_model_that_fails_on_synthesized_inputs_asks_for_data(tmp_path):
+    """A decoder step with a cache: its mask must span past + new tokens, which random inputs do not."""
+    model = ROOT / "models" / "gpt2_cache_tiny_ts.onnx"
+    out = tmp_path / "out.onnx"
+    error = assert_usage_error(invoke("optimize", model, "-o", out, "-p", "cleanup"), out,
+                               "IN (gpt2_cache_tiny_ts.onnx) fails in onnxruntime on synthesized inputs", "--data")
+    assert "INVALID_ARGUMENT" in error
+    error = assert_usage_error(invoke("validate", model, model), out, "REF (gpt2_cache_tiny_ts.onnx) fails")
+    with pytest.raises(DataError, match="the input model fails in onnxruntime on synthesized inputs"):
+        pipeline.run_pipeline(io.load(model), ["cleanup"])
 
 
 def test_entry_point_one_line_and_debug_traceback(tmp_path):
