@@ -13,8 +13,9 @@ from typing import Literal
 import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
 from onnxscript import rewriter
-from onnxscript.rewriter import _ir_utils, ort_fusions, pattern
+from onnxscript.rewriter import _fusion_utils, _ir_utils, ort_fusions, pattern
 from onnxscript.rewriter.ort_fusions import _core as ort_fusions_core
+from onnxscript.rewriter.ort_fusions import mha
 from onnxscript.rewriter.rules import common as rules
 from onnxscript.rewriter.rules.fusion import _layer_norm
 
@@ -64,25 +65,33 @@ def cleanup_as_ort_optimizer():
         ort_fusions_core.optimize = original
 
 
-def rows_reshape_after_heads(model: ir.Model) -> str | None:
-    """The name of a Reshape of attention heads (after their Transpose) to other than 3-D, e.g. GPT-2's
-    (b·s, D) rows for its 2-D ``Conv1D`` Gemm; None if there is none. onnxscript's MultiHeadAttention rules
-    (mha1/mha2) take that Reshape as the (B, S, D) output without checking it: the fused node would
-    hand the Gemm a 3-D input."""
-    for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        source = node.inputs[0].producer() if node.op_type == "Reshape" and node.inputs[0] is not None else None
-        if source is not None and source.op_type == "Transpose" and list(source.attributes.get_ints("perm", [])) == [0, 2, 1, 3]:
-            shape = node.outputs[0].shape
-            if shape is None or len(shape) != 3:
-                return node.name or node.outputs[0].name
-    return None
+class MergedHeadsMultiHeadAttention(mha.MultiHeadAttention):
+    """onnxscript's MultiHeadAttention rule, matched only where the heads are merged back to 3-D
+    (batch, sequence, width) like the fused op's output. GPT-2's ``Conv1D`` export merges them to 2-D
+    rows (b·s, width) for a Gemm: onnxscript's rule takes that Reshape as the output unchecked, and the
+    fused node would hand the Gemm a 3-D input."""
+
+    def check(self, context, attention_reshaped=None, **bindings):
+        shape = attention_reshaped.shape if attention_reshaped is not None else None
+        if shape is None or len(shape) != 3:
+            return pattern.MatchResult().fail("heads not merged back to (batch, sequence, width)", attention_reshaped)
+        return super().check(context, attention_reshaped=attention_reshaped, **bindings)
+
+
+def _merged_heads_mha_fusion(has_past_present: bool):
+    """onnxscript's rule set mha1 (with past keys and values) or mha2, each rule with the check above."""
+    rules = [MergedHeadsMultiHeadAttention.rule(
+                 f"MHA{'_Rotary' * rotary}{'_Past' * has_past_present}{'_CrossAttention' * cross}",
+                 is_rotary=rotary, has_past_present=has_past_present, is_cross_attention=cross)
+             for rotary in (False, True) for cross in ((False,) if has_past_present else (False, True))]
+    return _fusion_utils.apply_fusion_rules(pattern.RewriteRuleSet(rules))
 
 
 @contextlib.contextmanager
-def without_mha_rules():
-    """Run onnxscript's ORT fusions without its MultiHeadAttention rules (SDPA still becomes MHA)."""
+def merged_heads_mha_rules():
+    """Run onnxscript's ORT fusions with :class:`MergedHeadsMultiHeadAttention` as their MHA rules."""
     saved = ort_fusions_core.fuse_mha1, ort_fusions_core.fuse_mha2
-    ort_fusions_core.fuse_mha1 = ort_fusions_core.fuse_mha2 = lambda model, **_: 0
+    ort_fusions_core.fuse_mha1, ort_fusions_core.fuse_mha2 = _merged_heads_mha_fusion(True), _merged_heads_mha_fusion(False)
     try:
         yield
     finally:
@@ -132,16 +141,12 @@ class FusePass(ir.passes.InPlacePass):
         if self.layer_norm and model.opset_imports.get("", 0) >= 17:
             counts["layer_norm"] = LAYER_NORM_RULES.apply_to_model(model)
         hazard = folding_hazard(model) if self.target == "ort" else None
-        rows_reshape = rows_reshape_after_heads(model) if self.target == "ort" and not hazard else None
         if self.target == "ort" and not hazard:
-            with cleanup_as_ort_optimizer(), without_mha_rules() if rows_reshape else contextlib.nullcontext():
+            with cleanup_as_ort_optimizer(), merged_heads_mha_rules():
                 _, fused = ort_fusions.optimize_for_ort(model)
             counts.update({k: v for k, v in fused.items() if v})
         restore_layer_names(model, names)
         self.details = {k: v for k, v in counts.items() if v}
-        if rows_reshape:
-            self.details["mha rules"] = (f"skipped: onnxscript's would turn Reshape '{rows_reshape}' of the heads "
-                                         "to rows into a 3-D output")
         if hazard:
             self.details["ort fusions"] = f"skipped: onnxscript's constant folder mishandles {hazard}"
         folded = nodes_before != sum(1 for _ in ir.traversal.RecursiveGraphIterator(model.graph))  # cleanup between the ORT fusions

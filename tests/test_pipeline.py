@@ -299,8 +299,8 @@ def test_fuse_reports_a_change_when_only_its_constant_folding_changed_the_graph(
 @pytest.mark.parametrize(("name", "mha"), [("gpt2_tiny_dy", False), ("bert_tiny_dy", True)])
 def test_fuse_keeps_the_rows_reshape_of_gpt2_attention(name, mha):
     """onnxscript's MultiHeadAttention rule took GPT-2's Reshape of the heads to 2-D rows (for its Conv1D
-    Gemm) as a (B, S, D) output: the fused model's Gemm got a 3-D input and onnxruntime refused it. Such a
-    model is fused without those rules (its SDPA still becomes MultiHeadAttention); BERT keeps them."""
+    Gemm) as a (B, S, D) output: the fused model's Gemm got a 3-D input and onnxruntime refused it. fuse's
+    rule checks the merged heads are 3-D (GPT-2's SDPA still becomes MultiHeadAttention); BERT's match."""
     from models.torch_exports import feeds
 
     model = io.load(MODELS / f"{name}.onnx")
@@ -309,9 +309,54 @@ def test_fuse_keeps_the_rows_reshape_of_gpt2_attention(name, mha):
     expected = runtime.session(model).run(None, feed)[0]
     fuse = registry.get("fuse").create()
     fuse(model)
-    assert ("mha2" in fuse.details) == mha and ("mha rules" in fuse.details) != mha
+    assert ("mha2" in fuse.details) == mha
     assert any(node.op_type in ("MultiHeadAttention", "Attention") for node in model.graph)
     np.testing.assert_allclose(runtime.session(model).run(None, feed)[0], expected, rtol=1e-5, atol=1e-5)
+
+
+def _bert_with_rows_merge() -> ir.Model:
+    """bert_tiny_dy whose first block merges its heads to 2-D rows (b·s, 32) for the output projection and
+    reshapes back to 3-D after the bias, as GPT-2's Conv1D export does; the second block as exported."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    proto = onnx.load(MODELS / "bert_tiny_dy.onnx")
+    graph = proto.graph
+    producers = {out: node for node in graph.node for out in node.output}
+
+    def readers(value):
+        return [node for node in graph.node if value in node.input]
+
+    merge = next(n for n in graph.node if n.op_type == "Reshape" and n.input[0] in producers
+                 and producers[n.input[0]].op_type == "Transpose" and [r.op_type for r in readers(n.output[0])] == ["MatMul"])
+    (matmul,) = readers(merge.output[0])
+    (bias,) = readers(matmul.output[0])
+    (residual,) = readers(bias.output[0])
+    hidden = next(i for i in residual.input if i != bias.output[0])
+    graph.initializer.append(numpy_helper.from_array(np.array([-1, 32], np.int64), "rows"))
+    merge.input[1] = "rows"
+    residual.input[list(residual.input).index(bias.output[0])] = "attention_3d"
+    at = list(graph.node).index(residual)
+    graph.node.insert(at, helper.make_node("Reshape", [bias.output[0], "hidden_shape"], ["attention_3d"]))
+    graph.node.insert(at, helper.make_node("Shape", [hidden], ["hidden_shape"]))
+    for info in [v for v in graph.value_info if v.name in (merge.output[0], matmul.output[0], bias.output[0])]:
+        graph.value_info.remove(info)  # now 2-D
+    return ir.serde.deserialize_model(proto)
+
+
+def test_fuse_fuses_the_blocks_that_merge_their_heads_to_3d():
+    """One block merging to rows, one as exported: only the second becomes an Attention (the MHA rule is
+    checked per match, not skipped for the whole model)."""
+    from models.torch_exports import feeds
+
+    model = _bert_with_rows_merge()
+    expected = runtime.session(model).run(None, feeds())[0]
+    fuse = registry.get("fuse").create()
+    fuse(model)
+    assert fuse.details["mha2"] == 1 and fuse.details["sdpa_via_mha"] == 1
+    assert sorted(n.op_type for n in model.graph if n.op_type in ("MultiHeadAttention", "Attention")) == [
+        "Attention", "MultiHeadAttention"]
+    np.testing.assert_allclose(runtime.session(model).run(None, feeds())[0], expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("passes", [["cleanup"], ["fuse"], ["fuse:target=onnx"]])
