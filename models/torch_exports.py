@@ -24,6 +24,7 @@ Kᵀ, weights computed by ``Slice``/``Concat`` subgraphs. Each model is written 
 
 from __future__ import annotations
 
+import inspect
 import os
 import tempfile
 import warnings
@@ -78,11 +79,7 @@ def build(only: tuple[str, ...] = ()) -> None:
         _export("gpt2_tiny", _gpt2(), feeds(), names[:2], ["last_hidden_state"])
     if wanted("gpt2_cache_tiny"):
         torch.manual_seed(1)
-        caches = [f"past_{kind}_{layer}" for layer in range(2) for kind in ("key", "value")]
-        axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "total"},
-                **{name: {0: "batch", 2: "past"} for name in caches}}
-        _export("gpt2_cache_tiny", _gpt2_step(), cache_feeds(), ["input_ids", "attention_mask", *caches],
-                ["last_hidden_state", *(name.replace("past", "present") for name in caches)], axes)
+        _export("gpt2_cache_tiny", gpt2_step(), cache_feeds(), *cache_axes(2))
     torch.random.set_rng_state(state)
 
     class Recurrent(torch.nn.Module):
@@ -152,13 +149,14 @@ def _gpt2():
     return Decoder().eval()
 
 
-def _gpt2_step():
-    """GPT-2 run one step on a cache given as tensors, returning the updated cache as tensors."""
+def gpt2_step(config=None):
+    """GPT-2 (``_gpt2_config()`` unless ``config``) run one step: inputs ``input_ids``, ``attention_mask``,
+    then each layer's past keys and values as tensors; outputs the last hidden state and the updated caches."""
     import torch
     from transformers import GPT2Model
     from transformers.cache_utils import DynamicCache
 
-    config = _gpt2_config()
+    config = config or _gpt2_config()
     gpt2 = _randomized(GPT2Model(config).eval())
 
     class Step(torch.nn.Module):
@@ -166,14 +164,23 @@ def _gpt2_step():
             super().__init__()
             self.gpt2 = gpt2
 
-        def forward(self, input_ids, attention_mask, past_key_0, past_value_0, past_key_1, past_value_1):
+        def forward(self, *inputs):
+            input_ids, attention_mask, *past = inputs
             cache = DynamicCache(config=config)
-            cache.update(past_key_0, past_value_0, 0)
-            cache.update(past_key_1, past_value_1, 1)
+            for layer in range(config.n_layer):
+                cache.update(past[2 * layer], past[2 * layer + 1], layer)
             out = self.gpt2(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
             return (out.last_hidden_state, *(t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)))
 
     return Step().eval()
+
+
+def cache_axes(layers: int) -> tuple[list[str], list[str], dict[str, dict[int, str]]]:
+    """Input names, output names and dynamic axes of a :func:`gpt2_step` export."""
+    caches = [f"past_{kind}_{layer}" for layer in range(layers) for kind in ("key", "value")]
+    axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "total"},
+            **{name: {0: "batch", 2: "past"} for name in caches}}
+    return ["input_ids", "attention_mask", *caches], ["last_hidden_state", *(c.replace("past", "present") for c in caches)], axes
 
 
 def _export(name: str, model, example: dict[str, np.ndarray], inputs, outputs,
@@ -182,21 +189,32 @@ def _export(name: str, model, example: dict[str, np.ndarray], inputs, outputs,
     default batch and sequence, axes 0 and 1)."""
     import torch
 
-    args = tuple(torch.from_numpy(example[n]) for n in inputs)
     axes = axes or {n: {0: "batch", 1: "seq"} for n in inputs}
     dims = {d: torch.export.Dim(d, **({} if d == "batch" else {"max": 32})) for a in axes.values() for d in a.values()}
+    shapes = tuple({i: dims[d] for i, d in axes[n].items()} for n in inputs)
+    variadic = any(p.kind is p.VAR_POSITIONAL for p in inspect.signature(model.forward).parameters.values())
     with tempfile.TemporaryDirectory() as tmp:
         for tag, options in (
             ("ts", dict(dynamo=False, opset_version=17, dynamic_axes=axes)),
-            ("dy", dict(dynamo=True, dynamic_shapes={n: {i: dims[d] for i, d in a.items()} for n, a in axes.items()})),
+            ("dy", dict(dynamo=True, dynamic_shapes=(shapes,) if variadic else shapes)),
         ):
             path = os.path.join(tmp, f"{tag}.onnx")
-            torch.onnx.export(model, args, path, input_names=list(inputs), output_names=outputs, **options)
-            proto = onnx.load(path)  # the dynamo exporter writes external data: save as one file
-            for node in proto.graph.node:  # the dynamo exporter's stack traces: 70 % of the file
-                del node.metadata_props[:]
-            out = save_model(proto, PKG_DIR / f"{name}_{tag}.onnx", smoke_feed={n: example[n] for n in inputs})
+            export(model, example, inputs, outputs, path, **options)
+            out = save_model(onnx.load(path), PKG_DIR / f"{name}_{tag}.onnx", smoke_feed={n: example[n] for n in inputs})
             print(f"wrote {out} ({out.stat().st_size} bytes)")
+
+
+def export(model, example: dict[str, np.ndarray], inputs, outputs, path, **options) -> None:
+    """``torch.onnx.export`` of ``model`` on the arrays ``example[name]`` of ``inputs``, written as one file
+    without the dynamo exporter's per-node stack traces (70 % of the file)."""
+    import torch
+
+    args = tuple(torch.from_numpy(example[n]) for n in inputs)
+    torch.onnx.export(model, args, path, input_names=list(inputs), output_names=outputs, **options)
+    proto = onnx.load(path)  # the dynamo exporter writes external data
+    for node in proto.graph.node:
+        del node.metadata_props[:]
+    onnx.save(proto, path)
 
 
 if __name__ == "__main__":
