@@ -1,0 +1,112 @@
+"""Attention heads pruned through a decoder's KV cache: one decoding step of a GPT-2-shaped model against
+the unpruned model in onnxruntime, in the same rounds.
+
+The model is HF ``GPT2Model`` with hidden 768 and 12 heads of 64 (GPT-2 small's attention), ``--layers``
+layers and a vocabulary of 1024, with random weights: the numbers are latency and memory, not quality.
+PyTorch's TorchScript exporter writes it as one step on past keys and values
+(``models.torch_exports.gpt2_step``; benchmarks may use torch and transformers). Each point removes a
+fraction of every block's heads with ``prune-structured:heads=true,kv_cache=true`` (l2 importance): the
+Q/K/V and output projections shrink, and so does every cache tensor. Per point: parameters, cache bytes
+per token (keys and values of all layers, float32), and the latency of one step (batch 1, one new token)
+on a past of each ``--past`` length: the median over rounds, and the paired ratio over the unpruned model
+(the median over rounds of that round's ratio). The original's caches are fed cut to the kept heads.
+
+    python bench/decoder_heads.py [--layers 4] [--past 128,1024] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+# the repository instead of bench/, whose kernels.py would shadow the ``kernels`` package transformers imports
+sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from onnxopt import io, registry, runtime, stats, validate  # noqa: E402
+
+HEADS, HEAD_DIM, VOCAB = 12, 64, 1024
+
+
+def export_step(layers: int, positions: int, path: Path) -> None:
+    import torch
+    from transformers import GPT2Config
+
+    from models.torch_exports import cache_axes, export, gpt2_step
+
+    warnings.filterwarnings("ignore")
+    torch.manual_seed(0)
+    config = GPT2Config(n_embd=HEADS * HEAD_DIM, n_layer=layers, n_head=HEADS, n_positions=positions,
+                        vocab_size=VOCAB, bos_token_id=0, eos_token_id=0)
+    inputs, outputs, axes = cache_axes(layers)
+    export(gpt2_step(config), step_feed(layers, 4), inputs, outputs, str(path), dynamo=False, opset_version=17,
+           dynamic_axes=axes)
+
+
+def step_feed(layers: int, past: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """One new token on random caches of ``past`` tokens (batch 1, the original's 12 heads)."""
+    rng = np.random.default_rng(seed)
+    caches = {f"past_{kind}_{layer}": rng.standard_normal((1, HEADS, past, HEAD_DIM)).astype(np.float32)
+              for layer in range(layers) for kind in ("key", "value")}
+    return {"input_ids": rng.integers(0, VOCAB, (1, 1)).astype(np.int64),
+            "attention_mask": np.ones((1, past + 1), np.int64), **caches}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--past", default="128,1024", help="past lengths, comma-separated")
+    parser.add_argument("--ratios", default="0.25,0.5", help="fractions of each block's heads removed")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=7)
+    args = parser.parse_args()
+    pasts = [int(p) for p in args.past.split(",")]
+    ratios = [float(r) for r in args.ratios.split(",")]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        original = Path(tmp) / "step.onnx"
+        export_step(args.layers, max(pasts) + 8, original)
+        rows = [("12 (original)", original, stats.model_stats(io.load(original)).parameters)]
+        for ratio in ratios:
+            model = io.load(original)
+            prune = registry.get("prune-structured").create(
+                {"heads": "true", "kv_cache": "true", "op_types": "", "ratio": str(ratio)})
+            prune(model)
+            kept = HEADS - round(ratio * HEADS)
+            path = io.save(model, Path(tmp) / f"heads{kept}.onnx")
+            rows.append((f"{kept}", path, stats.model_stats(model).parameters))
+
+        sessions = [runtime.session(path, threads=args.threads) for _, path, _ in rows]
+        timings = {}
+        for past in pasts:
+            feed = step_feed(args.layers, past)
+            reference = runtime.run(sessions[0], None, feed)[0]
+            cosines = [validate.compare(reference, runtime.run(s, None, feed)[0]).cosine for s in sessions]
+            single = validate.latency_ms(sessions[0], feed, warmup=2, repeat=5)
+            repeat = int(min(400, max(10, 30 / max(single, 1e-3))))  # rounds of ~30 ms
+            medians, ratios_ = validate.interleaved_speedups(sessions, feed, rounds=args.rounds, repeat=repeat)
+            timings[past] = (medians, ratios_, cosines)
+
+    print(f"GPT-2-shaped decoder step: hidden {HEADS * HEAD_DIM}, {args.layers} layers, batch 1, one new token, "
+          f"{args.threads} thread(s); onnxruntime fp32; ratio = unpruned time / this time, paired by round")
+    header = f"{'heads kept':<15}{'parameters':>12}{'cache KB/token':>16}"
+    for past in pasts:
+        header += f"{f'past {past}: ms':>16}{'ratio':>8}{'cosine':>9}"
+    print(header)
+    for i, (label, _, params) in enumerate(rows):
+        heads = HEADS if i == 0 else int(label)
+        line = f"{label:<15}{params:>12}{args.layers * 2 * heads * HEAD_DIM * 4 / 1024:>16.1f}"
+        for past in pasts:
+            medians, speedups, cosines = timings[past]
+            line += f"{medians[i]:>16.3f}{speedups[i]:>8.2f}{cosines[i]:>9.3f}"
+        print(line)
+    print("(random weights: the cosine of last_hidden_state against the unpruned model only shows the step ran "
+          "on the cut caches; quality needs a trained model)")
+
+
+if __name__ == "__main__":
+    main()
