@@ -16,6 +16,8 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
+from onnxopt.errors import ModelLoadError
+
 KEPT_ENTRIES = "onnxopt.kept_entries"
 
 
@@ -36,7 +38,10 @@ def kept_entries(model: ir.Model | ort.InferenceSession) -> dict[str, Kept]:
         text = model.metadata_props.get(KEPT_ENTRIES)
     if not text:
         return {}
-    return {name: Kept(entry["axis"], entry["of"], tuple(entry["kept"])) for name, entry in json.loads(text).items()}
+    try:
+        return {name: Kept(int(e["axis"]), int(e["of"]), tuple(int(i) for i in e["kept"])) for name, e in json.loads(text).items()}
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise ModelLoadError(f"the model's metadata '{KEPT_ENTRIES}' is malformed ({type(exc).__name__}: {exc})") from None
 
 
 def record_kept(model: ir.Model, name: str, axis: int, of: int, kept: Sequence[int]) -> None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+import pytest
 
 from onnxopt import runtime, signature
+from onnxopt.errors import ModelLoadError
 from onnxopt.signature import Kept
 
 
@@ -51,3 +53,11 @@ def test_the_runner_feeds_a_cut_model_the_original_arrays():
     (out,) = runtime.run(sess, None, {"cache": full})
     np.testing.assert_array_equal(out, full[:, 1:3])
     assert signature.kept_entries(sess) == signature.kept_entries(model)
+
+
+@pytest.mark.parametrize("text", ["{", '{"cache": {"axis": 1}}', '["cache"]', '{"cache": {"axis": 1, "of": 4, "kept": 3}}'])
+def test_malformed_metadata_is_a_typed_error(text):
+    model = _model()
+    model.metadata_props[signature.KEPT_ENTRIES] = text
+    with pytest.raises(ModelLoadError, match="metadata 'onnxopt.kept_entries' is malformed"):
+        signature.kept_entries(model)
