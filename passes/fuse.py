@@ -87,11 +87,14 @@ def _merged_heads_mha_fusion(has_past_present: bool):
     return _fusion_utils.apply_fusion_rules(pattern.RewriteRuleSet(rules))
 
 
+MERGED_HEADS_MHA = _merged_heads_mha_fusion(True), _merged_heads_mha_fusion(False)
+
+
 @contextlib.contextmanager
 def merged_heads_mha_rules():
     """Run onnxscript's ORT fusions with :class:`MergedHeadsMultiHeadAttention` as their MHA rules."""
     saved = ort_fusions_core.fuse_mha1, ort_fusions_core.fuse_mha2
-    ort_fusions_core.fuse_mha1, ort_fusions_core.fuse_mha2 = _merged_heads_mha_fusion(True), _merged_heads_mha_fusion(False)
+    ort_fusions_core.fuse_mha1, ort_fusions_core.fuse_mha2 = MERGED_HEADS_MHA
     try:
         yield
     finally:
