@@ -713,10 +713,8 @@ def test_two_kv_cache_prunings_in_a_pipeline_compare_each_step_and_the_original(
 
 def test_cli_prunes_kv_cache_heads_and_validates_against_the_original(tmp_path):
     from click.testing import CliRunner
-
-    from onnxopt.cli import main
-
     from models.torch_exports import cache_feeds
+    from onnxopt.cli import main
 
     out, data = tmp_path / "pruned.onnx", tmp_path / "steps.npz"
     np.savez(data, **cache_feeds(batch=4))  # the original's caches: 4 heads
