@@ -27,9 +27,15 @@ import numpy as np
 # the repository instead of bench/, whose kernels.py would shadow the ``kernels`` package transformers imports
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+from models.torch_exports import cache_feeds  # noqa: E402
 from onnxopt import io, registry, runtime, stats, validate  # noqa: E402
 
 HEADS, HEAD_DIM, VOCAB = 12, 64, 1024
+
+
+def step_feed(layers: int, past: int) -> dict[str, np.ndarray]:
+    """One new token on random caches of ``past`` tokens (batch 1, the original's 12 heads)."""
+    return cache_feeds(batch=1, seq=1, past=past, layers=layers, heads=HEADS, head_dim=HEAD_DIM, vocab=VOCAB, left_pad=0)
 
 
 def export_step(layers: int, positions: int, path: Path) -> None:
@@ -45,15 +51,6 @@ def export_step(layers: int, positions: int, path: Path) -> None:
     inputs, outputs, axes = cache_axes(layers)
     export(gpt2_step(config), step_feed(layers, 4), inputs, outputs, str(path), dynamo=False, opset_version=17,
            dynamic_axes=axes)
-
-
-def step_feed(layers: int, past: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """One new token on random caches of ``past`` tokens (batch 1, the original's 12 heads)."""
-    rng = np.random.default_rng(seed)
-    caches = {f"past_{kind}_{layer}": rng.standard_normal((1, HEADS, past, HEAD_DIM)).astype(np.float32)
-              for layer in range(layers) for kind in ("key", "value")}
-    return {"input_ids": rng.integers(0, VOCAB, (1, 1)).astype(np.int64),
-            "attention_mask": np.ones((1, past + 1), np.int64), **caches}
 
 
 def main() -> None:

@@ -47,14 +47,16 @@ def feeds(batch: int = 2, seq: int = 7, seed: int = 0) -> dict[str, np.ndarray]:
             "token_type_ids": np.zeros((batch, seq), np.int64)}
 
 
-def cache_feeds(batch: int = 2, seq: int = 3, past: int = 5, seed: int = 0) -> dict[str, np.ndarray]:
-    """One decoding step of ``gpt2_cache_tiny``: new tokens, a mask over past and new, random caches."""
+def cache_feeds(batch: int = 2, seq: int = 3, past: int = 5, seed: int = 0, layers: int = 2, heads: int = CACHE_HEADS,
+                head_dim: int = 8, vocab: int = VOCAB, left_pad: int = 2) -> dict[str, np.ndarray]:
+    """One decoding step of a :func:`gpt2_step` export (``gpt2_cache_tiny`` by default): new tokens, a mask
+    over past and new (the first row left-padded by ``left_pad``), random caches."""
     rng = np.random.default_rng(seed)
     mask = np.ones((batch, past + seq), np.int64)
-    mask[0, :2] = 0  # a left-padded first row
-    caches = {f"past_{kind}_{layer}": rng.standard_normal((batch, CACHE_HEADS, past, 8)).astype(np.float32)
-              for layer in range(2) for kind in ("key", "value")}
-    return {"input_ids": rng.integers(0, VOCAB, (batch, seq)).astype(np.int64), "attention_mask": mask, **caches}
+    mask[0, :left_pad] = 0
+    caches = {name: rng.standard_normal((batch, heads, past, head_dim)).astype(np.float32)
+              for name in cache_axes(layers)[0][2:]}
+    return {"input_ids": rng.integers(0, vocab, (batch, seq)).astype(np.int64), "attention_mask": mask, **caches}
 
 
 def lstm_feeds(batch: int = 2, seq: int = 5, seed: int = 0) -> dict[str, np.ndarray]:
