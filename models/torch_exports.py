@@ -15,6 +15,10 @@ Kᵀ, weights computed by ``Slice``/``Concat`` subgraphs. Each model is written 
   ``past_value_<i>`` (batch, 4 heads, past, 8) float32 for layers i = 0, 1; outputs ``last_hidden_state``
   and ``present_key_<i>``, ``present_value_<i>``, each the cache input concatenated with the step's keys
   or values along the sequence axis.
+- ``llama_tiny``: a randomized 2-layer HF Llama, hidden 32, 4 heads of 8, FFN 64, vocab 64: RMSNorm,
+  SwiGLU, a rotary embedding on Q and K; inputs ``input_ids``, ``attention_mask``, output ``last_hidden_state``.
+- ``llama_cache_tiny``: the same architecture (its own random weights) run one step with a KV cache, inputs
+  and outputs as ``gpt2_cache_tiny``.
 - ``lstm_tiny``: ``nn.LSTM(8, 48, batch_first=True)`` then ``nn.Linear(48, 4)`` on the last step; input
   ``x`` float32 (batch, seq, 8), output ``logits``. Its 48×48 gate blocks exceed the per-node folding
   limit of ``cleanup``: the dynamo export's gate-reordering Slices fold only as a region.
@@ -82,6 +86,12 @@ def build(only: tuple[str, ...] = ()) -> None:
     if wanted("gpt2_cache_tiny"):
         torch.manual_seed(1)
         _export("gpt2_cache_tiny", gpt2_step(), cache_feeds(), *cache_axes(2))
+    if wanted("llama_tiny"):
+        torch.manual_seed(2)
+        _export("llama_tiny", _last_hidden_state(_llama(), "llama"), feeds(), names[:2], ["last_hidden_state"])
+    if wanted("llama_cache_tiny"):
+        torch.manual_seed(3)
+        _export("llama_cache_tiny", decoder_step(_llama(), "llama"), cache_feeds(), *cache_axes(2))
     torch.random.set_rng_state(state)
 
     class Recurrent(torch.nn.Module):
@@ -135,46 +145,66 @@ def _gpt2_config():
 
 
 def _gpt2():
-    import torch
     from transformers import GPT2Model
 
-    gpt2 = _randomized(GPT2Model(_gpt2_config()).eval())
+    return _last_hidden_state(_randomized(GPT2Model(_gpt2_config()).eval()), "gpt2")
+
+
+def _last_hidden_state(decoder, name: str):
+    """``decoder`` (a submodule called ``name``) called on ``input_ids`` and ``attention_mask``."""
+    import torch
 
     class Decoder(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.gpt2 = gpt2
+            self.add_module(name, decoder)
 
         def forward(self, input_ids, attention_mask):
-            return self.gpt2(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            return getattr(self, name)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
     return Decoder().eval()
 
 
 def gpt2_step(config=None):
-    """GPT-2 (``_gpt2_config()`` unless ``config``) run one step: inputs ``input_ids``, ``attention_mask``,
-    then each layer's past keys and values as tensors; outputs the last hidden state and the updated caches."""
-    import torch
+    """GPT-2 (``_gpt2_config()`` unless ``config``) run one step: see :func:`decoder_step`."""
     from transformers import GPT2Model
+
+    return decoder_step(_randomized(GPT2Model(config or _gpt2_config()).eval()), "gpt2")
+
+
+def decoder_step(decoder, name: str):
+    """The HF decoder ``decoder`` (a submodule called ``name``: the exported node names) run one step: inputs
+    ``input_ids``, ``attention_mask``, then each layer's past keys and values as tensors; outputs the last
+    hidden state and the updated caches."""
+    import torch
     from transformers.cache_utils import DynamicCache
 
-    config = config or _gpt2_config()
-    gpt2 = _randomized(GPT2Model(config).eval())
+    config = decoder.config
 
     class Step(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.gpt2 = gpt2
+            self.add_module(name, decoder)
 
         def forward(self, *inputs):
             input_ids, attention_mask, *past = inputs
             cache = DynamicCache(config=config)
-            for layer in range(config.n_layer):
+            for layer in range(config.num_hidden_layers):
                 cache.update(past[2 * layer], past[2 * layer + 1], layer)
-            out = self.gpt2(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
+            out = getattr(self, name)(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
+                                      use_cache=True)
             return (out.last_hidden_state, *(t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)))
 
     return Step().eval()
+
+
+def _llama(kv_heads: int = CACHE_HEADS):
+    """A randomized 2-layer HF Llama, hidden 32, 4 query heads of 8 (``kv_heads`` key/value heads), FFN 64."""
+    from transformers import LlamaConfig, LlamaModel
+
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=CACHE_HEADS,
+                         num_key_value_heads=kv_heads, head_dim=8, vocab_size=VOCAB, max_position_embeddings=64)
+    return _randomized(LlamaModel(config).eval())
 
 
 def cache_axes(layers: int) -> tuple[list[str], list[str], dict[str, dict[int, str]]]:

@@ -18,7 +18,9 @@ PyTorch exports of it are followed too: Reshape targets built at run time (a hea
 with ``Shape`` needs no change; reads of the batch and sequence lengths are left alone), SDPA's NaN
 guard after Softmax and its Kᵀ as Reshape-Transpose-Reshape, one-input ``Concat`` (no past keys),
 ``Cast`` and inference ``Dropout``; a mask built at run time must broadcast over heads by symbolic
-shape inference. With ``kv_cache=true``, keys and values appended to past-cache graph inputs
+shape inference. A computation done head by head on Q or K, such as Llama's rotary embedding
+(``x·cos + Concat(-x2, x1)·sin``: Add/Sub/Mul/Neg, Slice and Concat along the head size, tables that
+broadcast over the heads), is passed through. With ``kv_cache=true``, keys and values appended to past-cache graph inputs
 (``Concat(past, new)`` along the key axis, the result maybe a ``present`` graph output) lose the pruned
 heads in the cache inputs and outputs too; the kept indices are recorded in the model (:mod:`onnxopt.signature`).
 
@@ -332,10 +334,12 @@ def _add_consumer(group: ChannelGroup, node: ir.Node, layout: Layout) -> None:
 
 
 def _only_use(value: ir.Value, values: list[ir.Value]) -> None:
-    """Refuse unless ``value`` is read once by the pattern (``Shape`` readers aside: they follow the new
-    head count at run time) and is no graph output; remember it."""
+    """Refuse unless ``value`` is read once by the pattern, or only by nodes whose outputs the pattern holds
+    (a rotary embedding reads its input three times), ``Shape`` readers aside (they follow the new head count
+    at run time), and is no graph output; remember it."""
     readers = [node for node, _ in value.uses() if node.op_type != "Shape"]
-    if len(readers) != 1 or value.is_graph_output():
+    inside = len(readers) == 1 or (readers and all(node.outputs[0] in values for node in readers))
+    if not inside or value.is_graph_output():
         raise Refused(f"'{value.name}' is read outside the attention pattern")
     values.append(value)
 
@@ -419,6 +423,21 @@ def _is_one_along(value: ir.Value, axis: int) -> bool:
     if node.op_type in BINARY_OPS | {"Cast", "Neg", "Not", "Where"}:
         return all(_is_one_along(v, axis) for v in node.inputs if v is not None)
     return False
+
+
+def _one_along(shape: tuple | None, axis: int) -> bool:
+    return shape is not None and (len(shape) < -axis or shape[axis] == 1)
+
+
+_PER_HEAD_OPS = ("Add", "Sub", "Mul", "Neg", "Slice", "Concat")
+
+
+def _along_last_axis(node: ir.Node, last: int) -> bool:
+    """Whether a ``Concat`` or ``Slice`` works along the last axis (``last``) only."""
+    if node.op_type == "Concat":
+        return node.attributes.get_int("axis", 0) in (-1, last)
+    axes = constant_tensor(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else None
+    return axes is not None and all(a in (-1, last) for a in axes.numpy().reshape(-1).tolist())
 
 
 # Reshape targets. Exporters build them at run time: ``Concat`` of constants and dimensions read with
@@ -552,7 +571,8 @@ class _HeadTrace:
     """Walks one attention block back from its output projection, labelling each tensor's axes, and
     checks that every Reshape target still gives its labelled shape once heads are gone."""
 
-    def __init__(self, kv_cache: bool = False):
+    def __init__(self, kv_cache: bool = False, model: ir.Model | None = None):
+        self.model = model  # for symbolic shapes
         self.values: list[ir.Value] = []
         self.labels: dict[ir.Value, str] = {}
         self.reshapes: list[tuple[ir.Node, list[Entry], str]] = []  # (Reshape, its target, labels of its output)
@@ -574,9 +594,51 @@ class _HeadTrace:
                 value = self.note(node.inputs[0], self.labels[value]) if value in self.labels else node.inputs[0]
             elif node.op_type == "Concat" and len(node.inputs) == 2 and value in self.labels:
                 value = self.cache_concat(node, value)
+            elif node.op_type in ("Add", "Sub", "Mul") and value in self.labels and "h" in self.labels[value]:
+                value = self.per_head(value)
             else:
                 break
         return value
+
+    def per_head(self, value: ir.Value) -> ir.Value:
+        """The one tensor that ``value`` computes head by head, e.g. a rotary embedding
+        ``x·cos + Concat(-x[..., d/2:], x[..., :d/2])·sin``: Add/Sub/Mul/Neg, Slice and Concat along the head
+        size, other operands broadcast over the heads (the cos/sin tables). Pruning heads leaves it alone."""
+        labels = self.labels[value]
+        heads_axis, last = labels.index("h") - len(labels), len(labels) - 1
+        region, inner, leaves, stack = set(), [], {}, [value.producer()]
+        while stack:
+            node = stack.pop()
+            if node in region:
+                continue
+            region.add(node)
+            if node.op_type in ("Slice", "Concat") and not _along_last_axis(node, last):
+                raise Refused(f"{node.op_type} '{node.name}' of the heads' tensors is not along the head size")
+            binary = node.op_type in BINARY_OPS
+            for operand in node.inputs[:1] if node.op_type == "Slice" else node.inputs:
+                if binary and _is_one_along(operand, heads_axis):
+                    continue  # a table shared by every head
+                producer = operand.producer()
+                if producer is not None and producer.op_type in _PER_HEAD_OPS:
+                    inner.append(operand)
+                    stack.append(producer)
+                else:  # only the operands of Add/Sub/Mul may be tables
+                    leaves[operand] = leaves.get(operand, True) and binary
+        sources = [v for v, maybe_table in leaves.items() if not maybe_table]
+        undecided = [v for v in leaves if v not in sources]
+        if undecided and (sources or len(undecided) > 1):
+            shapes = symbolic_shapes(self.model, undecided) if self.model is not None else {}
+            sources += [v for v in undecided if not _one_along(shapes.get(v), heads_axis)]
+        elif undecided:
+            sources = undecided
+        if len(sources) != 1:
+            raise Refused(f"'{value.name}' is computed from {len(sources)} tensors by a per-head pattern, not one")
+        _only_use(value, self.values)
+        for v in inner:
+            if {node for node, _ in v.uses() if node.op_type != "Shape"} - region or v.is_graph_output():
+                raise Refused(f"'{v.name}' is read outside the attention pattern")
+            self.values.append(self.note(v, labels))
+        return self.note(sources[0], labels)
 
     def cache_concat(self, concat: ir.Node, value: ir.Value) -> ir.Value:
         """The step's keys or values, which ``concat`` appends along the key axis to a cache that is a graph
@@ -710,7 +772,7 @@ def _scores_input(add: ir.Node, model: ir.Model) -> int:
     # the side computed by fewer nodes first: usually the mask, not the whole model before the block
     for i in sorted((0, 1), key=lambda i: len(ancestors([add.inputs[i]]))) if not any(ones) else ():
         shape = symbolic_shapes(model, [add.inputs[i]]).get(add.inputs[i])
-        if shape is not None and (len(shape) < 3 or shape[-3] == 1):
+        if _one_along(shape, -3):
             ones[i] = True
             break
     if ones == [True, False]:
@@ -723,7 +785,7 @@ def _scores_input(add: ir.Node, model: ir.Model) -> int:
 def trace_heads(output: WeightUse, model: ir.Model, kv_cache: bool = False) -> HeadGroup:
     """Match the attention pattern ending at output projection ``output``; :class:`Refused` otherwise.
     ``kv_cache``: keys and values may extend cache inputs, which then lose the pruned heads too."""
-    trace = _HeadTrace(kv_cache)
+    trace = _HeadTrace(kv_cache, model)
     merged, labels = output.activation, "bqw"
     if output.node.op_type == "Gemm":  # rows flattened to (b·q, w), from (b, q, w) or straight from the heads
         if output.node.attributes.get_int("transA", 0):

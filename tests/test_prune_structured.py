@@ -528,7 +528,9 @@ def test_residual_with_an_unpruned_branch_is_refused(kind):
 
 # PyTorch's exporters: head counts are -1 or run-time Shape reads, SDPA adds a NaN guard after Softmax,
 # TorchScript a no-op Reshape of the context, dynamo a Reshape-Transpose-Reshape for Kᵀ (models/torch_exports.py).
-TORCH_EXPORTS = ["bert_tiny_ts.onnx", "bert_tiny_dy.onnx", "gpt2_tiny_ts.onnx", "gpt2_tiny_dy.onnx"]
+# Llama rotates Q and K by a rotary embedding, a per-head pattern the trace passes through.
+TORCH_EXPORTS = ["bert_tiny_ts.onnx", "bert_tiny_dy.onnx", "gpt2_tiny_ts.onnx", "gpt2_tiny_dy.onnx",
+                 "llama_tiny_ts.onnx", "llama_tiny_dy.onnx"]
 
 
 def _head_groups(model, kv_cache=False):
@@ -629,7 +631,8 @@ def test_gpt2_ffn_channels_through_2d_gemms_are_removed_exactly(name, cleanup):
         np.testing.assert_allclose(run(model, feeds)[0], reference, rtol=1e-5, atol=1e-5)
 
 
-CACHE_EXPORTS = ["gpt2_cache_tiny_ts.onnx", "gpt2_cache_tiny_dy.onnx"]
+CACHE_EXPORTS = ["gpt2_cache_tiny_ts.onnx", "gpt2_cache_tiny_dy.onnx",
+                 "llama_cache_tiny_ts.onnx", "llama_cache_tiny_dy.onnx"]  # Llama: rotary embedding, then the cache
 CACHES = [f"{kind}_{what}_{layer}" for kind in ("past", "present") for layer in (0, 1) for what in ("key", "value")]
 
 
@@ -844,6 +847,26 @@ def test_exported_blocks_whose_head_slicing_would_change_other_values_are_refuse
     model, details = _ts_block_mutated(mutate)
     assert details["refused"] == {"/bert/encoder/layer.0/attention/output/dense/MatMul (heads)": reason}
     assert list(details["layers"]) == ["/bert/encoder/layer.1/attention/output/dense/MatMul"]
+    assert run(model, _torch_feeds()[1])[0].shape == (3, 11, 32)
+
+
+def test_a_rotary_table_that_differs_per_head_is_refused():
+    """Llama's rotary embedding is followed only while its cos/sin tables broadcast over the heads."""
+    proto = onnx.load(MODELS / "llama_tiny_ts.onnx")
+    prefix = "/llama/layers.0/self_attn/"
+    rotate = next(n for n in proto.graph.node if n.name == prefix + "Mul")  # q · cos
+    proto.graph.initializer.append(numpy_helper.from_array(np.arange(1, 5, dtype=np.float32).reshape(1, 4, 1, 1), "per_head"))
+    scale = helper.make_node("Mul", [rotate.input[1], "per_head"], ["cos_per_head"])
+    rotate.input[1] = "cos_per_head"
+    nodes = list(proto.graph.node)
+    nodes.insert(nodes.index(rotate), scale)
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    model = ir.serde.deserialize_model(proto)
+    details = prune(model, ratio=0.25, heads=True, op_types="")
+    assert details["refused"] == {
+        prefix + "o_proj/MatMul (heads)": f"'{prefix}Add_output_0' is computed from 2 tensors by a per-head pattern, not one"}
+    assert list(details["layers"]) == ["/llama/layers.1/self_attn/o_proj/MatMul"]
     assert run(model, _torch_feeds()[1])[0].shape == (3, 11, 32)
 
 
