@@ -19,6 +19,8 @@ Kᵀ, weights computed by ``Slice``/``Concat`` subgraphs. Each model is written 
   SwiGLU, a rotary embedding on Q and K; inputs ``input_ids``, ``attention_mask``, output ``last_hidden_state``.
 - ``llama_cache_tiny``: the same architecture (its own random weights) run one step with a KV cache, inputs
   and outputs as ``gpt2_cache_tiny``.
+- ``llama_gqa_cache_tiny``: as ``llama_cache_tiny`` with grouped-query attention: 2 key/value heads, each
+  serving 2 of the 4 query heads (K and V repeated by Unsqueeze-Expand-Reshape); caches (batch, 2, past, 8).
 - ``lstm_tiny``: ``nn.LSTM(8, 48, batch_first=True)`` then ``nn.Linear(48, 4)`` on the last step; input
   ``x`` float32 (batch, seq, 8), output ``logits``. Its 48×48 gate blocks exceed the per-node folding
   limit of ``cleanup``: the dynamo export's gate-reordering Slices fold only as a region.
@@ -92,6 +94,9 @@ def build(only: tuple[str, ...] = ()) -> None:
     if wanted("llama_cache_tiny"):
         torch.manual_seed(3)
         _export("llama_cache_tiny", decoder_step(_llama(), "llama"), cache_feeds(), *cache_axes(2))
+    if wanted("llama_gqa_cache_tiny"):
+        torch.manual_seed(4)
+        _export("llama_gqa_cache_tiny", decoder_step(_llama(kv_heads=2), "llama"), cache_feeds(heads=2), *cache_axes(2))
     torch.random.set_rng_state(state)
 
     class Recurrent(torch.nn.Module):

@@ -20,7 +20,9 @@ guard after Softmax and its Kᵀ as Reshape-Transpose-Reshape, one-input ``Conca
 ``Cast`` and inference ``Dropout``; a mask built at run time must broadcast over heads by symbolic
 shape inference. A computation done head by head on Q or K, such as Llama's rotary embedding
 (``x·cos + Concat(-x2, x1)·sin``: Add/Sub/Mul/Neg, Slice and Concat along the head size, tables that
-broadcast over the heads), is passed through. With ``kv_cache=true``, keys and values appended to past-cache graph inputs
+broadcast over the heads), is passed through. Grouped-query attention (K and V repeated for groups of
+query heads by ``Reshape(Expand(Unsqueeze(x, 2)))``, as HF Llama exports it) is pruned by key/value head:
+each one goes with the query heads it serves, and the repeat's Expand and Reshape shapes follow. With ``kv_cache=true``, keys and values appended to past-cache graph inputs
 (``Concat(past, new)`` along the key axis, the result maybe a ``present`` graph output) lose the pruned
 heads in the cache inputs and outputs too; the kept indices are recorded in the model (:mod:`onnxopt.signature`).
 
@@ -272,7 +274,7 @@ def _rows_reshape(group: ChannelGroup, node: ir.Node, layout: Layout) -> Layout 
     def reads_channels(entry: Entry) -> bool:
         found = group.region.get(entry.tensor)
         rank = found.rank if found is not None else None
-        return found is not None and rank is not None and entry.axis == rank + found.axis
+        return found is not None and rank is not None and entry.axis == rank + found.axis and entry.factor == 1
 
     def other_axis(entry: Entry) -> bool:
         if entry.tensor is None:
@@ -350,6 +352,11 @@ def _producer(value: ir.Value, op_type: str, values: list[ir.Value]) -> ir.Node:
         raise Refused(f"'{value.name}' is not produced by {op_type}")
     _only_use(value, values)
     return node
+
+
+def _producer_type(value: ir.Value) -> str | None:
+    node = value.producer()
+    return None if node is None else node.op_type
 
 
 def _perm(transpose: ir.Node) -> list[int] | None:
@@ -447,7 +454,9 @@ def _along_last_axis(node: ir.Node, last: int) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
-    """One entry of a Reshape target: ``constant``, or dimension ``axis`` of ``tensor`` read at run time.
+    """One entry of a Reshape target: ``constant``, or dimension ``axis`` of ``tensor`` read at run time
+    (times ``factor``: GQA's merged head count, key/value heads x repeats), or computed from the reads
+    ``sources`` (a cache's past length plus the new tokens).
 
     ``where`` locates a constant that can be rewritten: (Concat input or None for a constant target, index).
     """
@@ -456,6 +465,8 @@ class Entry:
     tensor: ir.Value | None = None
     axis: int | None = None
     where: tuple[int | None, int] | None = None
+    factor: int = 1
+    sources: tuple[Entry, ...] | None = None
 
 
 def _rank(value: ir.Value, ranks: dict[ir.Value, int]) -> int | None:
@@ -470,8 +481,21 @@ def _dimension_reads(value: ir.Value, ranks: dict[ir.Value, int]) -> list[Entry]
     node = value.producer()
     if node is None:
         return None
-    if node.op_type in ("Unsqueeze", "Squeeze", "Cast", "Identity"):
+    if node.op_type in ("Unsqueeze", "Squeeze", "Cast", "Identity") or _flattens_to_1d(node):
         return _dimension_reads(node.inputs[0], ranks)
+    if node.op_type == "Where" and _replaces_minus_one(node):  # TorchScript's Expand shapes: -1 -> 1
+        entries = _dimension_reads(node.inputs[2], ranks)
+        return None if entries is None else [Entry(1) if e.constant == -1 else e for e in entries]
+    if node.op_type == "Mul" and (times := _int_scalar(node.inputs[1])) is not None:
+        entries = _dimension_reads(node.inputs[0], ranks)
+        return None if entries is None else [
+            Entry(e.constant * times) if e.constant is not None else dataclasses.replace(e, factor=e.factor * times)
+            for e in entries]
+    if node.op_type in ("Add", "Sub", "Mul", "Div"):
+        pieces = [_dimension_reads(v, ranks) for v in node.inputs]
+        if any(p is None or len(p) != 1 for p in pieces):
+            return None
+        return [Entry(sources=tuple(r for (e,) in pieces for r in (e.sources or (e,)) if r.tensor is not None))]
     if node.op_type == "Concat":
         pieces = [_dimension_reads(v, ranks) for v in node.inputs]
         return None if any(p is None for p in pieces) else [e for p in pieces for e in p]
@@ -494,6 +518,22 @@ def _dimension_reads(value: ir.Value, ranks: dict[ir.Value, int]) -> list[Entry]
     return None if picked is None else [Entry(tensor=source.inputs[0], axis=axis) for axis in picked]
 
 
+def _flattens_to_1d(node: ir.Node) -> bool:
+    target = constant_tensor(node.inputs[1]) if node.op_type == "Reshape" and len(node.inputs) > 1 else None
+    return target is not None and target.numpy().reshape(-1).tolist() == [-1]
+
+
+def _int_scalar(value: ir.Value) -> int | None:
+    tensor = constant_tensor(value)
+    return int(tensor.numpy().reshape(-1)[0]) if tensor is not None and tensor.size == 1 and tensor.dtype.is_integer() else None
+
+
+def _replaces_minus_one(where: ir.Node) -> bool:
+    """``Where(Equal(s, -1 · ones), ones, s)``: a shape ``s`` with its -1 entries replaced by 1."""
+    test = where.inputs[0].producer()
+    return test is not None and test.op_type == "Equal" and test.inputs[0] is where.inputs[2]
+
+
 _UNBOUNDED = 1 << 62
 _MAX_RANK = 64
 
@@ -513,7 +553,8 @@ def _read_axes(start: int, end: int | None, rank: int | None, pick) -> list[int]
 
 
 def _target(reshape: ir.Node, ranks: dict[ir.Value, int]) -> list[Entry]:
-    """The entries of ``reshape``'s target shape (a 0 copies the input's dimension unless ``allowzero``)."""
+    """The entries of ``reshape``'s target shape (a 0 copies the input's dimension unless ``allowzero``),
+    or of an ``Expand``'s shape."""
     target, concat = reshape.inputs[1], reshape.inputs[1].producer()
     if constant_tensor(target) is not None:
         entries = [dataclasses.replace(e, where=(None, i)) for i, e in enumerate(_dimension_reads(target, ranks))]
@@ -526,7 +567,7 @@ def _target(reshape: ir.Node, ranks: dict[ir.Value, int]) -> list[Entry]:
         entries = _dimension_reads(target, ranks)
     if entries is None:
         raise Refused(f"Reshape '{reshape.name}' takes a shape computed at run time in a way not traced")
-    if not reshape.attributes.get_int("allowzero", 0):
+    if reshape.op_type == "Reshape" and not reshape.attributes.get_int("allowzero", 0):
         entries = [Entry(tensor=reshape.inputs[0], axis=i) if e.constant == 0 else e for i, e in enumerate(entries)]
     return entries
 
@@ -536,35 +577,44 @@ class HeadGroup:
     """One attention block: Q/K/V projections (output columns), their biases, Reshapes, and Wo."""
 
     label: str
-    heads: int
+    heads: int  # pruning units: heads, or key/value heads with grouped-query attention
     head_dim: int
-    projections: list[WeightUse]
-    biases: list[tuple[ir.Node, int]]
-    reshapes: list[tuple[ir.Node, tuple[int | None, int], int]]  # (Reshape, head count's place, per head)
+    projections: list[WeightUse]  # Q, K, V (or the fused one)
+    biases: list[tuple[ir.Node, int, int]]  # (node, input, projection index)
+    reshapes: list[tuple[ir.Node, tuple[int | None, int], int]]  # (Reshape, head count's place, per unit)
     output: WeightUse
     values: list[ir.Value]
     segments: int = 1  # 3: one fused Q/K/V projection
     caches: list[tuple[ir.Value, str]] = dataclasses.field(default_factory=list)  # KV cache inputs/outputs, labels
+    group_size: int = 1  # query heads per key/value head (grouped-query attention)
 
     def as_channel_group(self) -> ChannelGroup:
-        """The same slicing expressed per head: units of ``head_dim`` channels."""
-        group = ChannelGroup(self.label, self.heads, [(u, self.head_dim) for u in self.projections],
-                             segments=self.segments)
-        group.constants = [(node, index, -1, self.head_dim) for node, index in self.biases]
+        """The same slicing expressed per unit: a head's ``head_dim`` channels, or with grouped-query attention
+        a key/value head's and the ``group_size`` query heads' it serves."""
+        per = [self.head_dim * (self.group_size if i == 0 else 1) for i in range(len(self.projections))]
+        group = ChannelGroup(self.label, self.heads, list(zip(self.projections, per)), segments=self.segments)
+        group.constants = [(node, index, -1, per[p]) for node, index, p in self.biases]
         group.reshapes = self.reshapes
-        group.consumers = [Consumer(self.output, self.head_dim)]
+        group.consumers = [Consumer(self.output, per[0])]
         cached = {value for value, _ in self.caches}
         group.unshaped = [v for v in self.values if v not in cached]
-        group.region = {v: Layout(labels.index("h") - len(labels), len(labels)) for v, labels in self.caches}
-        group.cut_io = [(v, labels.index("h")) for v, labels in self.caches]
-        group.unit = "heads"
+        group.region = {v: Layout(_heads_axis(labels) - len(labels), len(labels)) for v, labels in self.caches}
+        group.cut_io = [(v, _heads_axis(labels)) for v, labels in self.caches]
+        group.unit = "kv heads" if self.group_size > 1 else "heads"
         return group
 
 
+def _heads_axis(labels: str) -> int:
+    """The axis of the heads that pruning removes: the key/value heads (g) where they are grouped."""
+    return labels.index("g" if "g" in labels else "h")
+
+
 # Axis labels of the tensors of an attention block: b batch, q queries, k keys, h heads, d head_dim,
-# w = h·d, n = b·h, t = 3·w (fused Q/K/V), m = b·q (rows flattened for a Gemm), e the model width.
-# Pruning changes h, w, n and t only.
-HEAD_LABELS = "hwnt"
+# w = h·d, n = b·h, t = 3·w (fused Q/K/V), m = b·q (rows flattened for a Gemm), e the model width;
+# grouped-query attention: g key/value heads, u = g·d, r query heads per key/value head (h = g·r), 1 an
+# inserted axis. Pruning changes h, w, n, t, g and u only.
+HEAD_LABELS = "hwntgu"
+UNIT_LABELS = ("heads", "kv heads")
 
 
 class _HeadTrace:
@@ -579,6 +629,7 @@ class _HeadTrace:
         self.self_attention = False  # queries and keys come from one tensor: q and k are the same length
         self.kv_cache = kv_cache  # cache inputs (and outputs) may lose heads with the block
         self.caches: list[ir.Value] = []
+        self.group_size = 1  # query heads per key/value head: K and V are repeated (grouped-query attention)
 
     def note(self, value: ir.Value, labels: str) -> ir.Value:
         self.labels[value] = labels
@@ -594,18 +645,37 @@ class _HeadTrace:
                 value = self.note(node.inputs[0], self.labels[value]) if value in self.labels else node.inputs[0]
             elif node.op_type == "Concat" and len(node.inputs) == 2 and value in self.labels:
                 value = self.cache_concat(node, value)
-            elif node.op_type in ("Add", "Sub", "Mul") and value in self.labels and "h" in self.labels[value]:
+            elif node.op_type in ("Add", "Sub", "Mul") and self.labels.get(value, "")[:2] in ("bh", "bg"):
                 value = self.per_head(value)
+            elif node.op_type == "Reshape" and self.labels.get(value) == "bhkd" and _producer_type(node.inputs[0]) == "Expand":
+                value = self.repeated(value)
             else:
                 break
         return value
+
+    def repeated(self, value: ir.Value) -> ir.Value:
+        """From K or V repeated for grouped-query attention, (b, h, k, d) = Reshape(Expand(Unsqueeze(x, 2)))
+        with h = g·r, back to x (b, g, k, d): each of its g key/value heads serves r query heads."""
+        expanded = self.reshape(value, "bhkd", "bgrkd")
+        expand = _producer(expanded, "Expand", self.values)
+        target = _target(expand, {v: len(labels) for v, labels in self.labels.items()})
+        repeats = target[2].constant if len(target) == 5 else None
+        if repeats is None or repeats < 2 or self.group_size not in (1, repeats):
+            raise Refused(f"Expand '{expand.name}' does not repeat K and V by one constant count")
+        self.group_size = repeats
+        self.reshapes.append((expand, target, "bgrkd"))
+        unsqueeze = _producer(self.note(expand.inputs[0], "bg1kd"), "Unsqueeze", self.values)
+        axes = constant_tensor(unsqueeze.inputs[1]) if len(unsqueeze.inputs) > 1 else None
+        if axes is None or axes.numpy().reshape(-1).tolist() not in ([2], [-3]):
+            raise Refused(f"Unsqueeze '{unsqueeze.name}' does not insert the repeat axis after the heads")
+        return self.note(unsqueeze.inputs[0], "bgkd")
 
     def per_head(self, value: ir.Value) -> ir.Value:
         """The one tensor that ``value`` computes head by head, e.g. a rotary embedding
         ``x·cos + Concat(-x[..., d/2:], x[..., :d/2])·sin``: Add/Sub/Mul/Neg, Slice and Concat along the head
         size, other operands broadcast over the heads (the cos/sin tables). Pruning heads leaves it alone."""
         labels = self.labels[value]
-        heads_axis, last = labels.index("h") - len(labels), len(labels) - 1
+        heads_axis, last = _heads_axis(labels) - len(labels), len(labels) - 1
         region, inner, leaves, stack = set(), [], {}, [value.producer()]
         while stack:
             node = stack.pop()
@@ -724,14 +794,20 @@ class _HeadTrace:
         """Check every traced Reshape target against the labels of its output; the constant head counts
         to rewrite, as (Reshape, place, units per head)."""
         same = {"q": "qk", "k": "qk"} if self.self_attention else {}
-        counts = {"h": (heads, 1), "w": (heads * head_dim, head_dim), "t": (3 * heads * head_dim, 3 * head_dim),
-                  "d": (head_dim, None)}
+        r = self.group_size  # per pruned unit: r query heads, one key/value head
+        counts = {"h": (heads, r), "w": (heads * head_dim, r * head_dim), "t": (3 * heads * head_dim, 3 * head_dim),
+                  "g": (heads // r, 1), "u": (heads // r * head_dim, head_dim), "d": (head_dim, None)}
         updates = []
         for node, entries, labels in self.reshapes:
             for i, (entry, wanted) in enumerate(zip(entries, labels)):
-                if entry.tensor is not None:
+                if entry.sources is not None:  # arithmetic on lengths: no head count may go in or come out
+                    fine = wanted not in HEAD_LABELS and all(
+                        self._entry_label(e) not in tuple(HEAD_LABELS) + ("?",) for e in entry.sources)
+                elif entry.tensor is not None:
                     read = self._entry_label(entry)
-                    fine = wanted not in HEAD_LABELS if read is None else read in same.get(wanted, wanted)
+                    fine = wanted not in HEAD_LABELS if read is None else (
+                        read in same.get(wanted, wanted) and entry.factor == 1) or (
+                        wanted == "h" and read == "g" and entry.factor == r)
                 elif entry.constant == -1:
                     fine = True  # inferred: right when every other entry is
                 elif wanted in counts:
@@ -748,7 +824,8 @@ class _HeadTrace:
 
 _LABEL_NAMES = {"b": "batch", "q": "query length", "k": "key length", "h": "head count", "d": "head size",
                 "w": "heads × head size", "n": "batch × heads", "e": "model width", "t": "3 × heads × head size",
-                "m": "batch × sequence"}
+                "m": "batch × sequence", "g": "key/value head count", "u": "key/value heads × head size",
+                "r": "query heads per key/value head", "1": "inserted axis"}
 
 
 def _looks_like_attention_output(use: WeightUse) -> bool:
@@ -822,37 +899,43 @@ def trace_heads(output: WeightUse, model: ir.Model, kv_cache: bool = False) -> H
                     "v": (trace.transpose(attend.inputs[1], [0, 2, 1, 3], "v"), "k")}
     branches, head_dims = [], set()
     for name, (value, length) in split_values.items():
-        branches.append(trace.reshape(value, f"b{length}hd", f"b{length}w"))
+        labels = trace.labels[value]  # b?hd, or b?gd for grouped keys and values
+        branches.append(trace.reshape(value, labels, labels[:2] + ("u" if "g" in labels else "w")))
         head_dims.add(_head_dim(trace.reshapes[-1][1], name))
     if len(head_dims) != 1:
         raise Refused("Q/K/V split into different head shapes")
     head_dim = head_dims.pop()
     split = branches[0].producer()
+    r = trace.group_size
     if split is not None and split.op_type == "Split":  # GPT-2: one projection, then Split
+        if r > 1:
+            raise Refused("grouped keys and values from one fused projection are not followed")
         projections, biases, split_updates = _fused_projection(trace, split, branches, head_dim)
+        biases = [(node, index, 0) for node, index in biases]
         segments = 3
     else:
         projections, biases, split_updates = [], [], []
-        for name, value in zip(split_values, branches):
+        for p, (name, value) in enumerate(zip(split_values, branches)):
             projection, bias = _projection(trace, value, trace.labels[value], name)
             projections.append(projection)
-            biases += bias
+            biases += [(node, index, p) for node, index in bias]
         segments = 1
     trace.self_attention = segments == 3 or projections[0].activation is projections[1].activation
     width = _out_columns(projections[0]) // segments
-    if width % head_dim or width * segments != _out_columns(projections[0]) or any(
-            _out_columns(u) != width for u in projections[1:]):
-        raise Refused(f"projection widths are not equal multiples of head_dim {head_dim}")
-    if any(constant_tensor(node.inputs[index]) is None or constant_tensor(node.inputs[index]).size != segments * width
-           for node, index in biases):
+    widths = [segments * width] + [width // r] * (len(projections) - 1)  # grouped K, V: one head per r query heads
+    if width % (head_dim * r) or any(_out_columns(u) != w for u, w in zip(projections, widths)):
+        raise Refused(f"projection widths are not equal multiples of head_dim {head_dim}"
+                      + (f" ({r} query heads per key/value head)" if r > 1 else ""))
+    if any(constant_tensor(node.inputs[index]) is None or constant_tensor(node.inputs[index]).size != widths[p]
+           for node, index, p in biases):
         raise Refused("a Q/K/V bias is not a per-channel constant")
     if output.shared or _in_rows(output) != width:
         raise Refused(f"output projection weight is shared or does not match heads × head_dim = {width}")
     heads = width // head_dim
     updates = trace.check_entries(heads, head_dim) + split_updates
     _check_shape_readers(trace)
-    return HeadGroup(output.label, heads, head_dim, projections, biases, updates, output, trace.values, segments,
-                     [(v, trace.labels[v]) for v in trace.caches])
+    return HeadGroup(output.label, heads // r, head_dim, projections, biases, updates, output, trace.values, segments,
+                     [(v, trace.labels[v]) for v in trace.caches], r)
 
 
 def _projection(trace: _HeadTrace, value: ir.Value, labels: str, name: str) -> tuple[WeightUse, list[tuple[ir.Node, int]]]:
@@ -914,6 +997,8 @@ def _head_dim(target: list[Entry], name: str) -> int:
 
 
 SHAPE_ARITHMETIC = ("Gather", "Slice", "Unsqueeze", "Squeeze", "Concat", "Cast", "Identity")
+# also in attention blocks: GQA's repeated head count (Mul) and TorchScript's Expand shapes (-1 -> 1 by Where)
+HEAD_SHAPE_ARITHMETIC = (*SHAPE_ARITHMETIC, "Mul", "Reshape", "Shape", "ConstantOfShape", "Equal", "Where")
 
 
 def _reads_only(reader: ir.Node, ranks: dict[ir.Value, int], unchanged) -> bool:
@@ -925,7 +1010,7 @@ def _reads_only(reader: ir.Node, ranks: dict[ir.Value, int], unchanged) -> bool:
     return entries is not None and all(e.tensor is not None and unchanged(e) for e in entries)
 
 
-def _shape_escape(shape: ir.Value, ends) -> str | None:
+def _shape_escape(shape: ir.Value, ends, arithmetic: tuple[str, ...] = SHAPE_ARITHMETIC) -> str | None:
     """Follow a ``Shape`` output through shape arithmetic until every path reaches a reader that
     ``ends(reader, input index)`` accepts. Returns where a path escapes instead (another reader, the graph
     output, a dead end), or None if none does."""
@@ -937,7 +1022,7 @@ def _shape_escape(shape: ir.Value, ends) -> str | None:
         for reader, index in piece.uses():
             if ends(reader, index):
                 continue
-            if reader.op_type not in SHAPE_ARITHMETIC:
+            if reader.op_type not in arithmetic:
                 return f"{reader.op_type} '{reader.name}'"
             stack.append(reader.outputs[0])
     return None
@@ -963,7 +1048,7 @@ def _check_shape_readers(trace: _HeadTrace) -> None:
             read = _dimension_reads(shape.outputs[0], ranks)  # Shape(start, end) of batch or lengths only
             if read is not None and all(unchanged(e) for e in read):
                 continue
-            if _shape_escape(shape.outputs[0], ends) is not None:
+            if _shape_escape(shape.outputs[0], ends, HEAD_SHAPE_ARITHMETIC) is not None:
                 raise Refused(f"the shape of '{value.name}' is read outside the attention pattern")
 
 
@@ -1153,7 +1238,7 @@ class PruneStructuredPass(ir.passes.InPlacePass):
         self.details.update(layers=layers, refused=refused, skipped=dict(scan.skipped),
                             parameters=f"{params_before} -> {params_after}")
         if self.heads:
-            blocks = sum(g.unit == "heads" for g in groups) + sum(k.endswith(" (heads)") for k in refused)
+            blocks = sum(g.unit in UNIT_LABELS for g in groups) + sum(k.endswith(" (heads)") for k in refused)
             self.details["attention blocks"] = blocks or NO_BLOCK
         if cut_io:
             self.details["model inputs and outputs cut"] = cut_io
@@ -1189,7 +1274,7 @@ class PruneStructuredPass(ir.passes.InPlacePass):
 
     def _kept(self, group: ChannelGroup) -> int:
         per = group.producers[0][1]
-        if group.unit == "heads":  # at least ceil(min_channels / head_dim) heads
+        if group.unit in UNIT_LABELS:  # at least ceil(min_channels / head_dim) heads
             return _kept_count(group.channels, self.ratio, -(-self.min_channels // per), 1)
         return _kept_count(group.channels, self.ratio, self.min_channels, self.round_to)
 
@@ -1200,7 +1285,7 @@ class PruneStructuredPass(ir.passes.InPlacePass):
                        for sums, consumer in zip(activation, group.consumers))
         order = 1 if self.importance == "l1" else 2
         score = sum(_unit_norms(u.matrix(), per, 1, order, group.segments) ** order for u, per in group.producers)
-        if group.unit == "heads":  # the output projection's rows count too
+        if group.unit in UNIT_LABELS:  # the output projection's rows count too
             score = score + sum(_consumer_row_norms(c, order) ** order for c in group.consumers)
         return score ** (1 / order)
 

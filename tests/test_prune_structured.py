@@ -548,17 +548,20 @@ def _head_groups(model, kv_cache=False):
 
 
 def _kill_head(model, head: int) -> None:
-    """Zero one head of every attention block: Q/K/V columns and biases (in each third of a fused
-    projection), output projection rows."""
+    """Zero one pruning unit of every attention block (a head; with grouped-query attention a key/value head
+    and the query heads it serves): Q/K/V columns and biases (in each third of a fused projection), output
+    projection rows."""
+    from onnxopt.passes.prune_structured import _unit_index
+
     for group in _head_groups(model, kv_cache=True):
-        dead = np.arange(head * group.head_dim, (head + 1) * group.head_dim)
-        width = group.heads * group.head_dim
-        fused = np.concatenate([s * width + dead for s in range(group.segments)])
-        for use in group.projections:
-            _zero(model, use.value.name, fused, 1)
-        for node, index in group.biases:
-            _zero(model, node.inputs[index].name, fused, 0)
-        _zero(model, group.output.value.name, dead, 0)
+        units = group.as_channel_group()
+        dead = lambda per, segments=1: _unit_index(np.array([head]), per, segments, units.channels)  # noqa: E731
+        for use, per in units.producers:
+            _zero(model, use.value.name, dead(per, units.segments), 1)
+        for node, index, _, per in units.constants:
+            _zero(model, node.inputs[index].name, dead(per, units.segments), 0)
+        for consumer in units.consumers:
+            _zero(model, consumer.use.value.name, dead(consumer.group), 0)
 
 
 def _torch_feeds():
@@ -671,6 +674,35 @@ def test_heads_leave_the_kv_cache_with_kv_cache_true(name, cleanup):
         np.testing.assert_allclose(runtime.run(runtime.session(model), None, f)[0], reference[0], rtol=1e-5, atol=1e-5)
     assert _head_groups(model) == []  # traced again: refused without kv_cache, 3 heads with it
     assert [g.heads for g in _head_groups(model, kv_cache=True)] == [3, 3]
+
+
+@pytest.mark.parametrize("name", ["llama_gqa_cache_tiny_ts.onnx", "llama_gqa_cache_tiny_dy.onnx"])
+def test_grouped_query_attention_loses_whole_key_value_heads(name):
+    """Llama with 2 key/value heads for 4 query heads: a key/value head goes with the 2 query heads it serves
+    (the Expand that repeats K and V and the Reshapes after it follow), and the caches lose it."""
+    from models.torch_exports import cache_feeds
+
+    from onnxopt import runtime, signature
+
+    model = load(MODELS / name)
+    assert [(g.heads, g.group_size) for g in _head_groups(model, kv_cache=True)] == [(2, 2)] * 2
+    _kill_head(model, 0)
+    feeds = [cache_feeds(heads=2), cache_feeds(batch=3, seq=1, past=7, seed=1, heads=2),
+             cache_feeds(seq=4, past=0, seed=2, heads=2)]
+    expected = [run(model, f) for f in feeds]
+    details = prune(model, ratio=0.5, heads=True, kv_cache=True, op_types="")
+    assert details["refused"] == {}
+    assert list(details["layers"].values()) == ["kv heads 2 -> 1, importance removed 0.0000 (l2)"] * 2
+    assert signature.kept_entries(model) == {n: signature.Kept(1, 2, (1,)) for n in CACHES}
+    groups = _head_groups(model, kv_cache=True)  # traced again: 2 query heads on 1 key/value head
+    assert [(g.heads, g.group_size) for g in groups] == [(1, 2)] * 2
+    assert [u.matrix().shape for u in groups[0].projections] == [(32, 16), (32, 8), (32, 8)]
+    for f, reference in zip(feeds, expected):
+        got = run(model, {k: v[:, 1:] if k.startswith("past") else v for k, v in f.items()})
+        np.testing.assert_allclose(got[0], reference[0], rtol=1e-5, atol=1e-5)
+        for out, ref in zip(got[1:], reference[1:]):
+            np.testing.assert_allclose(out, ref[:, 1:], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(runtime.run(runtime.session(model), None, f)[0], reference[0], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", CACHE_EXPORTS)
