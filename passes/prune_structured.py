@@ -22,9 +22,11 @@ shape inference. A computation done head by head on Q or K, such as Llama's rota
 (``x·cos + Concat(-x2, x1)·sin``: Add/Sub/Mul/Neg, Slice and Concat along the head size, tables that
 broadcast over the heads), is passed through. Grouped-query attention (K and V repeated for groups of
 query heads by ``Reshape(Expand(Unsqueeze(x, 2)))``, as HF Llama exports it) is pruned by key/value head:
-each one goes with the query heads it serves, and the repeat's Expand and Reshape shapes follow. With ``kv_cache=true``, keys and values appended to past-cache graph inputs
-(``Concat(past, new)`` along the key axis, the result maybe a ``present`` graph output) lose the pruned
-heads in the cache inputs and outputs too; the kept indices are recorded in the model (:mod:`onnxopt.signature`).
+each one goes with the query heads it serves, and the repeat's Expand and Reshape shapes follow (torch's
+SDPA on a one-token query regroups the query heads instead: not followed). With ``kv_cache=true``, keys
+and values appended to past-cache graph inputs (``Concat(past, new)`` along the key axis, the result maybe
+a ``present`` graph output) lose the pruned heads in the cache inputs and outputs too; the kept indices
+are recorded in the model (:mod:`onnxopt.signature`).
 
 A group whose channels reach a graph output, a residual ``Add``/``Concat`` with another tensor, a shared
 weight, a subgraph, or any op that cannot be sliced is refused with a message and left as is.
@@ -647,7 +649,8 @@ class _HeadTrace:
                 value = self.cache_concat(node, value)
             elif node.op_type in ("Add", "Sub", "Mul") and self.labels.get(value, "")[:2] in ("bh", "bg"):
                 value = self.per_head(value)
-            elif node.op_type == "Reshape" and self.labels.get(value) == "bhkd" and _producer_type(node.inputs[0]) == "Expand":
+            elif (node.op_type == "Reshape" and self.labels.get(value) == "bhkd"
+                  and _producer_type(node.inputs[0]) == "Expand"):
                 value = self.repeated(value)
             else:
                 break
