@@ -731,11 +731,44 @@ def _schemas():
     )
 
 
+def _simplified_layer_norm_schema():
+    """onnxruntime's RMSNorm (``fuse`` writes it: onnxscript's RMSNormalization fusion), an op onnxruntime
+    registers in the ONNX domain, where onnx has no op of that name: its checker would refuse the model."""
+    import onnx
+    import onnx.defs as d
+    from onnx.helper import make_attribute
+
+    FP, Opt = d.OpSchema.FormalParameter, d.OpSchema.FormalParameterOption
+    floats = ["tensor(float)", "tensor(double)", "tensor(float16)", "tensor(bfloat16)"]
+    s = d.OpSchema(
+        "SimplifiedLayerNormalization", "", 1,
+        "onnxruntime's RMSNorm over the axes from `axis`: Y = X / sqrt(mean(X^2) + epsilon) * scale.",
+        inputs=[FP("X", "T", ""), FP("scale", "V", "")],
+        outputs=[FP("Y", "V", ""), FP("inv_std_var", "U", "", param_option=Opt.Optional)],
+        type_constraints=[("T", floats, ""), ("U", ["tensor(float)", "tensor(double)"], ""), ("V", floats, "")],
+        attributes=[d.OpSchema.Attribute(name, make_attribute(name, value), "")
+                    for name, value in (("axis", -1), ("epsilon", 1e-5), ("stash_type", 1))],
+    )
+
+    def infer(ctx) -> None:  # Y: X's shape, scale's element type
+        x, scale = ctx.get_input_type(0), ctx.get_input_type(1)
+        if x is None or scale is None:
+            return
+        y = onnx.TypeProto()
+        y.tensor_type.elem_type = scale.tensor_type.elem_type
+        if x.tensor_type.HasField("shape"):
+            y.tensor_type.shape.CopyFrom(x.tensor_type.shape)
+        ctx.set_output_type(0, y)
+
+    s.set_type_and_shape_inference_function(infer)
+    return s
+
+
 def register_schemas() -> None:
-    """Register the ai.onnxopt schemas with onnx (idempotent)."""
+    """Register the ai.onnxopt schemas with onnx, and onnxruntime's ONNX-domain RMSNorm (idempotent)."""
     import onnx.defs as d
 
-    for s in _schemas():
+    for s in [*_schemas(), _simplified_layer_norm_schema()]:
         if not d.has(s.name, s.domain):
             d.register_schema(s)
 

@@ -158,10 +158,9 @@ def structural_check(model: ir.Model) -> None:
     Checks the model's structure (:func:`io.structure_proto`): large weights are not read, so this
     costs little memory and works above 2 GB.
     """
-    if "ai.onnxopt" in model.opset_imports:
-        from onnxopt import ops  # registers the custom ops' schemas with onnx
+    from onnxopt import ops  # registers the custom ops' and onnxruntime's RMSNorm's schemas with onnx
 
-        ops.register_schemas()
+    ops.register_schemas()
     proto = io.structure_proto(model)
     try:
         onnx.checker.check_model(proto)

@@ -2,7 +2,9 @@
 
 Conv/ConvTranspose/Gemm + BatchNormalization folding, optional MatMul+Add -> Gemm, and, for the
 onnxruntime target, the transformer fusions of onnxscript's ORT rule sets (LayerNorm and
-SkipLayerNorm, GELU/BiasGelu, attention) into ``com.microsoft`` contrib ops.
+SkipLayerNorm, RMSNorm and SkipRMSNorm, GELU/BiasGelu, attention) into onnxruntime's contrib ops (in
+``com.microsoft``, but RMSNorm's ``SimplifiedLayerNormalization``, which onnxruntime keeps in the ONNX
+domain; :mod:`onnxopt.ops` registers its schema so that onnx's checker accepts it).
 """
 
 from __future__ import annotations

@@ -359,6 +359,19 @@ def test_fuse_fuses_the_blocks_that_merge_their_heads_to_3d():
     np.testing.assert_allclose(runtime.session(model).run(None, feeds())[0], expected, rtol=1e-5, atol=1e-5)
 
 
+def test_fuse_writes_onnxruntime_rms_norm_that_the_structural_check_accepts():
+    """Llama's RMSNorm fuses into onnxruntime's SimplifiedLayerNormalization, an op onnxruntime keeps in the
+    ONNX domain where onnx has none: the pipeline's checker refused the fused model ("No Op registered")."""
+    from models.torch_exports import feeds
+
+    model, report = pipeline.run_pipeline(io.load(MODELS / "llama_tiny_dy.onnx"), ["fuse"], data=None)
+    ops = {n.op_type for n in model.graph}
+    assert {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "MultiHeadAttention"} <= ops
+    feed = {k: v for k, v in feeds().items() if k != "token_type_ids"}
+    expected = runtime.session(io.load(MODELS / "llama_tiny_dy.onnx")).run(None, feed)[0]
+    np.testing.assert_allclose(runtime.session(model).run(None, feed)[0], expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("passes", [["cleanup"], ["fuse"], ["fuse:target=onnx"]])
 def test_lossless_passes_never_materialize_a_broadcast_constant(tmp_path, passes):
     """y = x + Expand(0.5, [1000, 256]): fuse's ORT fusions ran onnxscript's optimizer, whose folder stores
