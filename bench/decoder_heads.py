@@ -60,8 +60,8 @@ def export_step(arch: str, layers: int, kv_heads: int, positions: int, path: Pat
                              vocab_size=VOCAB, max_position_embeddings=positions)
         step = decoder_step(_randomized(LlamaModel(config).eval()), "llama")
     inputs, outputs, axes = cache_axes(layers)
-    # exported on 3 new tokens: on one, torch's SDPA writes grouped-query attention with the query heads
-    # regrouped per key/value head for a length-1 query, a form prune-structured does not follow
+    # exported on 3 new tokens: on one, torch's SDPA bakes the one-token query into its grouped-query
+    # Reshapes, and the model would take one new token per step
     example = cache_feeds(batch=1, seq=3, past=4, layers=layers, heads=kv_heads, head_dim=HEAD_DIM, vocab=VOCAB)
     export(step, example, inputs, outputs, str(path), dynamo=False, opset_version=17, dynamic_axes=axes)
 

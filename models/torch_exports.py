@@ -21,6 +21,9 @@ Kᵀ, weights computed by ``Slice``/``Concat`` subgraphs. Each model is written 
   and outputs as ``gpt2_cache_tiny``.
 - ``llama_gqa_cache_tiny``: as ``llama_cache_tiny`` with grouped-query attention: 2 key/value heads, each
   serving 2 of the 4 query heads (K and V repeated by Unsqueeze-Expand-Reshape); caches (batch, 2, past, 8).
+- ``llama_gqa_token_tiny`` (TorchScript only): the same exported on one new token, where torch's SDPA
+  regroups the 4 query heads per key/value head around the attention instead of repeating K and V (the
+  one-token query is baked into that Reshape: the model takes one new token per step).
 - ``lstm_tiny``: ``nn.LSTM(8, 48, batch_first=True)`` then ``nn.Linear(48, 4)`` on the last step; input
   ``x`` float32 (batch, seq, 8), output ``logits``. Its 48×48 gate blocks exceed the per-node folding
   limit of ``cleanup``: the dynamo export's gate-reordering Slices fold only as a region.
@@ -97,6 +100,10 @@ def build(only: tuple[str, ...] = ()) -> None:
     if wanted("llama_gqa_cache_tiny"):
         torch.manual_seed(4)
         _export("llama_gqa_cache_tiny", decoder_step(_llama(kv_heads=2), "llama"), cache_feeds(heads=2), *cache_axes(2))
+    if wanted("llama_gqa_token_tiny"):
+        torch.manual_seed(5)
+        _export("llama_gqa_token_tiny", decoder_step(_llama(kv_heads=2), "llama"), cache_feeds(seq=1, heads=2),
+                *cache_axes(2), tags=("ts",))
     torch.random.set_rng_state(state)
 
     class Recurrent(torch.nn.Module):
@@ -221,9 +228,9 @@ def cache_axes(layers: int) -> tuple[list[str], list[str], dict[str, dict[int, s
 
 
 def _export(name: str, model, example: dict[str, np.ndarray], inputs, outputs,
-            axes: dict[str, dict[int, str]] | None = None) -> None:
-    """Write ``<name>_ts.onnx`` and ``<name>_dy.onnx`` with the named ``axes`` of each input dynamic (by
-    default batch and sequence, axes 0 and 1)."""
+            axes: dict[str, dict[int, str]] | None = None, tags: tuple[str, ...] = ("ts", "dy")) -> None:
+    """Write ``<name>_ts.onnx`` and ``<name>_dy.onnx`` (those of ``tags``) with the named ``axes`` of each
+    input dynamic (by default batch and sequence, axes 0 and 1)."""
     import torch
 
     axes = axes or {n: {0: "batch", 1: "seq"} for n in inputs}
@@ -235,6 +242,8 @@ def _export(name: str, model, example: dict[str, np.ndarray], inputs, outputs,
             ("ts", dict(dynamo=False, opset_version=17, dynamic_axes=axes)),
             ("dy", dict(dynamo=True, dynamic_shapes=(shapes,) if variadic else shapes)),
         ):
+            if tag not in tags:
+                continue
             path = os.path.join(tmp, f"{tag}.onnx")
             export(model, example, inputs, outputs, path, **options)
             out = save_model(onnx.load(path), PKG_DIR / f"{name}_{tag}.onnx", smoke_feed={n: example[n] for n in inputs})

@@ -22,8 +22,9 @@ shape inference. A computation done head by head on Q or K, such as Llama's rota
 (``x·cos + Concat(-x2, x1)·sin``: Add/Sub/Mul/Neg, Slice and Concat along the head size, tables that
 broadcast over the heads), is passed through. Grouped-query attention (K and V repeated for groups of
 query heads by ``Reshape(Expand(Unsqueeze(x, 2)))``, as HF Llama exports it) is pruned by key/value head:
-each one goes with the query heads it serves, and the repeat's Expand and Reshape shapes follow (torch's
-SDPA on a one-token query regroups the query heads instead: not followed). With ``kv_cache=true``, keys
+each one goes with the query heads it serves, and the repeat's Expand and Reshape shapes follow; so do
+the Reshapes of torch's SDPA on a one-token query, which regroups the query heads per key/value head
+instead, (b, h, q, d) -> (b, g, r·q, d) and back. With ``kv_cache=true``, keys
 and values appended to past-cache graph inputs (``Concat(past, new)`` along the key axis, the result maybe
 a ``present`` graph output) lose the pruned heads in the cache inputs and outputs too; the kept indices
 are recorded in the model (:mod:`onnxopt.signature`).
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from fractions import Fraction
 from typing import Literal
 
 import numpy as np
@@ -457,7 +459,7 @@ def _along_last_axis(node: ir.Node, last: int) -> bool:
 @dataclasses.dataclass(frozen=True)
 class Entry:
     """One entry of a Reshape target: ``constant``, or dimension ``axis`` of ``tensor`` read at run time
-    (times ``factor``: GQA's merged head count, key/value heads x repeats), or computed from the reads
+    (times ``factor``: with grouped-query attention, key/value heads x repeats or heads / repeats), or computed from the reads
     ``sources`` (a cache's past length plus the new tokens).
 
     ``where`` locates a constant that can be rewritten: (Concat input or None for a constant target, index).
@@ -467,7 +469,7 @@ class Entry:
     tensor: ir.Value | None = None
     axis: int | None = None
     where: tuple[int | None, int] | None = None
-    factor: int = 1
+    factor: Fraction = Fraction(1)
     sources: tuple[Entry, ...] | None = None
 
 
@@ -488,11 +490,13 @@ def _dimension_reads(value: ir.Value, ranks: dict[ir.Value, int]) -> list[Entry]
     if node.op_type == "Where" and _replaces_minus_one(node):  # TorchScript's Expand shapes: -1 -> 1
         entries = _dimension_reads(node.inputs[2], ranks)
         return None if entries is None else [Entry(1) if e.constant == -1 else e for e in entries]
-    if node.op_type == "Mul" and (times := _int_scalar(node.inputs[1])) is not None:
+    if node.op_type in ("Mul", "Div") and (by := _int_scalar(node.inputs[1])) is not None and by > 0:
+        times = Fraction(by) if node.op_type == "Mul" else Fraction(1, by)
         entries = _dimension_reads(node.inputs[0], ranks)
-        return None if entries is None else [
-            Entry(e.constant * times) if e.constant is not None else dataclasses.replace(e, factor=e.factor * times)
-            for e in entries]
+        if entries is None or any(e.constant is not None and (e.constant * times).denominator != 1 for e in entries):
+            return None
+        return [Entry(int(e.constant * times)) if e.constant is not None else dataclasses.replace(e, factor=e.factor * times)
+                for e in entries]
     if node.op_type in ("Add", "Sub", "Mul", "Div"):
         pieces = [_dimension_reads(v, ranks) for v in node.inputs]
         if any(p is None or len(p) != 1 for p in pieces):
@@ -614,7 +618,7 @@ def _heads_axis(labels: str) -> int:
 # Axis labels of the tensors of an attention block: b batch, q queries, k keys, h heads, d head_dim,
 # w = h·d, n = b·h, t = 3·w (fused Q/K/V), m = b·q (rows flattened for a Gemm), e the model width;
 # grouped-query attention: g key/value heads, u = g·d, r query heads per key/value head (h = g·r), 1 an
-# inserted axis. Pruning changes h, w, n, t, g and u only.
+# inserted axis, z = r·q (queries regrouped per key/value head). Pruning changes h, w, n, t, g and u only.
 HEAD_LABELS = "hwntgu"
 UNIT_LABELS = ("heads", "kv heads")
 
@@ -775,11 +779,11 @@ class _HeadTrace:
         return node.inputs[0]
 
     def key_transposed(self, value: ir.Value) -> ir.Value:
-        """From Kᵀ (b, h, d, k) back to the head-split K projection (b, k, h, d)."""
-        node = value.producer()
+        """From Kᵀ (b, h, d, k) (or (b, g, d, k)) back to the head-split K projection (b, k, h, d)."""
+        node, h = value.producer(), self.labels[value][1]
         if node is not None and node.op_type == "Reshape":  # dynamo's SDPA: Kᵀ as Reshape-Transpose-Reshape
-            merged = self.transpose(self.reshape(value, "bhdk", "ndk"), [0, 2, 1], "k")
-            value = self.reshape(merged, "nkd", "bhkd")
+            merged = self.transpose(self.reshape(value, f"b{h}dk", "ndk"), [0, 2, 1], "k")
+            value = self.reshape(merged, "nkd", f"b{h}kd")
         elif node is not None and _perm(node) == [0, 1, 3, 2]:
             value = self.transpose(value, [0, 1, 3, 2], "k")
         else:
@@ -800,6 +804,7 @@ class _HeadTrace:
         r = self.group_size  # per pruned unit: r query heads, one key/value head
         counts = {"h": (heads, r), "w": (heads * head_dim, r * head_dim), "t": (3 * heads * head_dim, 3 * head_dim),
                   "g": (heads // r, 1), "u": (heads // r * head_dim, head_dim), "d": (head_dim, None)}
+        per = {label: count[1] for label, count in counts.items() if label in "hgwu"}  # sizes per pruned unit
         updates = []
         for node, entries, labels in self.reshapes:
             for i, (entry, wanted) in enumerate(zip(entries, labels)):
@@ -810,7 +815,7 @@ class _HeadTrace:
                     read = self._entry_label(entry)
                     fine = wanted not in HEAD_LABELS if read is None else (
                         read in same.get(wanted, wanted) and entry.factor == 1) or (
-                        wanted == "h" and read == "g" and entry.factor == r)
+                        read in per and wanted in per and per[read] * entry.factor == per[wanted])
                 elif entry.constant == -1:
                     fine = True  # inferred: right when every other entry is
                 elif wanted in counts:
@@ -828,7 +833,8 @@ class _HeadTrace:
 _LABEL_NAMES = {"b": "batch", "q": "query length", "k": "key length", "h": "head count", "d": "head size",
                 "w": "heads × head size", "n": "batch × heads", "e": "model width", "t": "3 × heads × head size",
                 "m": "batch × sequence", "g": "key/value head count", "u": "key/value heads × head size",
-                "r": "query heads per key/value head", "1": "inserted axis"}
+                "r": "query heads per key/value head", "1": "inserted axis",
+                "z": "query heads per key/value head × query length"}
 
 
 def _looks_like_attention_output(use: WeightUse) -> bool:
@@ -865,6 +871,19 @@ def _scores_input(add: ir.Node, model: ir.Model) -> int:
 def trace_heads(output: WeightUse, model: ir.Model, kv_cache: bool = False) -> HeadGroup:
     """Match the attention pattern ending at output projection ``output``; :class:`Refused` otherwise.
     ``kv_cache``: keys and values may extend cache inputs, which then lose the pruned heads too."""
+    try:
+        return _trace_heads(output, model, kv_cache, regrouped=False)
+    except Refused as plain:
+        try:
+            return _trace_heads(output, model, kv_cache, regrouped=True)
+        except Refused:
+            raise plain from None
+
+
+def _trace_heads(output: WeightUse, model: ir.Model, kv_cache: bool, regrouped: bool) -> HeadGroup:
+    """:func:`trace_heads`; ``regrouped``: grouped-query attention as torch's SDPA writes it on a one-token
+    query, the query heads regrouped per key/value head, (b, h, q, d) -> (b, g, r·q, d), around the
+    attention instead of K and V repeated."""
     trace = _HeadTrace(kv_cache, model)
     merged, labels = output.activation, "bqw"
     if output.node.op_type == "Gemm":  # rows flattened to (b·q, w), from (b, q, w) or straight from the heads
@@ -877,14 +896,17 @@ def trace_heads(output: WeightUse, model: ir.Model, kv_cache: bool = False) -> H
     if labels == "bqw":
         merged = trace.reshape(merged, "bqw", "bqhd")
     context = trace.transpose(merged, [0, 2, 1, 3], "context")
+    h, q = ("g", "z") if regrouped else ("h", "q")  # the attention's head and query axes
     if (node := context.producer()) is not None and node.op_type == "Reshape":  # the TorchScript SDPA export
-        context = trace.reshape(context, "bhqd", "bhqd")
-    attend = trace.producer(context, "MatMul", "bhqk")
-    trace.note(attend.inputs[1], "bhkd")
+        context = trace.reshape(context, "bhqd", f"b{h}{q}d")
+    elif regrouped:
+        raise Refused("no regrouped attention output")
+    attend = trace.producer(context, "MatMul", f"b{h}{q}k")
+    trace.note(attend.inputs[1], f"b{h}kd")
     softmax = _softmax(trace.through(attend.inputs[0]), trace.values)
     if softmax.attributes.get_int("axis", -1) not in (-1, 3):
         raise Refused("Softmax is not over the key axis")
-    scores = trace.note(softmax.inputs[0], "bhqk")
+    scores = trace.note(softmax.inputs[0], f"b{h}{q}k")
     while (node := scores.producer()) is not None and node.op_type in ("Add", "Mul", "Div"):
         if node.op_type == "Add":  # attention mask: must be the same for every head
             path = _scores_input(node, model)
@@ -893,10 +915,12 @@ def trace_heads(output: WeightUse, model: ir.Model, kv_cache: bool = False) -> H
         else:
             path = 0
         _only_use(scores, trace.values)
-        scores = trace.note(node.inputs[path], "bhqk")
-    product = trace.producer(scores, "MatMul", "bhqd")
-    query = trace.note(_skip_scalar_ops(product.inputs[0], trace.values), "bhqd")
-    key = trace.note(_skip_scalar_ops(trace.note(product.inputs[1], "bhdk"), trace.values), "bhdk")
+        scores = trace.note(node.inputs[path], f"b{h}{q}k")
+    product = trace.producer(scores, "MatMul", f"b{h}{q}d")
+    query = trace.note(_skip_scalar_ops(product.inputs[0], trace.values), f"b{h}{q}d")
+    if regrouped:
+        query = trace.reshape(query, "bgzd", "bhqd")
+    key = trace.note(_skip_scalar_ops(trace.note(product.inputs[1], f"b{h}dk"), trace.values), f"b{h}dk")
     split_values = {"q": (trace.transpose(query, [0, 2, 1, 3], "q"), "q"),
                     "k": (trace.key_transposed(key), "k"),
                     "v": (trace.transpose(attend.inputs[1], [0, 2, 1, 3], "v"), "k")}
@@ -925,6 +949,10 @@ def trace_heads(output: WeightUse, model: ir.Model, kv_cache: bool = False) -> H
         segments = 1
     trace.self_attention = segments == 3 or projections[0].activation is projections[1].activation
     width = _out_columns(projections[0]) // segments
+    if regrouped:  # as many query heads per key/value head as the projections say
+        r = trace.group_size = width // max(_out_columns(projections[1]), 1)
+        if r < 2:
+            raise Refused("the queries are regrouped without fewer key/value heads")
     widths = [segments * width] + [width // r] * (len(projections) - 1)  # grouped K, V: one head per r query heads
     if width % (head_dim * r) or any(_out_columns(u) != w for u, w in zip(projections, widths)):
         raise Refused(f"projection widths are not equal multiples of head_dim {head_dim}"
@@ -1001,7 +1029,7 @@ def _head_dim(target: list[Entry], name: str) -> int:
 
 SHAPE_ARITHMETIC = ("Gather", "Slice", "Unsqueeze", "Squeeze", "Concat", "Cast", "Identity")
 # also in attention blocks: GQA's repeated head count (Mul) and TorchScript's Expand shapes (-1 -> 1 by Where)
-HEAD_SHAPE_ARITHMETIC = (*SHAPE_ARITHMETIC, "Mul", "Reshape", "Shape", "ConstantOfShape", "Equal", "Where")
+HEAD_SHAPE_ARITHMETIC = (*SHAPE_ARITHMETIC, "Mul", "Div", "Reshape", "Shape", "ConstantOfShape", "Equal", "Where")
 
 
 def _reads_only(reader: ir.Node, ranks: dict[ir.Value, int], unchanged) -> bool:
