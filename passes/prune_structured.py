@@ -871,20 +871,20 @@ def _scores_input(add: ir.Node, model: ir.Model) -> int:
 def trace_heads(output: WeightUse, model: ir.Model, kv_cache: bool = False) -> HeadGroup:
     """Match the attention pattern ending at output projection ``output``; :class:`Refused` otherwise.
     ``kv_cache``: keys and values may extend cache inputs, which then lose the pruned heads too."""
+    plain, regrouped = _HeadTrace(kv_cache, model), _HeadTrace(kv_cache, model)
     try:
-        return _trace_heads(output, model, kv_cache, regrouped=False)
-    except Refused as plain:
+        return _trace_heads(plain, output, model, regrouped=False)
+    except Refused as plain_reason:
         try:
-            return _trace_heads(output, model, kv_cache, regrouped=True)
-        except Refused:
-            raise plain from None
+            return _trace_heads(regrouped, output, model, regrouped=True)
+        except Refused as regrouped_reason:  # the reason of the reading that got further
+            raise (regrouped_reason if len(regrouped.values) > len(plain.values) else plain_reason) from None
 
 
-def _trace_heads(output: WeightUse, model: ir.Model, kv_cache: bool, regrouped: bool) -> HeadGroup:
-    """:func:`trace_heads`; ``regrouped``: grouped-query attention as torch's SDPA writes it on a one-token
-    query, the query heads regrouped per key/value head, (b, h, q, d) -> (b, g, r·q, d), around the
-    attention instead of K and V repeated."""
-    trace = _HeadTrace(kv_cache, model)
+def _trace_heads(trace: _HeadTrace, output: WeightUse, model: ir.Model, regrouped: bool) -> HeadGroup:
+    """:func:`trace_heads` on a fresh ``trace``; ``regrouped``: grouped-query attention as torch's SDPA writes
+    it on a one-token query, the query heads regrouped per key/value head, (b, h, q, d) -> (b, g, r·q, d),
+    around the attention instead of K and V repeated."""
     merged, labels = output.activation, "bqw"
     if output.node.op_type == "Gemm":  # rows flattened to (b·q, w), from (b, q, w) or straight from the heads
         if output.node.attributes.get_int("transA", 0):

@@ -708,7 +708,7 @@ def test_grouped_query_attention_loses_whole_key_value_heads(name):
         np.testing.assert_allclose(runtime.run(runtime.session(model), None, f)[0], reference[0], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", CACHE_EXPORTS)
+@pytest.mark.parametrize("name", [*CACHE_EXPORTS, "llama_gqa_cache_tiny_dy.onnx", "llama_gqa_token_tiny_ts.onnx"])
 def test_heads_extending_a_kv_cache_are_refused_by_default(name):
     model = load(MODELS / name)
     details = prune(model, ratio=0.25, heads=True, op_types="")
