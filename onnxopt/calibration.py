@@ -169,14 +169,17 @@ def _restore_records(array: np.ndarray) -> np.ndarray:
     return array.view(ml_dtypes.bfloat16) if array.dtype.kind == "V" and array.dtype.itemsize == 2 else array
 
 
-def synthesize_inputs(model: ir.Model, batch: int = 1, seq: int = 16, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random feeds respecting dtypes, fixed dims and id ranges (indices stay below the table size)."""
+def synthesize_inputs(model: ir.Model, batch: int = 1, seq: int = 16, seed: int = 0,
+                      empty: frozenset[str] = frozenset()) -> dict[str, np.ndarray]:
+    """Random feeds respecting dtypes, fixed dims and id ranges (indices stay below the table size); free
+    dimensions are ``batch`` first, else ``seq``, or 0 for the named ones in ``empty``."""
     rng = np.random.default_rng(seed)
     feeds = {}
     for value in model.graph.inputs:
         dims = []
         for i, dim in enumerate(value.shape or []):
-            dims.append(dim if isinstance(dim, int) else (batch if i == 0 else seq))
+            free = 0 if str(dim) in empty else batch if i == 0 else seq
+            dims.append(dim if isinstance(dim, int) else free)
         dtype = NUMPY_DTYPE.get(value.dtype, np.float32)
         name = value.name.lower()
         if value.dtype == ir.DataType.STRING:

@@ -124,8 +124,9 @@ def optimize(model_path, output, pass_specs, recipe, data, report, on_error, che
     if dataset is not None:
         dataset.check(model)
     before = stats.model_stats(model)
-    feeds = validate.feeds_for(model, dataset, max_batches=1, batch=1)
-    reference = validate.reference_outputs(runtime.session(src), feeds, dataset is None, f"IN ({src.name})")
+    sess = runtime.session(src)
+    feeds = validate.feeds_for(model, dataset, max_batches=1, batch=1, session=sess)
+    reference = validate.reference_outputs(sess, feeds, dataset is None, f"IN ({src.name})")
 
     def progress(record: pipeline.PassRecord) -> None:
         cosine = f"  cosine vs IN {min(e.cosine for e in record.input_errors):.6f}" if record.input_errors else ""
@@ -304,8 +305,8 @@ def validate_cmd(reference_path, candidate_path, data, threads, repeat, max_abs,
     ref_model = io.load(ref_path, lift_constants=False)
     io.load(cand_path, lift_constants=False)  # a file that is no model: a typed error, not onnxruntime's traceback
     dataset = _load_data(data)
-    feeds = validate.feeds_for(ref_model, dataset)
     ref_sess, cand_sess = runtime.session(ref_path, threads=threads), runtime.session(cand_path, threads=threads)
+    feeds = validate.feeds_for(ref_model, dataset, session=ref_sess)
     reference = validate.reference_outputs(ref_sess, feeds, dataset is None, f"REF ({ref_path.name})")
     errors = validate.compare_outputs(reference, validate.run_all(cand_sess, feeds), signature.kept_entries(cand_sess))
     rounds = max(1, repeat // 5)

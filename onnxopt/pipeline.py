@@ -196,7 +196,7 @@ def run_pipeline(
         except ValueError as exc:  # judge passes by what they change, not by what the input already had
             check = False
             report.notes.append(f"structural checks off: the input model already fails them ({exc})")
-    feeds = validate.feeds_for(model, data) if numeric_check else []
+    feeds = validate.feeds_for(model, data, session=_session(model) if data is None else None) if numeric_check else []
     previous_outputs = _outputs(model, feeds, report.notes, data is None) if numeric_check else {}
     input_outputs, input_errors = previous_outputs, []
     # the model before the first other lossy pass: what a `recover` given no reference re-fits toward
@@ -258,12 +258,16 @@ def run_pipeline(
     return model, report
 
 
+def _session(model: ir.Model):
+    from onnxopt import runtime
+
+    return runtime.session(model)
+
+
 def _outputs(model: ir.Model, feeds, notes: list[str] | None = None, synthesized: bool | None = None) -> dict:
     """The model's outputs on ``feeds``; what the session ran differently (``onnxopt_note``) goes to ``notes``.
     ``synthesized`` (True or False): the input model, which must run on the feeds (else DataError)."""
-    from onnxopt import runtime
-
-    sess = runtime.session(model)
+    sess = _session(model)
     note = getattr(sess, "onnxopt_note", None)
     if note and notes is not None and note not in notes:
         notes.append(note)

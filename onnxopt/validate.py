@@ -214,11 +214,38 @@ def reference_outputs(sess: ort.InferenceSession, feeds: Sequence[dict[str, np.n
         raise DataError(f"{what} fails in onnxruntime on {on}: {type(exc).__name__}: {first}") from exc
 
 
-def feeds_for(model: ir.Model, data: calibration.Dataset | None, max_batches: int = 4, batch: int = 8):
-    """Validation feeds: up to ``max_batches`` batches of the user's data, or one synthesized batch."""
+def feeds_for(model: ir.Model, data: calibration.Dataset | None, max_batches: int = 4, batch: int = 8,
+              session: ort.InferenceSession | None = None):
+    """Validation feeds: up to ``max_batches`` batches of the user's data, or one synthesized batch (one
+    that ``session``, the model's, runs: :func:`runnable_synthesized`)."""
     if data is None:
-        return [calibration.synthesize_inputs(model, batch=2)]
+        return [runnable_synthesized(model, session, batch=2)]
     return list(data.batches(model, batch_size=batch, limit=max_batches * batch))
+
+
+def runnable_synthesized(model: ir.Model, session: ort.InferenceSession | None, batch: int) -> dict[str, np.ndarray]:
+    """Synthesized inputs with every free dimension 16; where ``session`` fails on them, the first variant
+    it runs with one named dimension empty instead (a decoder's past length: its mask covers past + new
+    tokens, which 16 + 16 does not match). None runs: the first, whose failure the caller reports."""
+    feed = calibration.synthesize_inputs(model, batch=batch)
+    if session is None or _runs(session, feed):
+        return feed
+    names = dict.fromkeys(str(d) for v in model.graph.inputs for d in (v.shape or []) if not isinstance(d, int))
+    for name in names:
+        variant = calibration.synthesize_inputs(model, batch=batch, empty=frozenset([name]))
+        if _runs(session, variant):
+            return variant
+    return feed
+
+
+def _runs(session: ort.InferenceSession, feed: dict[str, np.ndarray]) -> bool:
+    try:
+        runtime.run(session, None, feed)
+    except Exception as exc:
+        if not type(exc).__module__.startswith("onnxruntime"):
+            raise
+        return False
+    return True
 
 
 def first_divergence(
