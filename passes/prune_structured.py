@@ -1274,9 +1274,11 @@ class PruneStructuredPass(ir.passes.InPlacePass):
         if cut_io:
             self.details["model inputs and outputs cut"] = cut_io
         changed = params_after != params_before
+        # before recovery runs it: a subgraph's new initializers may reuse an outer graph's names, and a shape
+        # Concat copied for each of a block's Reshapes (or Expands) names each copy alike
+        name_uniquely(model)
         if self.recover and changed:
             self.details["recover"] = self._recover(original, model, groups, kept_outputs)
-        name_uniquely(model)  # a subgraph's new initializers may reuse an outer graph's names
         return ir.passes.PassResult(model, changed)
 
     def _groups(self, model: ir.Model, uses: list[WeightUse]) -> tuple[list[ChannelGroup], dict[str, str]]:

@@ -718,19 +718,26 @@ def test_heads_extending_a_kv_cache_are_refused_by_default(name):
         "(the model's cache inputs and outputs change)" for i in (0, 1)]
 
 
-def test_kv_cache_heads_by_activation_with_recovery_on_the_original_caches():
-    """Calibration data holds the original's 4-head caches; recovery runs the pruned model on them, cut."""
+@pytest.mark.parametrize(("name", "heads", "kept", "refits"), [("gpt2_cache_tiny_ts.onnx", 4, "heads 4 -> 2", all),
+                                                               ("llama_gqa_cache_tiny_dy.onnx", 2, "kv heads 2 -> 1", any)])
+def test_kv_cache_heads_by_activation_with_recovery_on_the_original_caches(name, heads, kept, refits):
+    """Calibration data holds the original's caches; recovery runs the pruned model on them, cut. (The GQA
+    export copies the Expand shape shared by K and V per Expand: both copies had one node name, which
+    onnxruntime refused when recovery ran the model. Its first layer's re-fit does not beat held-out data.)"""
     from models.torch_exports import cache_feeds
 
-    batches = [cache_feeds(batch=4, seq=5, past=3, seed=s) for s in range(4)]
+    batches = [cache_feeds(batch=4, seq=5, past=3, seed=s, heads=heads) for s in range(4)]
     data = Dataset.from_arrays({k: np.concatenate([b[k] for b in batches]) for k in batches[0]})
-    model = load(MODELS / "gpt2_cache_tiny_ts.onnx")
+    model = load(MODELS / name)
     details = prune(model, data=data, ratio=0.5, heads=True, kv_cache=True, op_types="", importance="activation",
                     recover=True)
-    assert [v.split(",")[0] for v in details["layers"].values()] == ["heads 4 -> 2"] * 2
-    assert all(r["applied"] and r["error_after"] < r["error_before"] for r in details["recover"].values())
+    assert [v.split(",")[0] for v in details["layers"].values()] == [kept] * 2
+    recovered = details["recover"].values()
+    assert refits(r["applied"] for r in recovered)
+    assert all(r["error_after"] < r["error_before"] if r["applied"] else r["error_after"] == r["error_before"]
+               for r in recovered)
     data.check(model)  # the original's caches still fit the pruned model
-    assert next(data.batches(model))["past_key_0"].shape == (8, 2, 3, 8)
+    assert next(data.batches(model))["past_key_0"].shape == (8, heads // 2, 3, 8)
 
 
 def test_two_kv_cache_prunings_in_a_pipeline_compare_each_step_and_the_original():
