@@ -196,8 +196,9 @@ def run_pipeline(
         except ValueError as exc:  # judge passes by what they change, not by what the input already had
             check = False
             report.notes.append(f"structural checks off: the input model already fails them ({exc})")
-    feeds = validate.feeds_for(model, data, session=_session(model) if data is None else None) if numeric_check else []
-    previous_outputs = _outputs(model, feeds, report.notes, data is None) if numeric_check else {}
+    sess = _session(model) if numeric_check and data is None else None  # synthesized inputs must run in it
+    feeds = validate.feeds_for(model, data, session=sess) if numeric_check else []
+    previous_outputs = _outputs(model, feeds, report.notes, data is None, sess) if numeric_check else {}
     input_outputs, input_errors = previous_outputs, []
     # the model before the first other lossy pass: what a `recover` given no reference re-fits toward
     wants_reference = [hasattr(i, "pipeline_original") and not i.reference and i.original is None for _, i, _ in instances]
@@ -264,10 +265,12 @@ def _session(model: ir.Model):
     return runtime.session(model)
 
 
-def _outputs(model: ir.Model, feeds, notes: list[str] | None = None, synthesized: bool | None = None) -> dict:
-    """The model's outputs on ``feeds``; what the session ran differently (``onnxopt_note``) goes to ``notes``.
-    ``synthesized`` (True or False): the input model, which must run on the feeds (else DataError)."""
-    sess = _session(model)
+def _outputs(model: ir.Model, feeds, notes: list[str] | None = None, synthesized: bool | None = None,
+             sess=None) -> dict:
+    """The model's outputs on ``feeds`` (run by ``sess``, the model's session, or a new one); what the session
+    ran differently (``onnxopt_note``) goes to ``notes``. ``synthesized`` (True or False): the input model,
+    which must run on the feeds (else DataError)."""
+    sess = _session(model) if sess is None else sess
     note = getattr(sess, "onnxopt_note", None)
     if note and notes is not None and note not in notes:
         notes.append(note)
