@@ -43,7 +43,7 @@ def handle_errors(func):
             _fail(str(exc))
         except Exception as exc:
             # onnxruntime's errors (Fail, InvalidGraph, ...) derive from Exception only
-            expected = isinstance(exc, (OSError, ValueError, RuntimeError)) or _from_onnxruntime(exc)
+            expected = isinstance(exc, (OSError, ValueError, RuntimeError)) or validate.from_onnxruntime(exc)
             if debug or not expected:
                 raise
             _fail(f"{type(exc).__name__}: {_first_line(exc)}")
@@ -54,10 +54,6 @@ def handle_errors(func):
 def _first_line(exc: Exception) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else ""
-
-
-def _from_onnxruntime(exc: Exception) -> bool:
-    return type(exc).__module__.startswith("onnxruntime")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -145,7 +141,7 @@ def optimize(model_path, output, pass_specs, recipe, data, report, on_error, che
         try:
             errors, lat, notes = _measure_output(src, staged, reference, feeds, threads, one_at_a_time=before.tensor_bytes > LARGE_MODEL_BYTES)
         except Exception as exc:
-            if not (_from_onnxruntime(exc) or isinstance(exc, RuntimeError)):
+            if not (validate.from_onnxruntime(exc) or isinstance(exc, RuntimeError)):
                 raise
             raise OnnxoptError(f"the optimized model fails in onnxruntime, {out} not written: {_first_line(exc)}") from exc
         size_in, size_out = io.file_size(src), io.file_size(staged)

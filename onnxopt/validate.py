@@ -200,6 +200,11 @@ def native_speedups(
 SYNTHESIZED = "synthesized inputs (give real ones: --data, or data= in Python)"
 
 
+def from_onnxruntime(exc: BaseException) -> bool:
+    """Whether onnxruntime raised ``exc`` (its bindings' errors: bad input for it, not a bug of ours)."""
+    return type(exc).__module__.startswith("onnxruntime")
+
+
 def reference_outputs(sess: ort.InferenceSession, feeds: Sequence[dict[str, np.ndarray]], synthesized: bool,
                       what: str = "the input model") -> dict[str, np.ndarray]:
     """:func:`run_all` on the model the others are compared with; DataError when onnxruntime fails on
@@ -207,7 +212,7 @@ def reference_outputs(sess: ort.InferenceSession, feeds: Sequence[dict[str, np.n
     try:
         return run_all(sess, feeds)
     except Exception as exc:
-        if not type(exc).__module__.startswith("onnxruntime"):
+        if not from_onnxruntime(exc):
             raise
         first = (str(exc).strip().splitlines() or [""])[0]
         on = SYNTHESIZED if synthesized else "the given data"
@@ -242,7 +247,7 @@ def _runs(session: ort.InferenceSession, feed: dict[str, np.ndarray]) -> bool:
     try:
         runtime.run(session, None, feed)
     except Exception as exc:
-        if not type(exc).__module__.startswith("onnxruntime"):
+        if not from_onnxruntime(exc):
             raise
         return False
     return True
