@@ -141,6 +141,37 @@ def test_sparse_row_walk_on_zero_rich_inputs(isa, threads, value_dtype):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
+def test_sparse_row_walk_dense_rows(isa, threads, monkeypatch):
+    """The walk keeps rows at least a fifth full (of N rounded up to 64) dense: rows on both sides of
+    that line, mixed in any order, in every task's share of K (K >= 1024: four tasks), N on and off
+    whole chunks of 64, a copy over 4 MB (where only full rows are kept dense), and an infinite input
+    on a sparse row (which stays inf, not NaN)."""
+    monkeypatch.setenv("ONNXOPT_SPARSE_PATH", "walk")
+    rng = np.random.default_rng(abs(hash((threads, isa))) % 2**32)
+    for K, N in ((3, 64), (300, 65), (1100, 130), (1024, 512), (70, 200), (2048, 2048)):
+        at = int(np.ceil(0.2 * 64 * -(-N // 64)))  # the fewest entries a dense row holds
+        counts = rng.choice([0, 1, at - 1, at, at + 3, min(N, 2 * at), N], size=K)
+        counts = np.minimum(counts, N)
+        counts[0], counts[-1] = 1, at  # at least one sparse and one dense row
+        w = np.zeros((K, N), np.float32)
+        for k, c in enumerate(counts):
+            w[k, rng.choice(N, c, replace=False)] = rng.standard_normal(c)
+        for value_dtype in ("float32", "float16"):
+            packed = ops.pack_sparse_matmul(w, value_dtype)
+            bias = rng.standard_normal(N).astype(np.float32)
+            sess = _session(_model(packed, bias), threads=threads)
+            for M in (1, 3):
+                x = rng.standard_normal((M, K)).astype(np.float32) * (rng.random((M, K)) >= 0.5)
+                y = sess.run(None, {"X": x})[0]
+                _check(y, ops.reference(packed, x, bias), f"{value_dtype} isa={isa} t={threads} M={M} K={K} N={N}")
+        x = np.zeros((1, K), np.float32)
+        x[0, 0] = np.inf
+        y = sess.run(None, {"X": x})[0]
+        touched = w[0] != 0
+        assert np.isinf(y[0, touched]).all() and np.isfinite(y[0, ~touched]).all()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("path", ["panels", "walk", "columns"])
 def test_sparse_small_m_paths(isa, threads, path, monkeypatch):
     """Each small-M path of SparseMatMul (forced by ONNXOPT_SPARSE_PATH; constant weights) on panel and

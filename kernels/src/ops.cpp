@@ -341,25 +341,61 @@ struct CsrCopy {
   std::vector<uint32_t> cols32;
   std::vector<float> values;
   std::vector<uint16_t> halves;  // the fp16 values instead, when their column scales are all 1
+  std::vector<int32_t> dense_rows, dense_before;
+  std::vector<float> dense;
 
-  // Rows padded to whole steps of SparseCsr::kStep (see there).
+  // Rows padded to whole steps of SparseCsr::kStep; rows at least SparseCsr::kDenseRow full kept dense
+  // (see there).
   template <class IT>
   void Build(const SparseParams& p, int64_t nnz) {
     const IT* idx = static_cast<const IT*>(p.indices);
     std::vector<int32_t> count((size_t)p.K, 0);
     for (int64_t j = 0; j < nnz; ++j) ++count[idx[j]];
+    const int64_t chunks = Ceil(p.N, SparseCsr::kChunk), row_floats = chunks * SparseCsr::kChunk;
+    const bool wide = p.N > SparseCsr::kMaxOffsetN;
+    const bool half = p.vt == ValType::F16 && std::all_of(p.scales, p.scales + p.N, [](float s) { return s == 1.0f; });
+    // Dense rows, densest first: rows at least kDenseRow full while the whole copy stays within
+    // kDenseBytes; past that (a copy streamed from memory, where bytes are the cost) only rows whose
+    // dense copy is no larger than their CSR entries.
+    const int64_t entry_bytes = (wide ? 4 : 2) + (half ? 2 : 4);
+    std::vector<int32_t> by_count;
+    for (int64_t k = 0; k < p.K; ++k)
+      if (count[k] > 0 && count[k] >= SparseCsr::kDenseRow * (double)row_floats) by_count.push_back((int32_t)k);
+    std::stable_sort(by_count.begin(), by_count.end(), [&](int32_t a, int32_t b) { return count[a] > count[b]; });
+    int64_t copy_bytes = nnz * entry_bytes;
+    for (const int32_t k : by_count) {
+      const int64_t grows = 4 * row_floats - count[k] * entry_bytes;
+      if (grows > 0 && copy_bytes + grows > SparseCsr::kDenseBytes) break;  // later rows grow it more
+      copy_bytes += grows;
+      dense_rows.push_back(k);
+    }
+    std::sort(dense_rows.begin(), dense_rows.end());
+    std::vector<int32_t> dense_of((size_t)p.K, -1);
+    dense_before.assign((size_t)p.K + 1, 0);
+    for (size_t d = 0; d < dense_rows.size(); ++d) {
+      dense_of[dense_rows[d]] = (int32_t)d;
+      count[dense_rows[d]] = 0;  // no CSR entries
+      dense_before[dense_rows[d] + 1] = 1;
+    }
+    for (int64_t k = 0; k < p.K; ++k) dense_before[k + 1] += dense_before[k];
+    const int64_t D = (int64_t)dense_rows.size();
+    dense.assign((size_t)(chunks * D * SparseCsr::kChunk), 0.0f);
     row_ptr.assign((size_t)p.K + 1, 0);
     for (int64_t k = 0; k < p.K; ++k) row_ptr[k + 1] = row_ptr[k] + (int32_t)Ceil(count[k], SparseCsr::kStep) * SparseCsr::kStep;
     const size_t total = (size_t)row_ptr[p.K];
-    const bool wide = p.N > SparseCsr::kMaxOffsetN;
     if (wide) cols32.assign(total, (uint32_t)p.N);
     else cols16.assign(total, (uint16_t)(4 * p.N));
-    const bool half = p.vt == ValType::F16 && std::all_of(p.scales, p.scales + p.N, [](float s) { return s == 1.0f; });
     if (half) halves.assign(total, 0);
     else values.assign(total, 0.0f);
     std::vector<int32_t> fill(row_ptr.begin(), row_ptr.end() - 1);
     for (int64_t n = 0; n < p.N; ++n)
       for (int64_t j = p.col_ptr[n]; j < p.col_ptr[n + 1]; ++j) {
+        const int64_t d = dense_of[idx[j]];
+        if (d >= 0) {
+          const int64_t c = n / SparseCsr::kChunk;
+          dense[(size_t)((c * D + d) * SparseCsr::kChunk + n % SparseCsr::kChunk)] = ValueAt(p.vt, p.values, j) * p.scales[n];
+          continue;
+        }
         const int32_t at = fill[idx[j]]++;
         if (wide) cols32[at] = (uint32_t)n;
         else cols16[at] = (uint16_t)(4 * n);
@@ -369,8 +405,11 @@ struct CsrCopy {
   }
   SparseCsr View(const SparseParams& p) const {
     const bool wide = p.N > SparseCsr::kMaxOffsetN, half = !halves.empty();
+    const int64_t D = (int64_t)dense_rows.size();
+    const int64_t width = D ? std::max(p.N + 1, Ceil(p.N, SparseCsr::kChunk) * SparseCsr::kChunk) : p.N + 1;
     return {p.K, p.N, wide, half, row_ptr.data(), wide ? (const void*)cols32.data() : (const void*)cols16.data(),
-            half ? (const void*)halves.data() : (const void*)values.data()};
+            half ? (const void*)halves.data() : (const void*)values.data(), D, width, dense_rows.data(), dense_before.data(),
+            dense.data()};
   }
 };
 
@@ -666,9 +705,9 @@ struct SparseKernel : SparseBase {
   }
 
   // y = X W by rows of W, skipping zero inputs; K split into up to 4 tasks with private sums of
-  // N + 1 floats (the last one the padding's sink).
+  // w.width floats (N + 1: the last one the padding's sink; whole chunks with dense rows).
   void RowWalk(const Ort::KernelContext& ctx, const SparseParams& p, const SparseCsr& w) {
-    const int64_t M = p.M, K = p.K, N = p.N, ld = N + 1;
+    const int64_t M = p.M, K = p.K, N = p.N, ld = w.width;
     const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(4, K / 256));
     const int64_t chunk = Ceil(K, tasks);
     float* acc = Buf(tls_f, (size_t)(tasks * M * ld));
