@@ -340,9 +340,11 @@ struct CsrCopy {
   std::vector<uint16_t> cols16;
   std::vector<uint32_t> cols32;
   std::vector<float> values;
-  std::vector<uint16_t> halves;  // the fp16 values instead, when their column scales are all 1
+  bool half = false;              // values kept fp16 (float16 weights whose column scales are all 1)
+  std::vector<uint16_t> halves;  // the fp16 values instead of values
   std::vector<int32_t> dense_rows, dense_before;
   std::vector<float> dense;
+  std::vector<uint16_t> dense_halves;  // the dense rows' fp16 values instead, with the CSR's
 
   // Rows padded to whole steps of SparseCsr::kStep; rows at least SparseCsr::kDenseRow full kept dense
   // (see there).
@@ -353,18 +355,18 @@ struct CsrCopy {
     for (int64_t j = 0; j < nnz; ++j) ++count[idx[j]];
     const int64_t chunks = Ceil(p.N, SparseCsr::kChunk), row_floats = chunks * SparseCsr::kChunk;
     const bool wide = p.N > SparseCsr::kMaxOffsetN;
-    const bool half = p.vt == ValType::F16 && std::all_of(p.scales, p.scales + p.N, [](float s) { return s == 1.0f; });
+    half = p.vt == ValType::F16 && std::all_of(p.scales, p.scales + p.N, [](float s) { return s == 1.0f; });
     // Dense rows, densest first: rows at least kDenseRow full while the whole copy stays within
     // kDenseBytes; past that (a copy streamed from memory, where bytes are the cost) only rows whose
     // dense copy is no larger than their CSR entries.
-    const int64_t entry_bytes = (wide ? 4 : 2) + (half ? 2 : 4);
+    const int64_t entry_bytes = (wide ? 4 : 2) + (half ? 2 : 4), row_bytes = (half ? 2 : 4) * row_floats;
     std::vector<int32_t> by_count;
     for (int64_t k = 0; k < p.K; ++k)
       if (count[k] > 0 && count[k] >= SparseCsr::kDenseRow * (double)row_floats) by_count.push_back((int32_t)k);
     std::stable_sort(by_count.begin(), by_count.end(), [&](int32_t a, int32_t b) { return count[a] > count[b]; });
     int64_t copy_bytes = nnz * entry_bytes;
     for (const int32_t k : by_count) {
-      const int64_t grows = 4 * row_floats - count[k] * entry_bytes;
+      const int64_t grows = row_bytes - count[k] * entry_bytes;
       if (grows > 0 && copy_bytes + grows > SparseCsr::kDenseBytes) break;  // later rows grow it more
       copy_bytes += grows;
       dense_rows.push_back(k);
@@ -379,7 +381,8 @@ struct CsrCopy {
     }
     for (int64_t k = 0; k < p.K; ++k) dense_before[k + 1] += dense_before[k];
     const int64_t D = (int64_t)dense_rows.size();
-    dense.assign((size_t)(chunks * D * SparseCsr::kChunk), 0.0f);
+    if (half) dense_halves.assign((size_t)(chunks * D * SparseCsr::kChunk), 0);
+    else dense.assign((size_t)(chunks * D * SparseCsr::kChunk), 0.0f);
     row_ptr.assign((size_t)p.K + 1, 0);
     for (int64_t k = 0; k < p.K; ++k) row_ptr[k + 1] = row_ptr[k] + (int32_t)Ceil(count[k], SparseCsr::kStep) * SparseCsr::kStep;
     const size_t total = (size_t)row_ptr[p.K];
@@ -392,8 +395,9 @@ struct CsrCopy {
       for (int64_t j = p.col_ptr[n]; j < p.col_ptr[n + 1]; ++j) {
         const int64_t d = dense_of[idx[j]];
         if (d >= 0) {
-          const int64_t c = n / SparseCsr::kChunk;
-          dense[(size_t)((c * D + d) * SparseCsr::kChunk + n % SparseCsr::kChunk)] = ValueAt(p.vt, p.values, j) * p.scales[n];
+          const size_t at = (size_t)(((n / SparseCsr::kChunk) * D + d) * SparseCsr::kChunk + n % SparseCsr::kChunk);
+          if (half) dense_halves[at] = static_cast<const uint16_t*>(p.values)[j];
+          else dense[at] = ValueAt(p.vt, p.values, j) * p.scales[n];
           continue;
         }
         const int32_t at = fill[idx[j]]++;
@@ -404,12 +408,12 @@ struct CsrCopy {
       }
   }
   SparseCsr View(const SparseParams& p) const {
-    const bool wide = p.N > SparseCsr::kMaxOffsetN, half = !halves.empty();
+    const bool wide = p.N > SparseCsr::kMaxOffsetN;
     const int64_t D = (int64_t)dense_rows.size();
     const int64_t width = D ? std::max(p.N + 1, Ceil(p.N, SparseCsr::kChunk) * SparseCsr::kChunk) : p.N + 1;
     return {p.K, p.N, wide, half, row_ptr.data(), wide ? (const void*)cols32.data() : (const void*)cols16.data(),
             half ? (const void*)halves.data() : (const void*)values.data(), D, width, dense_rows.data(), dense_before.data(),
-            dense.data()};
+            half ? (const void*)dense_halves.data() : (const void*)dense.data()};
   }
 };
 
